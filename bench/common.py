@@ -1,0 +1,154 @@
+"""Shared pieces of the benchmarks: parameter shapes, a timing harness that
+interleaves the variants round by round, a STREAM-like bandwidth probe, and
+the results file.
+
+Benchmarks compare variants side by side in one run and report ratios: the
+machines are shared and noisy, so absolute times from different runs mean
+little.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def gpt2_small_shapes() -> list[tuple[int, ...]]:
+    """GPT-2 small (124.4M parameters in 148 tensors), in model order."""
+    d, vocab, ctx, layers = 768, 50257, 1024, 12
+    shapes: list[tuple[int, ...]] = [(vocab, d), (ctx, d)]
+    for _ in range(layers):
+        shapes += [
+            (d,), (d,),              # ln_1
+            (d, 3 * d), (3 * d,),    # attn.c_attn
+            (d, d), (d,),            # attn.c_proj
+            (d,), (d,),              # ln_2
+            (d, 4 * d), (4 * d,),    # mlp.c_fc
+            (4 * d, d), (d,),        # mlp.c_proj
+        ]
+    shapes += [(d,), (d,)]           # ln_f
+    return shapes
+
+
+def small_tensor_shapes(count: int = 2000, low: int = 1024, high: int = 8192,
+                        seed: int = 0) -> list[tuple[int, ...]]:
+    """`count` 1-D tensors of `low` to `high` elements."""
+    rng = random.Random(seed)
+    return [(rng.randint(low, high),) for _ in range(count)]
+
+
+def scaled_transformer_shapes(target_params: int) -> list[tuple[int, ...]]:
+    """GPT-2-like shapes whose total is close to `target_params`: the width is
+    chosen for 12 layers and a 50257-token vocabulary."""
+    best = None
+    for d in range(64, 4097, 64):
+        shapes = [(50257, d), (1024, d)]
+        for _ in range(12):
+            shapes += [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,),
+                       (d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+        shapes += [(d,), (d,)]
+        total = sum(numel(s) for s in shapes)
+        if best is None or abs(total - target_params) < abs(best[0] - target_params):
+            best = (total, shapes)
+    return best[1]
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def make_params(shapes, dtype=torch.float32, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Parameters with gradients set, both random (never zeros: zeros can run
+    faster than real data and hide mistakes)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float32).to(dtype))
+        p.grad = (torch.randn(shape, generator=gen, dtype=torch.float32) * 1e-2).to(dtype)
+        params.append(p)
+    return params
+
+
+def interleaved_medians(variants: dict[str, Callable[[], None]], rounds: int,
+                        warmup: int = 2, seed: int = 0) -> dict[str, dict]:
+    """Times every variant once per round, in a shuffled order each round, after
+    `warmup` untimed rounds. Returns the median and all samples, in seconds."""
+    rng = random.Random(seed)
+    names = list(variants)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + rounds):
+        order = names[:]
+        rng.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            variants[name]()
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                samples[name].append(elapsed)
+    return {name: {"median_s": statistics.median(s), "samples_s": s}
+            for name, s in samples.items()}
+
+
+def copy_bandwidth(nbytes: int = 1 << 29, rounds: int = 7) -> float:
+    """STREAM-like copy bandwidth in bytes/s (bytes read + bytes written), with
+    torch's own multithreaded copy of `nbytes` float32 bytes."""
+    n = nbytes // 4
+    src = torch.rand(n)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times)
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, cwd=os.path.dirname(__file__)).stdout.strip()
+    except OSError:
+        commit = ""
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": "cpu",
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": platform.python_version(),
+        "commit": commit,
+    }
+
+
+def write_results(name: str, payload: dict, out_dir: str = RESULTS_DIR) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    info = payload["machine"]
+    path = os.path.join(out_dir, f"{info['date']}-{name}-{info['device']}-{info['threads']}t.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
+    return path

@@ -1,0 +1,161 @@
+// CPU kernel of fusedclip::adam_: one parallel region over chunks of all
+// tensors; each chunk loads, calls the shared rule of fusedclip/adam.h on SIMD
+// vectors, and stores. Per-tensor scalars (clip coefficient, bias corrections)
+// are folded once per tensor before the element loop.
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "fusedclip/adam.h"
+#include "lanes.h"
+#include "multi_tensor.h"
+#include "vec_traits.h"
+
+namespace fusedclip::cpu {
+namespace {
+
+struct AdamPointers {
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  void* exp_avg_sq;
+  void* max_exp_avg_sq;  // null without amsgrad
+};
+
+template <typename scalar_t, WeightDecay WD, bool AMSGRAD>
+void adam_chunk(const AdamPointers& ptrs, int64_t begin, int64_t end,
+                const AdamScalars<double>& scalars) {
+  using L = Lanes<scalar_t>;
+  using OpVec = typename L::OpVec;
+  using opmath_t = typename L::opmath_t;
+  const AdamScalars<OpVec> s = scalars.as<opmath_t>().template as<OpVec>();
+  auto* param = static_cast<scalar_t*>(ptrs.param) + begin;
+  auto* grad = static_cast<const scalar_t*>(ptrs.grad) + begin;
+  auto* exp_avg = static_cast<scalar_t*>(ptrs.exp_avg) + begin;
+  auto* exp_avg_sq = static_cast<scalar_t*>(ptrs.exp_avg_sq) + begin;
+  auto* max_exp_avg_sq = static_cast<scalar_t*>(ptrs.max_exp_avg_sq);
+  if (AMSGRAD) max_exp_avg_sq += begin;
+
+  const int64_t n = end - begin;
+  OpVec p[L::kParts], g[L::kParts], m[L::kParts], v[L::kParts], vmax[L::kParts];
+  for (int64_t i = 0; i < n; i += L::kWidth) {
+    const int64_t count = std::min<int64_t>(L::kWidth, n - i);
+    L::load(param + i, count, p);
+    L::load(grad + i, count, g);
+    L::load(exp_avg + i, count, m);
+    L::load(exp_avg_sq + i, count, v);
+    if constexpr (AMSGRAD) L::load(max_exp_avg_sq + i, count, vmax);
+    for (int k = 0; k < L::kParts; ++k) {
+      adam_update<WD, AMSGRAD>(p[k], g[k], m[k], v[k], vmax[k], s);
+    }
+    L::store(param + i, count, p);
+    L::store(exp_avg + i, count, m);
+    L::store(exp_avg_sq + i, count, v);
+    if constexpr (AMSGRAD) L::store(max_exp_avg_sq + i, count, vmax);
+  }
+}
+
+using AdamChunkFn = void (*)(const AdamPointers&, int64_t, int64_t,
+                             const AdamScalars<double>&);
+
+// The variant is chosen once per call, never inside the element loop.
+template <typename scalar_t>
+AdamChunkFn select_adam_chunk(WeightDecay wd, bool amsgrad) {
+  switch (wd) {
+    case WeightDecay::None:
+      return amsgrad ? adam_chunk<scalar_t, WeightDecay::None, true>
+                     : adam_chunk<scalar_t, WeightDecay::None, false>;
+    case WeightDecay::L2:
+      return amsgrad ? adam_chunk<scalar_t, WeightDecay::L2, true>
+                     : adam_chunk<scalar_t, WeightDecay::L2, false>;
+    case WeightDecay::Decoupled:
+      return amsgrad ? adam_chunk<scalar_t, WeightDecay::Decoupled, true>
+                     : adam_chunk<scalar_t, WeightDecay::Decoupled, false>;
+  }
+  TORCH_INTERNAL_ASSERT(false, "unknown weight decay mode");
+}
+
+// Adds one to a step counter (float32 or float64, as torch.optim keeps it) and
+// returns the new count.
+double increment_step(const at::Tensor& step) {
+  if (step.scalar_type() == at::kFloat) {
+    return static_cast<double>(++*step.data_ptr<float>());
+  }
+  return ++*step.data_ptr<double>();
+}
+
+void adam_cpu(at::TensorList params, at::TensorList grads,
+              at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+              at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr,
+              const std::optional<at::Tensor>& lr_tensor, double beta1,
+              double beta2, double eps, double weight_decay, bool amsgrad,
+              bool maximize, bool decoupled_weight_decay,
+              const std::optional<at::Tensor>& clip_coef,
+              const std::optional<at::Tensor>& grad_scale,
+              const std::optional<at::Tensor>& found_inf) {
+  check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+                  lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad,
+                  clip_coef, grad_scale, found_inf);
+  if (params.empty()) return;
+  // A skipped step changes nothing, not even the step counters.
+  if (found_inf.has_value() && read_cpu_scalar(*found_inf) != 0.0) return;
+  if (lr_tensor.has_value()) {
+    lr = read_cpu_scalar(*lr_tensor);
+    TORCH_CHECK(lr >= 0.0, "fusedclip: invalid learning rate ", lr,
+                " in lr_tensor (must be >= 0)");
+  }
+  const double inv_scale = grad_scale.has_value() ? 1.0 / read_cpu_scalar(*grad_scale) : 1.0;
+  const WeightDecay wd = weight_decay == 0.0 ? WeightDecay::None
+                         : decoupled_weight_decay ? WeightDecay::Decoupled
+                                                  : WeightDecay::L2;
+
+  const size_t n = params.size();
+  FlatTensors flat_tensors;
+  std::vector<AdamPointers> pointers(n);
+  std::vector<AdamScalars<double>> scalars(n);
+  std::vector<int64_t> numels(n);
+  std::vector<at::Tensor> keep_alive;  // contiguous stand-ins live until copied home
+  int64_t total_numel = 0;
+  for (size_t i = 0; i < n; ++i) {
+    std::vector<at::Tensor> group = {params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]};
+    std::vector<bool> written = {true, false, true, true};
+    if (amsgrad) {
+      group.push_back(max_exp_avg_sqs[i]);
+      written.push_back(true);
+    }
+    std::vector<at::Tensor> flat = flat_tensors.take(std::move(group), written);
+    pointers[i] = {flat[0].data_ptr(), flat[1].const_data_ptr(), flat[2].data_ptr(),
+                   flat[3].data_ptr(), amsgrad ? flat[4].data_ptr() : nullptr};
+    keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());
+
+    const double coef = clip_coef.has_value()
+        ? read_cpu_scalar(*clip_coef, clip_coef->numel() == 1 ? 0 : static_cast<int64_t>(i))
+        : 1.0;
+    const double grad_mult = coef * inv_scale * (maximize ? -1.0 : 1.0);
+    scalars[i] = adam_scalars(lr, beta1, beta2, eps, weight_decay,
+                              increment_step(steps[i]), grad_mult);
+    numels[i] = params[i].numel();
+    total_numel += numels[i];
+  }
+
+  const std::vector<Chunk> chunks = make_chunks(numels);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_cpu", [&] {
+    const AdamChunkFn chunk_fn = select_adam_chunk<scalar_t>(wd, amsgrad);
+    for_each_chunk(chunks, total_numel, [&](int64_t c) {
+      const Chunk& ch = chunks[c];
+      chunk_fn(pointers[ch.tensor], ch.begin, ch.end, scalars[ch.tensor]);
+    });
+  });
+  flat_tensors.copy_home();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
+  m.impl("adam_", &adam_cpu);
+}
+
+}  // namespace fusedclip::cpu

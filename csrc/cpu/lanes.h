@@ -1,0 +1,50 @@
+// Loading and storing one SIMD step of any supported dtype as vectors of its
+// math type: float and double load as themselves, bfloat16 and float16 widen
+// to two float vectors (the math of low-precision tensors runs in float32).
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+namespace fusedclip::cpu {
+
+template <typename scalar_t>
+struct Lanes {
+  using opmath_t = scalar_t;
+  using OpVec = at::vec::Vectorized<scalar_t>;
+  static constexpr int kParts = 1;
+  static constexpr int64_t kWidth = OpVec::size();  // elements per step
+
+  static void load(const scalar_t* p, int64_t count, OpVec* out) {
+    out[0] = OpVec::loadu(p, count);
+  }
+  static void store(scalar_t* p, int64_t count, const OpVec* in) {
+    in[0].store(p, count);
+  }
+};
+
+template <typename scalar_t>
+struct ReducedLanes {
+  using opmath_t = float;
+  using OpVec = at::vec::Vectorized<float>;
+  using Vec = at::vec::Vectorized<scalar_t>;
+  static constexpr int kParts = 2;
+  static constexpr int64_t kWidth = Vec::size();
+
+  static void load(const scalar_t* p, int64_t count, OpVec* out) {
+    auto [lo, hi] = at::vec::convert_to_float<scalar_t>(Vec::loadu(p, count));
+    out[0] = lo;
+    out[1] = hi;
+  }
+  static void store(scalar_t* p, int64_t count, const OpVec* in) {
+    at::vec::convert_from_float<scalar_t>(in[0], in[1]).store(p, count);
+  }
+};
+
+template <>
+struct Lanes<at::BFloat16> : ReducedLanes<at::BFloat16> {};
+template <>
+struct Lanes<at::Half> : ReducedLanes<at::Half> {};
+
+}  // namespace fusedclip::cpu

@@ -1,0 +1,93 @@
+// The CPU multi-tensor driver: many tensors become one flat list of equal-size
+// chunks, run in a single parallel region, so a thousand small tensors cost
+// one thread fork, not a thousand, and threads get balanced work.
+#pragma once
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+namespace fusedclip::cpu {
+
+// Elements per work item: the four fp32 arrays of an Adam chunk (param, grad,
+// two moments) take 256 KiB, well inside a core's L2.
+constexpr int64_t kChunkSize = 16384;
+// Below this many elements in all, a thread fork costs more than it saves.
+constexpr int64_t kMinParallelElements = 65536;
+
+struct Chunk {
+  int64_t tensor;  // index into the op's tensor lists
+  int64_t begin;   // element offset in that tensor's memory order
+  int64_t end;
+};
+
+inline std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels) {
+  std::vector<Chunk> chunks;
+  for (size_t t = 0; t < numels.size(); ++t) {
+    for (int64_t b = 0; b < numels[t]; b += kChunkSize) {
+      chunks.push_back({static_cast<int64_t>(t), b,
+                        std::min(b + kChunkSize, numels[t])});
+    }
+  }
+  return chunks;
+}
+
+// Runs fn(chunk_index) for every chunk, in one parallel region.
+template <typename F>
+void for_each_chunk(const std::vector<Chunk>& chunks, int64_t total_numel,
+                    const F& fn) {
+  const int64_t n = static_cast<int64_t>(chunks.size());
+  if (total_numel < kMinParallelElements) {
+    for (int64_t c = 0; c < n; ++c) fn(c);
+    return;
+  }
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) fn(c);
+  });
+}
+
+// True when every tensor can be walked as one flat array and element k of one
+// is element k of the others: all share the strides of a dense,
+// non-overlapping layout (contiguous, channels-last, a transpose, ...).
+inline bool share_dense_layout(const std::vector<at::Tensor>& tensors) {
+  const at::Tensor& first = tensors.front();
+  if (!first.is_non_overlapping_and_dense()) return false;
+  for (const at::Tensor& t : tensors) {
+    if (t.strides() != first.strides()) return false;
+  }
+  return true;
+}
+
+// The tensors of one parameter (param, grad, states) as flat-walkable tensors.
+// Where they do not share a dense layout, contiguous copies stand in, and the
+// copies of written tensors are queued in `write_back` to be copied home after
+// the kernel: the parameter is always updated in its own storage.
+class FlatTensors {
+ public:
+  std::vector<at::Tensor> take(std::vector<at::Tensor> tensors,
+                               const std::vector<bool>& written) {
+    if (share_dense_layout(tensors)) return tensors;
+    std::vector<at::Tensor> flat;
+    flat.reserve(tensors.size());
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      flat.push_back(tensors[i].contiguous());
+      if (written[i] && !flat.back().is_same(tensors[i])) {
+        write_back_.emplace_back(tensors[i], flat.back());
+      }
+    }
+    return flat;
+  }
+
+  void copy_home() {
+    for (auto& [home, copy] : write_back_) home.copy_(copy);
+    write_back_.clear();
+  }
+
+ private:
+  std::vector<std::pair<at::Tensor, at::Tensor>> write_back_;
+};
+
+}  // namespace fusedclip::cpu

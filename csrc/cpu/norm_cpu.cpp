@@ -1,0 +1,146 @@
+// CPU kernel of fusedclip::multi_tensor_norm: one read of every tensor gives
+// per-tensor norms, the global norm and the non-finite flag. Each chunk is
+// reduced on its own and the chunk results are summed in a fixed order, so the
+// result does not depend on the number of threads.
+#include <cmath>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "lanes.h"
+#include "multi_tensor.h"
+
+namespace fusedclip::cpu {
+namespace {
+
+// Independent accumulators per lane, so additions of consecutive steps do not
+// wait on each other.
+constexpr int kAccumulators = 4;
+
+template <typename scalar_t, bool MAX_ABS>
+double reduce_chunk(const scalar_t* x, int64_t n) {
+  using L = Lanes<scalar_t>;
+  using OpVec = typename L::OpVec;
+  using opmath_t = typename L::opmath_t;
+  OpVec acc[kAccumulators][L::kParts];
+  for (auto& a : acc)
+    for (auto& part : a) part = OpVec(opmath_t(0));
+  OpVec v[L::kParts];
+  auto accumulate = [&](OpVec* a) {
+    for (int k = 0; k < L::kParts; ++k) {
+      if constexpr (MAX_ABS) {
+        a[k] = at::vec::maximum(a[k], v[k].abs());  // propagates NaN
+      } else {
+        a[k] = at::vec::fmadd(v[k], v[k], a[k]);
+      }
+    }
+  };
+  int64_t i = 0;
+  for (; i + kAccumulators * L::kWidth <= n; i += kAccumulators * L::kWidth) {
+    for (int a = 0; a < kAccumulators; ++a) {
+      L::load(x + i + a * L::kWidth, L::kWidth, v);
+      accumulate(acc[a]);
+    }
+  }
+  for (; i < n; i += L::kWidth) {  // the tail; a partial load fills zeros
+    L::load(x + i, std::min<int64_t>(L::kWidth, n - i), v);
+    accumulate(acc[0]);
+  }
+  double result = 0.0;
+  for (auto& a : acc) {
+    for (auto& part : a) {
+      opmath_t lanes[OpVec::size()];
+      part.store(lanes);
+      for (opmath_t lane : lanes) {
+        if constexpr (MAX_ABS) {
+          result = (std::isnan(lane) || lane > result) ? lane : result;
+        } else {
+          result += static_cast<double>(lane);
+        }
+      }
+    }
+  }
+  return result;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_tensor_norm_cpu(
+    at::TensorList tensors, double norm_type) {
+  check_norm_args(tensors, norm_type);
+  const bool max_abs = std::isinf(norm_type);
+  const auto out_dtype = (!tensors.empty() && tensors[0].scalar_type() == at::kDouble)
+                             ? at::kDouble : at::kFloat;
+  const int64_t n = static_cast<int64_t>(tensors.size());
+
+  std::vector<at::Tensor> flat;
+  std::vector<int64_t> numels;
+  int64_t total_numel = 0;
+  for (const at::Tensor& t : tensors) {
+    // Order does not matter for a norm: any dense layout is read as it lies.
+    flat.push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
+    numels.push_back(t.numel());
+    total_numel += t.numel();
+  }
+  const std::vector<Chunk> chunks = make_chunks(numels);
+  std::vector<double> partial(chunks.size(), 0.0);
+
+  if (n > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "multi_tensor_norm_cpu",
+        [&] {
+          for_each_chunk(chunks, total_numel, [&](int64_t c) {
+            const Chunk& ch = chunks[c];
+            const scalar_t* x = flat[ch.tensor].const_data_ptr<scalar_t>() + ch.begin;
+            partial[c] = max_abs ? reduce_chunk<scalar_t, true>(x, ch.end - ch.begin)
+                                 : reduce_chunk<scalar_t, false>(x, ch.end - ch.begin);
+          });
+        });
+  }
+
+  // Chunks come tensor by tensor, in order: a fixed summation order.
+  std::vector<double> per_tensor(n, 0.0);
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    double& acc = per_tensor[chunks[c].tensor];
+    if (max_abs) {
+      acc = (std::isnan(partial[c]) || partial[c] > acc) ? partial[c] : acc;
+    } else {
+      acc += partial[c];
+    }
+  }
+  double total = 0.0;
+  for (double& value : per_tensor) {
+    if (max_abs) {
+      total = (std::isnan(value) || value > total) ? value : total;
+    } else {
+      total += value;
+      value = std::sqrt(value);
+    }
+  }
+  if (!max_abs) total = std::sqrt(total);
+
+  auto options = at::TensorOptions().dtype(out_dtype).device(at::kCPU);
+  at::Tensor tensor_norms = at::empty({n}, options);
+  AT_DISPATCH_FLOATING_TYPES(out_dtype, "multi_tensor_norm_cpu_out", [&] {
+    scalar_t* out = tensor_norms.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<scalar_t>(per_tensor[i]);
+  });
+  at::Tensor total_norm = at::scalar_tensor(total, options);
+  // The flag looks at the norm as returned, in its dtype: a float32 norm that
+  // overflows counts as non-finite, as it would for clip_grad_norm_.
+  const double returned = total_norm.item<double>();
+  at::Tensor nonfinite = at::scalar_tensor(std::isfinite(returned) ? 0.0 : 1.0,
+                                           options.dtype(at::kFloat));
+  return {tensor_norms, total_norm, nonfinite};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
+  m.impl("multi_tensor_norm", &multi_tensor_norm_cpu);
+}
+
+}  // namespace fusedclip::cpu

@@ -1,0 +1,18 @@
+// MathTraits for ATen's SIMD vectors, so the shared update rules in
+// include/fusedclip/ run on whole vectors in the CPU kernels.
+#pragma once
+
+#include <ATen/cpu/vec/vec.h>
+
+#include "fusedclip/math_traits.h"
+
+namespace fusedclip {
+
+template <typename S>
+struct MathTraits<at::vec::Vectorized<S>> {
+  using V = at::vec::Vectorized<S>;
+  static V sqrt(const V& x) { return x.sqrt(); }
+  static V maximum(const V& a, const V& b) { return at::vec::maximum(a, b); }
+};
+
+}  // namespace fusedclip

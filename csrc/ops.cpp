@@ -1,0 +1,164 @@
+// The fusedclip operator library: every op schema, written once, and the
+// argument checks that all backends share. Kernels register themselves per
+// dispatch key in cpu/ and cuda/; fake (meta) kernels live in fusedclip/ops.py.
+#include <Python.h>
+
+#include <cmath>
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+// `import fusedclip._C` loads this library, which runs the registrations below.
+// The module has no Python functions: everything is reached through torch.ops.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", "fusedclip operator library", -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(fusedclip, m) {
+  // One read of every tensor: per-tensor norms, the global norm and a flag
+  // (1.0) when the global norm is not finite. norm_type is 2 or inf.
+  m.def(
+      "multi_tensor_norm(Tensor[] tensors, float norm_type) -> "
+      "(Tensor tensor_norms, Tensor total_norm, Tensor nonfinite)");
+  // Adam / AdamW over many tensors in place. The gradient used is
+  // grad * clip_coef / grad_scale; nothing at all changes (steps included)
+  // where found_inf is non-zero. clip_coef has one element or one per tensor.
+  m.def(
+      "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, "
+      "Tensor(e!)[] steps, *, float lr, Tensor? lr_tensor, float beta1, "
+      "float beta2, float eps, float weight_decay, bool amsgrad, "
+      "bool maximize, bool decoupled_weight_decay, Tensor? clip_coef, "
+      "Tensor? grad_scale, Tensor? found_inf) -> ()");
+}
+
+namespace fusedclip {
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf ||
+         t == at::kBFloat16;
+}
+
+// Every tensor of a list: dense (not sparse), real, a supported float dtype,
+// on `device` and of dtype `dtype`.
+void check_tensor_list(at::TensorList list, const char* name,
+                       const at::Device& device, at::ScalarType dtype) {
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& t = list[i];
+    TORCH_CHECK(t.defined(), "fusedclip: ", name, "[", i, "] is undefined");
+    TORCH_CHECK(t.layout() == at::kStrided, "fusedclip: ", name, "[", i,
+                "] is sparse (layout ", t.layout(),
+                "); only dense (strided) tensors are supported");
+    TORCH_CHECK(!t.is_complex(), "fusedclip: ", name, "[", i,
+                "] is complex; complex parameters are not supported "
+                "(view them as real with torch.view_as_real)");
+    TORCH_CHECK(is_supported_float(t.scalar_type()), "fusedclip: ", name, "[",
+                i, "] has dtype ", t.scalar_type(),
+                "; supported are float32, float64, float16 and bfloat16");
+    TORCH_CHECK(t.device() == device, "fusedclip: all tensors of one call must "
+                "be on one device, but ", name, "[", i, "] is on ", t.device(),
+                " and the first parameter on ", device);
+    TORCH_CHECK(t.scalar_type() == dtype, "fusedclip: all tensors of one call "
+                "must have one dtype, but ", name, "[", i, "] is ",
+                t.scalar_type(), " and the first parameter ", dtype);
+  }
+}
+
+void check_same_shapes(at::TensorList params, at::TensorList other,
+                       const char* name) {
+  TORCH_CHECK(other.size() == params.size(), "fusedclip: ", name, " has ",
+              other.size(), " tensors but params has ", params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(other[i].sizes() == params[i].sizes(), "fusedclip: ", name,
+                "[", i, "] has shape ", other[i].sizes(),
+                " but params[", i, "] has shape ", params[i].sizes());
+  }
+}
+
+void check_small_tensor(const std::optional<at::Tensor>& t, const char* name,
+                        const at::Device& device, int64_t allowed_numel = 1) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->layout() == at::kStrided && !t->is_complex() &&
+                  (t->scalar_type() == at::kFloat ||
+                   t->scalar_type() == at::kDouble),
+              "fusedclip: ", name, " must be a dense float32 or float64 "
+              "tensor, got ", t->scalar_type(), " ", t->layout());
+  TORCH_CHECK(t->dim() <= 1, "fusedclip: ", name, " must be 0-d or 1-d, got "
+              "shape ", t->sizes());
+  TORCH_CHECK(t->numel() == 1 || t->numel() == allowed_numel, "fusedclip: ",
+              name, " must have 1", (allowed_numel != 1 ? " or one per tensor (" : ""),
+              (allowed_numel != 1 ? std::to_string(allowed_numel) + ")" : std::string()),
+              " elements, got ", t->numel());
+  TORCH_CHECK(t->device() == device, "fusedclip: ", name, " is on ",
+              t->device(), " but the parameters are on ", device);
+}
+
+}  // namespace
+
+void check_norm_args(at::TensorList tensors, double norm_type) {
+  TORCH_CHECK(norm_type == 2.0 || std::isinf(norm_type) && norm_type > 0,
+              "fusedclip: norm_type must be 2.0 or inf, got ", norm_type);
+  if (tensors.empty()) return;
+  check_tensor_list(tensors, "tensors", tensors[0].device(),
+                    tensors[0].scalar_type());
+}
+
+void check_adam_args(at::TensorList params, at::TensorList grads,
+                     at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                     at::TensorList max_exp_avg_sqs, at::TensorList steps,
+                     double lr, const std::optional<at::Tensor>& lr_tensor,
+                     double beta1, double beta2, double eps,
+                     double weight_decay, bool amsgrad,
+                     const std::optional<at::Tensor>& clip_coef,
+                     const std::optional<at::Tensor>& grad_scale,
+                     const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(lr >= 0.0, "fusedclip: invalid learning rate ", lr,
+              " (must be >= 0)");
+  TORCH_CHECK(eps >= 0.0, "fusedclip: invalid eps ", eps, " (must be >= 0)");
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, "fusedclip: invalid beta1 ", beta1,
+              " (must be in [0, 1))");
+  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, "fusedclip: invalid beta2 ", beta2,
+              " (must be in [0, 1))");
+  TORCH_CHECK(weight_decay >= 0.0, "fusedclip: invalid weight_decay ",
+              weight_decay, " (must be >= 0)");
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  const at::ScalarType dtype = params[0].scalar_type();
+  check_tensor_list(params, "params", device, dtype);
+  check_tensor_list(grads, "grads", device, dtype);
+  check_tensor_list(exp_avgs, "exp_avgs", device, dtype);
+  check_tensor_list(exp_avg_sqs, "exp_avg_sqs", device, dtype);
+  check_same_shapes(params, grads, "grads");
+  check_same_shapes(params, exp_avgs, "exp_avgs");
+  check_same_shapes(params, exp_avg_sqs, "exp_avg_sqs");
+  if (amsgrad) {
+    check_tensor_list(max_exp_avg_sqs, "max_exp_avg_sqs", device, dtype);
+    check_same_shapes(params, max_exp_avg_sqs, "max_exp_avg_sqs");
+  }
+  TORCH_CHECK(steps.size() == params.size(), "fusedclip: steps has ",
+              steps.size(), " tensors but params has ", params.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    check_small_tensor(steps[i], "steps[i]", device);
+  }
+  check_small_tensor(lr_tensor, "lr_tensor", device);
+  check_small_tensor(clip_coef, "clip_coef", device,
+                     static_cast<int64_t>(params.size()));
+  check_small_tensor(grad_scale, "grad_scale", device);
+  check_small_tensor(found_inf, "found_inf", device);
+}
+
+double read_cpu_scalar(const at::Tensor& t, int64_t index) {
+  TORCH_INTERNAL_ASSERT(t.device().is_cpu());
+  const int64_t stride = t.dim() == 0 ? 0 : t.stride(0);
+  if (t.scalar_type() == at::kFloat) {
+    return static_cast<double>(t.const_data_ptr<float>()[index * stride]);
+  }
+  return t.const_data_ptr<double>()[index * stride];
+}
+
+}  // namespace fusedclip

@@ -1,0 +1,14 @@
+"""fusedclip: gradient clipping fused into PyTorch optimizer steps.
+
+``FusedClipAdam(params, lr=..., clip=1.0)`` replaces
+``torch.nn.utils.clip_grad_norm_(params, 1.0)`` followed by
+``torch.optim.Adam(params, lr=...).step()`` with one fused step that reads each
+gradient twice instead of three times and never waits on the device.
+"""
+
+from fusedclip import ops  # noqa: F401  (loads the compiled ops first)
+from fusedclip.clipping import ClipPolicy, GlobalNorm
+from fusedclip.optim import FusedClipAdam, FusedClipAdamW
+
+__all__ = ["ClipPolicy", "FusedClipAdam", "FusedClipAdamW", "GlobalNorm"]
+__version__ = "0.1.0"

@@ -1,0 +1,72 @@
+"""Thin Python wrappers over ``torch.ops.fusedclip.*``, and their fake kernels.
+
+The fake kernels describe each op's outputs without computing them, so
+``torch.compile`` can trace through an optimizer step and
+``torch.library.opcheck`` can test the registrations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fusedclip import _extension
+
+_extension.load()
+
+_ops = torch.ops.fusedclip
+
+
+def multi_tensor_norm(tensors: list[torch.Tensor], norm_type: float = 2.0):
+    """Per-tensor norms, the global norm and a non-finite flag, in one read.
+
+    Returns ``(tensor_norms, total_norm, nonfinite)``: a 1-D tensor of
+    ``len(tensors)`` norms, the norm of all tensors together (what
+    ``torch.nn.utils.clip_grad_norm_`` computes), and a float32 0/1 flag that is
+    1 when that global norm is not finite. Norms are float64 for float64 inputs,
+    float32 otherwise. ``norm_type`` is 2.0 or ``inf``.
+    """
+    return _ops.multi_tensor_norm(tensors, float(norm_type))
+
+
+@torch.library.register_fake("fusedclip::multi_tensor_norm")
+def _multi_tensor_norm_fake(tensors, norm_type):
+    if len(tensors) == 0:
+        device, dtype = torch.device("cpu"), torch.float32
+    else:
+        device = tensors[0].device
+        dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    return (
+        torch.empty(len(tensors), dtype=dtype, device=device),
+        torch.empty((), dtype=dtype, device=device),
+        torch.empty((), dtype=torch.float32, device=device),
+    )
+
+
+def adam_(
+    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
+    lr: float, lr_tensor: torch.Tensor | None, beta1: float, beta2: float, eps: float,
+    weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
+    clip_coef: torch.Tensor | None, grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    """Adam/AdamW over many tensors in place (see csrc/ops.cpp for the schema).
+
+    The gradient used is ``grad * clip_coef / grad_scale`` (negated when
+    ``maximize``); where ``found_inf`` is non-zero nothing changes, step
+    counters included. Each ``steps[i]`` is incremented before its bias
+    corrections are computed.
+    """
+    _ops.adam_(
+        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
+        lr=lr, lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay, clip_coef=clip_coef,
+        grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+@torch.library.register_fake("fusedclip::adam_")
+def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
+               lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
+               decoupled_weight_decay, clip_coef, grad_scale, found_inf):
+    return None

@@ -1,0 +1,207 @@
+"""FusedClipAdam and FusedClipAdamW."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedclip import ops
+from fusedclip.optim.base import FusedClipOptimizer, check_lr
+
+__all__ = ["FusedClipAdam", "FusedClipAdamW"]
+
+
+def _scalar_dtype() -> torch.dtype:
+    # torch.optim's dtype for the `step` counter.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+_ALGORITHM = r"""
+    .. math::
+       \begin{aligned}
+            &\textbf{input}: \gamma \text{ (lr)}, \beta_1, \beta_2, \theta_0, \epsilon,
+                \lambda \text{ (weight decay)}, \text{clip policy } C, \textit{amsgrad},
+                \textit{maximize}                                                    \\
+            &m_0, v_0, v_0^{max} \leftarrow 0                                        \\
+            &\textbf{for}\: t=1 \: \textbf{to} \: \ldots \: \textbf{do}             \\
+            &\hspace{5mm} g_t \leftarrow \nabla_\theta f_t(\theta_{t-1})
+                \text{ (}-\nabla\text{ if maximize)}                                 \\
+            &\hspace{5mm} \textbf{if}\: \text{any } g_t \text{ is inf/nan and nonfinite = skip}:
+                \textbf{continue} \text{ (nothing changes, } t \text{ included)}     \\
+            &\hspace{5mm} g_t \leftarrow c_t\, g_t, \quad
+                c_t = C(\lVert g_t \rVert) \text{ e.g. }
+                \min(1, \text{max\_norm} / (\lVert g_t \rVert + 10^{-6}))            \\
+            &\hspace{5mm} {WEIGHT_DECAY}                                            \\
+            &\hspace{5mm} m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t         \\
+            &\hspace{5mm} v_t \leftarrow \beta_2 v_{t-1} + (1-\beta_2) g^2_t         \\
+            &\hspace{5mm} \textbf{if}\: \textit{amsgrad}:
+                v_t^{max} \leftarrow \max(v_{t-1}^{max}, v_t), \; v_t \leftarrow v_t^{max} \\
+            &\hspace{5mm} \theta_t \leftarrow \theta_t - \gamma \frac{m_t / (1-\beta_1^t)}
+                {\sqrt{v_t / (1-\beta_2^t)} + \epsilon}                              \\
+       \end{aligned}
+"""
+
+_ARGS = """
+    Args:
+        params (iterable): iterable of parameters or named parameters to
+            optimize, or of dicts defining parameter groups.
+        lr (float, Tensor, optional): learning rate (default: {lr})
+        betas (Tuple[float, float], optional): coefficients used for computing
+            running averages of gradient and its square (default: (0.9, 0.999))
+        eps (float, optional): term added to the denominator to improve
+            numerical stability (default: 1e-8)
+        weight_decay (float, optional): weight decay coefficient (default: {wd})
+        amsgrad (bool, optional): whether to use the AMSGrad variant
+            (default: False)
+        maximize (bool, optional): maximize the objective instead of minimizing
+            (default: False){extra}
+        clip (None, float or ClipPolicy, optional): gradient clipping fused into
+            the step: ``None`` for none, a float for the global L2 norm with that
+            ``max_norm`` (exactly ``clip_grad_norm_``), or a policy such as
+            ``fusedclip.GlobalNorm(max_norm, norm_type=inf)``. One global norm
+            covers all parameter groups. (default: None)
+        nonfinite (str, optional): what a step whose gradients hold inf or nan
+            does: ``"skip"`` changes no parameter and no state (step counts
+            included) and counts it in ``clip_stats["skipped"]``; ``"raise"``
+            raises before anything changes (and so reads one flag on the host);
+            ``"propagate"`` lets inf/nan flow into the update as torch.optim
+            does. Under ``torch.amp.GradScaler`` a step the scaler finds inf in
+            is always skipped. (default: "skip")
+
+    After each step, ``opt.clip_stats`` holds device tensors: ``grad_norm`` (the
+    pre-clip global norm), ``clip_coef`` and ``skipped`` (the number of skipped
+    steps). Reading them is the caller's host sync. State keys are torch's
+    (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``): state dicts move
+    between this optimizer and its torch.optim twin both ways.
+
+    .. note:: Unlike torch's fused optimizers, a GradScaler's unscaling is never
+       written back into ``.grad``: the gradients keep their scaled values.
+
+    References:
+        Kingma & Ba, *Adam: A Method for Stochastic Optimization*, ICLR 2015.
+        Loshchilov & Hutter, *Decoupled Weight Decay Regularization*, ICLR 2019.
+        Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
+        Pascanu, Mikolov & Bengio, *On the difficulty of training recurrent
+        neural networks*, ICML 2013 (clipping by the global norm).
+"""
+
+
+class FusedClipAdam(FusedClipOptimizer):
+    __doc__ = (
+        "Implements Adam with gradient clipping fused into the step.\n"
+        "\n    Drop-in for ``torch.optim.Adam`` (same arguments, defaults and state),\n"
+        "    plus keyword-only ``clip=`` and ``nonfinite=``.\n"
+        + _ALGORITHM.replace(
+            "{WEIGHT_DECAY}",
+            r"\textbf{if}\: \lambda \neq 0: \textbf{if} \textit{ decoupled}: "
+            r"\theta_t \leftarrow \theta_{t-1} - \gamma \lambda \theta_{t-1} "
+            r"\textbf{ else } g_t \leftarrow g_t + \lambda \theta_{t-1}",
+        )
+        + _ARGS.format(
+            lr="1e-3", wd="0",
+            extra="\n        decoupled_weight_decay (bool, optional): if True, this optimizer is\n"
+            "            equivalent to AdamW (default: False)",
+        )
+    )
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        decoupled_weight_decay: bool = False,
+        clip=None,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
+        )
+        super().__init__(params, defaults, clip=clip, nonfinite=nonfinite)
+
+    def _check_group(self, group: dict) -> None:
+        check_lr(group["lr"])
+        betas = group["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair of floats, got {betas!r}")
+        for i, beta in enumerate(betas):
+            if isinstance(beta, Tensor):
+                raise ValueError(
+                    f"betas[{i}] is a Tensor; {type(self).__name__} takes float betas"
+                )
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        if not 0.0 <= group["eps"]:
+            raise ValueError(f"Invalid epsilon value: {group['eps']}")
+        if not 0.0 <= group["weight_decay"]:
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+
+    def _init_state(self, param: Tensor, group: dict, state: dict) -> None:
+        state["step"] = torch.zeros((), dtype=_scalar_dtype(), device=param.device)
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+    def _update(self, group, params, *, device, clip_coef, grad_scale, found_inf) -> None:
+        amsgrad = group["amsgrad"]
+        states = [self.state[p] for p in params]
+        if amsgrad:
+            for p, s in zip(params, states):
+                if "max_exp_avg_sq" not in s:  # amsgrad switched on after the first step
+                    s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        lr = group["lr"]
+        lr_tensor = None
+        if isinstance(lr, Tensor):
+            lr_tensor = lr if lr.device == device else lr.to(device, non_blocking=True)
+            lr = 0.0
+        beta1, beta2 = group["betas"]
+        ops.adam_(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+            [s["step"] for s in states],
+            lr=float(lr), lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2),
+            eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+            amsgrad=amsgrad, maximize=group["maximize"],
+            decoupled_weight_decay=group.get("decoupled_weight_decay", False),
+            clip_coef=clip_coef, grad_scale=grad_scale, found_inf=found_inf,
+        )
+
+
+class FusedClipAdamW(FusedClipAdam):
+    __doc__ = (
+        "Implements AdamW (Adam with decoupled weight decay) with gradient\n"
+        "    clipping fused into the step.\n"
+        "\n    Drop-in for ``torch.optim.AdamW`` (same arguments, defaults and state),\n"
+        "    plus keyword-only ``clip=`` and ``nonfinite=``.\n"
+        + _ALGORITHM.replace(
+            "{WEIGHT_DECAY}", r"\theta_t \leftarrow \theta_{t-1} - \gamma \lambda \theta_{t-1}"
+        )
+        + _ARGS.format(lr="1e-3", wd="1e-2", extra="")
+    )
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        clip=None,
+        nonfinite: str = "skip",
+    ) -> None:
+        super().__init__(
+            params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            maximize=maximize, decoupled_weight_decay=True, clip=clip, nonfinite=nonfinite,
+        )
