@@ -25,6 +25,13 @@ def multi_tensor_norm(tensors: list[torch.Tensor], norm_type: float = 2.0):
     1 when that global norm is not finite. Norms are float64 for float64 inputs,
     float32 otherwise. ``norm_type`` is 2.0 or ``inf``.
     """
+    if len(tensors) == 0:
+        # The dispatcher cannot route a call without a tensor, so the empty
+        # list is answered here, as the kernel and the fake kernel would
+        # (no norms, a zero global norm, finite), after the same argument check.
+        if float(norm_type) not in (2.0, float("inf")):
+            raise RuntimeError(f"fusedclip: norm_type must be 2.0 or inf, got {float(norm_type)}")
+        return torch.zeros(0), torch.zeros(()), torch.zeros(())
     return _ops.multi_tensor_norm(tensors, float(norm_type))
 
 

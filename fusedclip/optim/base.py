@@ -38,6 +38,11 @@ def check_lr(lr, where: str = "") -> None:
             raise ValueError(f"Tensor lr must be 1-element{where}, got {lr.numel()} elements")
         if lr.is_complex() or not lr.is_floating_point():
             raise ValueError(f"Tensor lr must be a real floating tensor{where}, got {lr.dtype}")
+        # A CPU value costs no device sync to read, so it is checked here, before
+        # any group is updated (the kernel's own check would fire only when that
+        # group's turn comes, after earlier groups have changed).
+        if lr.device.type == "cpu" and not float(lr) >= 0.0:
+            raise ValueError(f"Invalid learning rate: {float(lr)}{where}")
         return
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}{where}")

@@ -1,0 +1,102 @@
+"""Comparison tolerances, per dtype, stated once for the whole suite.
+
+Each entry is ``(rtol, atol_scale)``: two tensors agree when, element by element,
+``|actual - expected| <= atol + rtol * |expected|`` with
+``atol = atol_scale * scale``, where ``scale`` is the largest |value| of that
+quantity (parameters, exp_avg, exp_avg_sq, ...) over all parameters of the run
+(see conftest.assert_states_close). The absolute part is thus normwise: an
+element whose first moment has cancelled to near zero is judged against the
+size of the terms it was summed from, while a bug still shows as an error of the
+quantity's own size.
+
+Never loosen one of these to make a test pass: a failure is a bug, or a rounding
+path that differs from the ones described here, and either needs explaining.
+(The largest error seen over the suite's seeds, as a fraction of each
+tolerance, is noted in brackets.)
+"""
+
+from __future__ import annotations
+
+import torch
+
+# -- fused optimizer vs torch.optim.Adam/AdamW + clip_grad_norm_ ----------------------------
+TORCH_PARITY = {
+    # Trajectories of 10-14 steps. Both sides evaluate the same float64 formulas
+    # in the same order; they differ where the global norm is summed in another
+    # order (so the clip coefficient may differ in its last bits) and where the
+    # compiler contracts a*b+c into an fma. A few ulps (2.2e-16) per step.
+    # [< 0.1%]
+    torch.float64: (1e-12, 1e-12),
+    # The same two differences in float32 (ulp 1.2e-7): a dozen steps of them
+    # stay within a few 1e-6. [~25%]
+    torch.float32: (2e-6, 2e-6),
+    # bfloat16 (eps 2^-7) and float16 (eps 2^-10) are compared one step at a
+    # time from the same state (test_adam_parity.run_parity says why). In one
+    # step torch rounds every intermediate to the storage dtype: clip_grad_norm_
+    # returns a bfloat16 norm and multiplies the gradients by a bfloat16
+    # coefficient (up to an ulp off the float32 product fusedclip uses), v is
+    # rounded after v * beta2 and again after + (1 - beta2) g^2 (g^2 doubles
+    # the gradient's error), sqrt(v) / bc2 + eps three times, the decayed weight
+    # before the update is added. fusedclip computes in float32 and rounds once.
+    # That is up to about 3 ulps of v, fewer of m and of the parameters.
+    # [~40-60%]
+    torch.bfloat16: (3 * 2**-7, 3 * 2**-7),
+    torch.float16: (3 * 2**-10, 3 * 2**-10),
+}
+
+# -- fused optimizer vs the float64 reference (fusedclip/reference.py) ---------------------
+REFERENCE = {
+    # The same formula in float64 in another order (m by lerp, step size folded,
+    # fma): a few ulps per step. [< 0.1%]
+    torch.float64: (1e-12, 1e-12),
+    # float32 arithmetic against float64: every stored value carries its own
+    # float32 rounding (ulp 1.2e-7), carried from step to step; a dozen steps
+    # stay within a few 1e-6. [~10%]
+    torch.float32: (2e-6, 2e-6),
+    # With round_to=bfloat16 the reference stores what fusedclip stores after
+    # every step: both round the same value, computed in float64 there and in
+    # float32 here, so the stored results differ only where that value lies
+    # within float32 rounding of a bfloat16 rounding boundary: one bfloat16 ulp,
+    # now and then. [~25%]
+    torch.bfloat16: (2**-7, 2**-7),
+    # float16, as for bfloat16: one float16 ulp now and then. [~45%]
+    torch.float16: (2**-10, 2**-10),
+}
+
+# -- fusedclip.ops.multi_tensor_norm vs torch.linalg.vector_norm in float64 ----------------
+NORM = {
+    # float64 inputs are summed in float64: ulp 2.2e-16 times a few levels of
+    # summation. [~5%]
+    torch.float64: (1e-13, 0.0),
+    # Every other dtype is squared and summed in float32 lanes (8 lanes x 4
+    # accumulators per chunk of 16384, so at most 512 terms a lane), the lanes
+    # and chunks in float64, and the norm returned in float32. The error of a
+    # float32 sum of k positive terms is bounded by k * 6e-8 (3e-5 here) and is
+    # about sqrt(k) * 6e-8 (~1e-6) for random terms; measured up to 1e-6
+    # (bfloat16, a million elements). [~10%]
+    torch.float32: (1e-5, 0.0),
+    torch.bfloat16: (1e-5, 0.0),
+    torch.float16: (1e-5, 0.0),
+}
+
+# -- fusedclip's global norm vs the norm torch computes in the gradients' dtype -------------
+# (clip_grad_norm_'s return value, torch.linalg.vector_norm(t)).
+TORCH_NORM = {
+    # Both are float64 sums, in different orders.
+    torch.float64: NORM[torch.float64],
+    # Both are float32 sums, in different orders: each within NORM of the exact value.
+    torch.float32: NORM[torch.float32],
+    # torch accumulates in float32 too and rounds the result to the gradients'
+    # dtype; fusedclip keeps float32. Rounded alike they may differ by the one
+    # ulp of a rounding boundary between them.
+    torch.bfloat16: (2**-7, 0.0),
+    torch.float16: (2**-10, 0.0),
+}
+
+# Dtypes of the norm's result for each gradient dtype.
+NORM_OUT_DTYPE = {
+    torch.float64: torch.float64,
+    torch.float32: torch.float32,
+    torch.bfloat16: torch.float32,
+    torch.float16: torch.float32,
+}
