@@ -324,9 +324,10 @@ class AutoClip(ClipPolicy):
         threshold = torch.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
         coef = _norm_coefficient(threshold, norm)
 
+        last_threshold = _state_tensor(state, "threshold", lambda: torch.zeros((), dtype=torch.float64, device=device))
         buf.copy_(keep_if_skipped(inputs.skip, buf, new_buf))
         count.copy_(keep_if_skipped(inputs.skip, count, count + 1))
-        state["threshold"] = threshold  # the last threshold, for logging
+        last_threshold.copy_(keep_if_skipped(inputs.skip, last_threshold, threshold))  # for logs
         return coef
 
     def __repr__(self) -> str:
