@@ -396,3 +396,231 @@ def test_against_the_installed_packages():
                 assert_close(opt._policy_tensor_state[a]["gamma"],
                              topt.state[b]["gamma"].to(opt._policy_tensor_state[a]["gamma"].dtype),
                              tol, f"AdaGC gamma {dtype} step {step}")
+
+
+# -- state_dict ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", STATEFUL)
+def test_state_dict_round_trip(name):
+    """Saved after 5 steps and loaded into a new optimizer (policy state included,
+    per-parameter state keyed by the state_dict's parameter ids), training goes on
+    bit for bit as without the hand-over."""
+    problem = _problem(torch.float32)
+    straight, first = problem.params(), problem.params()
+    sopt = make_fused_opt("Adam", problem, straight, {}, clip=fused_policy(name))
+    fopt = make_fused_opt("Adam", problem, first, {}, clip=fused_policy(name))
+    for step in range(5):
+        grads = _grads(problem, step)
+        set_grads(flat(straight), grads)
+        set_grads(flat(first), grads)
+        sopt.step()
+        fopt.step()
+    saved = copy.deepcopy(fopt.state_dict())
+    assert saved["clip_policy"]["policy"] == POLICIES[name][0]
+    second = problem.params()
+    with torch.no_grad():
+        for a, b in zip(flat(first), flat(second)):
+            a.add_(1.0)  # the old optimizer's parameters are not the new one's
+    nopt = make_fused_opt("Adam", problem, second, {}, clip=fused_policy(name))
+    with torch.no_grad():
+        for a, b in zip(flat(straight), flat(second)):
+            b.copy_(a)
+    nopt.load_state_dict(saved)
+    for step in range(5, STEPS):
+        grads = _grads(problem, step)
+        set_grads(flat(straight), grads)
+        set_grads(flat(second), grads)
+        sopt.step()
+        nopt.step()
+        fopt.step()  # must not share state with nopt
+    for a, b in zip(flat(straight), flat(second)):
+        assert bitwise_equal(a.detach(), b.detach())
+    before = {"state": sopt._policy_state,
+              "tensors": {id(p): s for p, s in sopt._policy_tensor_state.items()}}
+    after = {"state": nopt._policy_state,
+             "tensors": {id(p): s for p, s in zip(flat(straight), [nopt._policy_tensor_state.get(q)
+                                                                   for q in flat(second)]) if s}}
+    before["tensors"] = {id(p): sopt._policy_tensor_state[p] for p in flat(straight)
+                         if p in sopt._policy_tensor_state}
+    _assert_same_policy_state(before, after, name)
+
+
+@pytest.mark.parametrize("name", STATEFUL)
+def test_torch_optimizer_loads_a_policy_state_dict(name):
+    """torch.optim.Adam loads a fusedclip state_dict with policy state (it reads
+    only "state" and "param_groups") and goes on as FusedClipAdam without
+    clipping would; a torch state_dict back into fusedclip starts the policy afresh."""
+    problem = _problem(torch.float64)
+    fparams, tparams = problem.params(), problem.params()
+    fopt = make_fused_opt("Adam", problem, fparams, {}, clip=fused_policy(name))
+    for step in range(4):
+        set_grads(flat(fparams), _grads(problem, step))
+        fopt.step()
+    saved = fopt.state_dict()
+    assert "clip_policy" in saved
+    topt = make_torch_opt("Adam", problem, tparams, {})
+    topt.load_state_dict(copy.deepcopy(saved))
+    assert "clip_policy" not in topt.state_dict()
+    plain = make_fused_opt("Adam", problem, fparams, {})
+    plain.load_state_dict(copy.deepcopy(saved))
+    with torch.no_grad():
+        for a, b in zip(flat(fparams), flat(tparams)):
+            b.copy_(a)
+    for step in range(4, 8):
+        grads = _grads(problem, step)
+        set_grads(flat(fparams), grads)
+        set_grads(flat(tparams), grads)
+        plain.step()
+        topt.step()
+    assert_states_close(plain, topt, flat(fparams), flat(tparams), TORCH_PARITY[torch.float64], name)
+    fresh = make_fused_opt("Adam", problem, problem.params(), {}, clip=fused_policy(name))
+    fresh.load_state_dict(topt.state_dict())
+    assert fresh._policy_state == {} and fresh._policy_tensor_state == {}
+
+
+def test_state_dict_of_another_policy_is_refused():
+    problem = _problem(torch.float32)
+    params = problem.params()
+    opt = make_fused_opt("Adam", problem, params, {}, clip=fused_policy("ZClip(warm3)"))
+    set_grads(flat(params), _grads(problem, 0))
+    opt.step()
+    other = make_fused_opt("Adam", problem, problem.params(), {}, clip=fusedclip.AutoClip())
+    with pytest.raises(ValueError, match="clip policy 'ZClip'"):
+        other.load_state_dict(opt.state_dict())
+
+
+def test_stateless_policies_add_nothing_to_the_state_dict():
+    problem = _problem(torch.float32)
+    for name in ("PerTensorNorm(0.4)", "SmoothClip(2.0)", "Normalize"):
+        params = problem.params()
+        opt = make_fused_opt("Adam", problem, params, {}, clip=fused_policy(name))
+        set_grads(flat(params), _grads(problem, 0))
+        opt.step()
+        assert set(opt.state_dict()) == {"state", "param_groups"}
+
+
+# -- no host sync ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_step_reads_no_device_value(name, monkeypatch):
+    """With float lr, a step reads no tensor value on the host (no .item(),
+    .tolist(), bool/float/int of a tensor), so it never waits on a device."""
+    problem = _problem(torch.float32)
+    params = problem.params()
+    opt = make_fused_opt("AdamW", problem, params, {}, clip=fused_policy(name))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host sync in the step")
+
+    for step in range(6):
+        set_grads(flat(params), _grads(problem, step) if step != 3 else _poison(_grads(problem, step)))
+        with monkeypatch.context() as m:
+            for attr in ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__",
+                         "__index__"):
+                m.setattr(torch.Tensor, attr, forbidden)
+            opt.step()
+    assert int(opt.clip_stats["skipped"]) == 1
+
+
+# -- arguments -------------------------------------------------------------------------------------
+BAD = [
+    (fusedclip.PerTensorNorm, dict(max_norm=-1.0), ValueError, "max_norm"),
+    (fusedclip.PerTensorNorm, dict(max_norm=1.0, norm_type=1.0), ValueError, "norm_type"),
+    (fusedclip.PerTensorNorm, dict(max_norm=math.nan), ValueError, "max_norm"),
+    (fusedclip.PerTensorNorm, dict(max_norm="1"), TypeError, "max_norm"),
+    (fusedclip.SmoothClip, dict(threshold=0.0), ValueError, "threshold"),
+    (fusedclip.SmoothClip, dict(threshold=math.inf), ValueError, "threshold"),
+    (fusedclip.Normalize, dict(eps=0.0), ValueError, "eps"),
+    (fusedclip.Normalize, dict(eps=-1e-6), ValueError, "eps"),
+    (fusedclip.AutoClip, dict(percentile=-1.0), ValueError, "percentile"),
+    (fusedclip.AutoClip, dict(percentile=100.5), ValueError, "percentile"),
+    (fusedclip.AutoClip, dict(history=0), ValueError, "history"),
+    (fusedclip.AutoClip, dict(history=2.5), TypeError, "history"),
+    (fusedclip.ZClip, dict(alpha=1.0), ValueError, "alpha"),
+    (fusedclip.ZClip, dict(alpha=0.0), ValueError, "alpha"),
+    (fusedclip.ZClip, dict(z_thresh=0.0), ValueError, "z_thresh"),
+    (fusedclip.ZClip, dict(max_norm=0.0), ValueError, "max_norm"),
+    (fusedclip.ZClip, dict(eps=-1.0), ValueError, "eps"),
+    (fusedclip.ZClip, dict(warmup_steps=-1), ValueError, "warmup_steps"),
+    (fusedclip.ZClip, dict(mode="median"), ValueError, "mode"),
+    (fusedclip.ZClip, dict(clip_option="max"), ValueError, "clip_option"),
+    (fusedclip.ZClip, dict(clip_factor=0.0), ValueError, "clip_factor"),
+    (fusedclip.ZClip, dict(skip_update_on_spike=1), TypeError, "skip_update_on_spike"),
+    (fusedclip.AdaGC, dict(beta=1.0), ValueError, "beta"),
+    (fusedclip.AdaGC, dict(beta=-0.1), ValueError, "beta"),
+    (fusedclip.AdaGC, dict(lambda_abs=0.0), ValueError, "lambda_abs"),
+    (fusedclip.AdaGC, dict(lambda_rel=-1.0), ValueError, "lambda_rel"),
+    (fusedclip.AdaGC, dict(warmup_steps=-1), ValueError, "warmup_steps"),
+    (fusedclip.AdaGC, dict(eps=-1e-8), ValueError, "eps"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,error,match", BAD,
+                         ids=[f"{c.__name__}-{'-'.join(k)}-{i}" for i, (c, k, _, _) in enumerate(BAD)])
+def test_bad_arguments(cls, kwargs, error, match):
+    with pytest.raises(error, match=f"{cls.__name__}: {match}"):
+        cls(**kwargs)
+
+
+def test_good_arguments_and_repr():
+    for name in POLICIES:
+        policy = fused_policy(name)
+        assert repr(policy).startswith(POLICIES[name][0] + "(")
+    assert fusedclip.ZClip(mode="Percentile").mode == "percentile"
+    assert fusedclip.PerTensorNorm(1, norm_type="inf").norm_type == math.inf
+    assert fusedclip.AdaGC(warmup_steps=0).warmup_steps == 0
+
+
+# -- properties of GlobalNorm and PerTensorNorm ---------------------------------------------------
+def _random_grads(seed: int, dtype):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 6, (), generator=g))
+    scale = float(10 ** torch.empty(()).uniform_(-3, 3, generator=g))
+    return [(torch.randn(int(torch.randint(0, 300, (), generator=g)), generator=g,
+                         dtype=torch.float64) * scale).to(dtype) for _ in range(n)]
+
+
+def _clip(policy, grads):
+    """The gradients as the policy clips them (through its ClipInputs interface)."""
+    norms, total, _ = fusedclip.ops.multi_tensor_norm(grads, policy.norm_type)
+    coef = policy.clip(ClipInputs(total_norm=total, tensor_norms=[norms], state={}))
+    if isinstance(coef, list):
+        return [g * c.to(g.dtype) for g, c in zip(grads, coef[0])]
+    return [g * coef.to(g.dtype) for g in grads]
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=["l2", "inf"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("cls", [fusedclip.GlobalNorm, fusedclip.PerTensorNorm])
+def test_clipped_norms_are_at_most_max_norm(cls, dtype, norm_type):
+    """After clipping, the global norm (GlobalNorm) or every tensor's norm
+    (PerTensorNorm) is at most max_norm to rounding; a tensor already within
+    it is left exactly as it was (PerTensorNorm: whatever the others do)."""
+    eps = torch.finfo(dtype).eps
+    for seed in range(40):
+        grads = _random_grads(seed, dtype)
+        units = [grads] if cls is fusedclip.GlobalNorm else [[g] for g in grads]
+        before = [float(ref.global_norm(u, norm_type)) for u in units]
+        max_norm = max(before) * [0.01, 0.5, 0.999, 1.5, 100.0][seed % 5] + 1e-30
+        clipped = _clip(cls(max_norm, norm_type), grads)
+        cunits = [clipped] if cls is fusedclip.GlobalNorm else [[g] for g in clipped]
+        for u, cu, b in zip(units, cunits, before):
+            after = float(ref.global_norm(cu, norm_type))
+            assert after <= max_norm * (1 + 8 * eps), (seed, after, max_norm)
+            if b + 1e-6 <= max_norm:
+                assert all(torch.equal(x, y) for x, y in zip(u, cu)), seed
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf], ids=["l2", "inf"])
+@pytest.mark.parametrize("cls", [fusedclip.GlobalNorm, fusedclip.PerTensorNorm])
+def test_clipping_twice_changes_nothing(cls, norm_type):
+    """Clipping clipped gradients again scales each by 1, less at most torch's
+    1e-6 / max_norm."""
+    for seed in range(20):
+        grads = _random_grads(seed, torch.float64)
+        max_norm = float(ref.global_norm(grads, norm_type)) * 0.3 + 1e-3
+        policy = cls(max_norm, norm_type)
+        once = _clip(policy, grads)
+        twice = _clip(policy, once)
+        for a, b in zip(once, twice):
+            nonzero = a != 0
+            ratio = b[nonzero] / a[nonzero]
+            assert bool(((ratio <= 1.0) & (ratio >= 1.0 - 2e-6 / max_norm)).all()), seed

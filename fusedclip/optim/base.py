@@ -338,10 +338,13 @@ class FusedClipOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict) -> None:
         """torch.optim's load_state_dict; a state_dict without ``"clip_policy"``
-        (torch.optim's, say) starts the clip policy afresh."""
+        (torch.optim's, say) starts the clip policy afresh. An optimizer without
+        a policy ignores a saved policy state; one with another policy refuses it."""
         saved = state_dict.get("clip_policy")
         policy = self.clip_policy
-        if saved is not None and (policy is None or saved.get("policy") != type(policy).__name__):
+        if policy is None:
+            saved = None
+        if saved is not None and saved.get("policy") != type(policy).__name__:
             raise ValueError(
                 f"this state_dict holds the state of clip policy {saved.get('policy')!r}, "
                 f"but this optimizer's policy is {policy!r}"
