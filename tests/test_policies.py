@@ -290,7 +290,7 @@ def test_autoclip_percentile_is_numpys(percentile, history):
         assert ref.percentile_linear(norms[-history:], percentile) == expected
 
 
-# zclip 1.0.0 (pip install zclip==1.0.0): values printed by a script that, on the problem
+# zclip 1.0.0 (pip install zclip==1.0.0): values printed by tests/make_policy_pins.py, which, on the problem
 # of _pinned_params/_pinned_grads, ran ZClip(**kwargs with max_grad_norm).step(model) and
 # torch.optim.Adam(lr=0.01).step() for 12 steps, in float64 (zclip kept mean/var as Python
 # floats); pytorch_optimizer 4.1.0 (pip install pytorch_optimizer==4.1.0): AdaGC(lr=0.01,
