@@ -7,8 +7,13 @@ gradient twice instead of three times and never waits on the device.
 """
 
 from fusedclip import ops  # noqa: F401  (loads the compiled ops first)
-from fusedclip.clipping import ClipPolicy, GlobalNorm
+from fusedclip.clipping import (
+    AdaGC, AutoClip, ClipPolicy, GlobalNorm, Normalize, PerTensorNorm, SmoothClip, ZClip,
+)
 from fusedclip.optim import FusedClipAdam, FusedClipAdamW
 
-__all__ = ["ClipPolicy", "FusedClipAdam", "FusedClipAdamW", "GlobalNorm"]
+__all__ = [
+    "AdaGC", "AutoClip", "ClipPolicy", "FusedClipAdam", "FusedClipAdamW", "GlobalNorm",
+    "Normalize", "PerTensorNorm", "SmoothClip", "ZClip",
+]
 __version__ = "0.1.0"
