@@ -8,7 +8,10 @@ gradient twice instead of three times and never waits on the device.
 
 from fusedclip import ops  # noqa: F401  (loads the compiled ops first)
 from fusedclip.clipping import ClipPolicy, GlobalNorm
-from fusedclip.optim import FusedClipAdam, FusedClipAdamW
+from fusedclip.optim import FusedClipAdagrad, FusedClipAdam, FusedClipAdamW, FusedClipSGD
 
-__all__ = ["ClipPolicy", "FusedClipAdam", "FusedClipAdamW", "GlobalNorm"]
+__all__ = [
+    "ClipPolicy", "FusedClipAdagrad", "FusedClipAdam", "FusedClipAdamW", "FusedClipSGD",
+    "GlobalNorm",
+]
 __version__ = "0.1.0"
