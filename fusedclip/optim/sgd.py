@@ -140,9 +140,11 @@ class FusedClipSGD(FusedClipOptimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
     def _init_state(self, param: Tensor, group: dict, state: dict) -> None:
-        # torch.optim.SGD keeps no state without momentum; the momentum buffer
-        # is made by _update, also when momentum is switched on later.
-        pass
+        # torch.optim.SGD keeps no state entry at all without momentum, so
+        # the empty one made for this call goes; the momentum buffer is made
+        # by _update, also when momentum is switched on later.
+        if not state:
+            self.state.pop(param, None)
 
     def _buffers(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
         """Each parameter's momentum buffer and its step counter, made where missing."""
