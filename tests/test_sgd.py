@@ -350,3 +350,35 @@ def test_sparse_and_complex():
     with pytest.raises(RuntimeError, match="FusedClipSGD does not support complex parameters"):
         opt.step()
     assert torch.equal(z.detach(), torch.zeros(3, dtype=torch.complex64))
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
+def test_grad_scaler_skipped_first_step(nonfinite):
+    """torch.amp.GradScaler hands grad_scale and found_inf to the fused step; a
+    first step whose scaled gradients overflowed is skipped (under every
+    policy), and the next one is the buffers' first: torch.optim.SGD, given
+    only the good steps' unscaled gradients, agrees."""
+    problem = Problem(groups=[{"specs": [((6, 5), "contiguous"), ((7,), "contiguous")],
+                               "lr": 0.1, "momentum": 0.9, "dampening": 0.5}], seed=17)
+    tparams, fparams = problem.params(), problem.params()
+    topt = make_torch_opt("SGD", problem, tparams, {})
+    fopt = make_fused_opt("SGD", problem, fparams, {}, nonfinite=nonfinite)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4, growth_interval=1000)
+    scaler.scale(torch.ones(()))  # the scaler makes its scale tensor lazily
+    for step in range(5):
+        grads = problem.grads(step)
+        scaled = [g * scaler.get_scale() for g in grads]
+        if step == 0:
+            scaled = _poisoned(scaled, 1)
+            scaled[1].view(-1)[0] = math.inf
+        set_grads(flat(fparams), scaled)
+        scaler.step(fopt)
+        scaler.update()
+        if step == 0:
+            assert not fopt.state[flat(fparams)[0]]["momentum_buffer"].any()
+            continue
+        set_grads(flat(tparams), grads)
+        topt.step()
+    assert scaler.get_scale() == 2.0**3  # halved once, after the overflow
+    assert_states_close("SGD", fopt, topt, flat(fparams), flat(tparams),
+                        TORCH_PARITY[torch.float32], f"GradScaler, nonfinite={nonfinite}")
