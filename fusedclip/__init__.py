@@ -7,11 +7,13 @@ gradient twice instead of three times and never waits on the device.
 """
 
 from fusedclip import ops  # noqa: F401  (loads the compiled ops first)
-from fusedclip.clipping import ClipPolicy, GlobalNorm
+from fusedclip.clipping import (
+    AdaGC, AutoClip, ClipPolicy, GlobalNorm, Normalize, PerTensorNorm, SmoothClip, ZClip,
+)
 from fusedclip.optim import FusedClipAdagrad, FusedClipAdam, FusedClipAdamW, FusedClipSGD
 
 __all__ = [
-    "ClipPolicy", "FusedClipAdagrad", "FusedClipAdam", "FusedClipAdamW", "FusedClipSGD",
-    "GlobalNorm",
+    "AdaGC", "AutoClip", "ClipPolicy", "FusedClipAdagrad", "FusedClipAdam", "FusedClipAdamW",
+    "FusedClipSGD", "GlobalNorm", "Normalize", "PerTensorNorm", "SmoothClip", "ZClip",
 ]
 __version__ = "0.1.0"

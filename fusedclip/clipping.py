@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["ClipPolicy", "GlobalNorm", "as_policy"]
+__all__ = [
+    "AdaGC", "AutoClip", "ClipInputs", "ClipPolicy", "GlobalNorm", "Normalize", "PerTensorNorm",
+    "SmoothClip", "ZClip", "as_policy",
+]
 
 # The epsilon torch.nn.utils.clip_grad_norm_ adds to the norm.
 CLIP_GRAD_NORM_EPS = 1e-6
@@ -39,17 +43,72 @@ def _norm_type(value, policy: str) -> float:
     return value
 
 
+@dataclass
+class ClipInputs:
+    """What the optimizer hands a policy in each step (see ``ClipPolicy.clip``).
+
+    Attributes:
+        total_norm (Tensor): the pre-clip global norm of all gradients (0-d, on
+            the first gradient's device; already divided by a GradScaler's scale).
+        tensor_norms (list of Tensor or None): for ``per_tensor`` policies, the
+            norm of each gradient, one 1-D tensor per norm bucket (gradients of
+            one device and dtype, in parameter-group order), on that bucket's
+            device; ``None`` for global policies.
+        skip (Tensor or None): a 0-d 0/1 flag on ``total_norm``'s device: 1 when
+            the update will be skipped (non-finite gradients with
+            ``nonfinite="skip"``, or a GradScaler's ``found_inf``). A policy must
+            then leave its state as it was. ``None``: the step is never skipped.
+        state (dict): the policy's own state (device tensors), kept by the
+            optimizer and saved in its state_dict. Empty in the first step.
+        tensor_states (list of list of dict, or None): for policies with
+            ``has_tensor_state``, one state dict per gradient, laid out like
+            ``tensor_norms``; each dict belongs to its parameter and travels
+            with it through state_dict save and load. Empty for a parameter the
+            policy has not seen yet.
+    """
+
+    total_norm: Tensor
+    tensor_norms: list[Tensor] | None = None
+    skip: Tensor | None = None
+    state: dict | None = None
+    tensor_states: list[list[dict]] | None = None
+
+
+def keep_if_skipped(skip: Tensor | None, old: Tensor, new: Tensor) -> Tensor:
+    """``new``, or ``old`` where the step is skipped: device math, no sync."""
+    if skip is None:
+        return new
+    return torch.where(skip.to(new.device, non_blocking=True) != 0, old, new)
+
+
 class ClipPolicy:
     """Base class of the clip policies.
 
-    A policy declares which norm its coefficient needs (``norm_type``) and maps
-    the pre-clip global norm to a clip coefficient tensor.
+    A policy declares which norm its coefficients need (``norm_type``), whether
+    they are per tensor (``per_tensor``) and whether it keeps state, and turns
+    the norms (and its state) into clip coefficients with device tensor math
+    only: no ``.item()``, no Python branch on a device value.
+
+    The optimizer calls :meth:`clip` once per step with a :class:`ClipInputs`.
+    It returns a 0-d coefficient (global policies) or, for ``per_tensor``
+    policies, one 1-D tensor of coefficients per norm bucket. Stateless global
+    policies only implement :meth:`coefficient`.
     """
 
     norm_type: float = 2.0
+    #: coefficients per tensor: ``clip`` gets ``tensor_norms`` and returns one
+    #: coefficient per tensor of each bucket.
+    per_tensor: bool = False
+    #: keeps state in ``ClipInputs.state`` (saved in the optimizer's state_dict).
+    stateful: bool = False
+    #: keeps state per parameter in ``ClipInputs.tensor_states``.
+    has_tensor_state: bool = False
 
     def coefficient(self, total_norm: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def clip(self, inputs: ClipInputs):
+        return self.coefficient(inputs.total_norm)
 
 
 class GlobalNorm(ClipPolicy):
@@ -84,6 +143,444 @@ class GlobalNorm(ClipPolicy):
 
     def __repr__(self) -> str:
         return f"GlobalNorm(max_norm={self.max_norm}, norm_type={self.norm_type})"
+
+
+def _int_arg(value, name: str, policy: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{policy}: {name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{policy}: {name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _positive(value, name: str, policy: str, allow_zero: bool = False) -> float:
+    value = _real_number(value, name, policy)
+    if not math.isfinite(value) or (value < 0 if allow_zero else value <= 0):
+        raise ValueError(
+            f"{policy}: {name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value}"
+        )
+    return value
+
+
+def _norm_coefficient(max_norm, norm: Tensor) -> Tensor:
+    """clip_grad_norm_'s coefficient min(1, max_norm / (norm + 1e-6))."""
+    return torch.clamp(max_norm / (norm + CLIP_GRAD_NORM_EPS), max=1.0)
+
+
+class PerTensorNorm(ClipPolicy):
+    r"""Clips each gradient by its own norm, as
+    :func:`torch.nn.utils.clip_grad_norm_` called on each parameter alone would.
+
+    .. math::
+        c_i = \min\Big(1, \frac{\text{max\_norm}}{\lVert g_i \rVert_p + 10^{-6}}\Big),
+        \qquad g_i \leftarrow c_i\, g_i
+
+    for every parameter :math:`i` with a gradient. ``opt.clip_stats`` then
+    holds ``tensor_norms`` and a per-tensor ``clip_coef`` (1-D, in the order of
+    the parameters that have gradients, group by group).
+
+    Args:
+        max_norm (float): the largest norm each clipped gradient may have.
+        norm_type (float, optional): 2.0 or ``inf`` (default: 2.0)
+
+    References:
+        Pascanu, Mikolov & Bengio, *On the difficulty of training recurrent
+        neural networks*, ICML 2013.
+    """
+
+    per_tensor = True
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
+        self.max_norm = _positive(max_norm, "max_norm", "PerTensorNorm", allow_zero=True)
+        self.norm_type = _norm_type(norm_type, "PerTensorNorm")
+
+    def clip(self, inputs: ClipInputs) -> list[Tensor]:
+        return [_norm_coefficient(self.max_norm, norms) for norms in inputs.tensor_norms]
+
+    def __repr__(self) -> str:
+        return f"PerTensorNorm(max_norm={self.max_norm}, norm_type={self.norm_type})"
+
+
+class SmoothClip(ClipPolicy):
+    r"""Smoothed clipping for :math:`(L_0, L_1)`-smooth objectives.
+
+    .. math::
+        c = \frac{\tau}{\tau + \lVert g \rVert_2}, \qquad g \leftarrow c\, g
+
+    with :math:`\tau` = ``threshold`` :math:`= L_0 / L_1`: about 1 for small
+    gradients and about :math:`\tau / \lVert g \rVert` (clipping to norm
+    :math:`\tau`) for large ones, without the kink of :math:`\min(1, \cdot)`.
+
+    Args:
+        threshold (float): :math:`\tau > 0`, the norm at which the coefficient is 1/2.
+
+    References:
+        Zhang, He, Sra & Jadbabaie, *Why gradient clipping accelerates
+        training: a theoretical justification for adaptivity*, ICLR 2020.
+    """
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = _positive(threshold, "threshold", "SmoothClip")
+
+    def coefficient(self, total_norm: Tensor) -> Tensor:
+        return self.threshold / (self.threshold + total_norm)
+
+    def __repr__(self) -> str:
+        return f"SmoothClip(threshold={self.threshold})"
+
+
+class Normalize(ClipPolicy):
+    r"""Normalized gradients (normalized SGD): every step uses the direction of
+    the gradient only.
+
+    .. math::
+        c = \frac{1}{\lVert g \rVert_2 + \epsilon}, \qquad g \leftarrow c\, g
+
+    Args:
+        eps (float, optional): :math:`\epsilon > 0`, keeps a zero gradient finite
+            (default: 1e-6)
+
+    References:
+        Hazan, Levy & Shalev-Shwartz, *Beyond convexity: stochastic
+        quasi-convex optimization*, NeurIPS 2015.
+        Cutkosky & Mehta, *Momentum improves normalized SGD*, ICML 2020.
+    """
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        self.eps = _positive(eps, "eps", "Normalize")
+
+    def coefficient(self, total_norm: Tensor) -> Tensor:
+        return 1.0 / (total_norm + self.eps)
+
+    def __repr__(self) -> str:
+        return f"Normalize(eps={self.eps})"
+
+
+def _state_tensor(state: dict, key: str, make) -> Tensor:
+    if key not in state:
+        state[key] = make()
+    return state[key]
+
+
+class AutoClip(ClipPolicy):
+    r"""AutoClip: clip to a percentile of the gradient norms seen so far.
+
+    .. math::
+        \begin{aligned}
+            &H \leftarrow H \cup \{\lVert g_t \rVert_2\}
+                \text{ (the last ``history`` norms)}                          \\
+            &\eta_t = \operatorname{percentile}_p(H) \text{ (linear interpolation,
+                as numpy.percentile)}                                          \\
+            &c = \min\Big(1, \frac{\eta_t}{\lVert g_t \rVert_2 + 10^{-6}}\Big),
+                \qquad g \leftarrow c\, g
+        \end{aligned}
+
+    exactly as the paper's ``autoclip_gradient`` (``np.percentile`` of the
+    history, then ``clip_grad_norm_``), except that the history is a device ring
+    buffer holding at most ``history`` norms (the paper's list grows without
+    bound). The history, its count and the percentile are kept and computed on
+    the device (a sort of the buffer per step), in float64 like the paper's
+    Python floats. A skipped step adds nothing to the history.
+
+    Args:
+        percentile (float, optional): :math:`p \in [0, 100]` (default: 10.0)
+        history (int, optional): how many of the latest norms are kept, >= 1
+            (default: 10000)
+
+    References:
+        Seetharaman, Wichern, Pardo & Le Roux, *AutoClip: Adaptive gradient
+        clipping for source separation networks*, MLSP 2020.
+    """
+
+    stateful = True
+
+    def __init__(self, percentile: float = 10.0, history: int = 10000) -> None:
+        self.percentile = _real_number(percentile, "percentile", "AutoClip")
+        if not 0.0 <= self.percentile <= 100.0:
+            raise ValueError(f"AutoClip: percentile must be in [0, 100], got {self.percentile}")
+        self.history = _int_arg(history, "history", "AutoClip", 1)
+
+    def clip(self, inputs: ClipInputs) -> Tensor:
+        norm = inputs.total_norm.to(torch.float64)
+        device, state = norm.device, inputs.state
+        size = self.history
+        buf = _state_tensor(state, "history", lambda: torch.zeros(size, dtype=torch.float64, device=device))
+        count = _state_tensor(state, "count", lambda: torch.zeros((), dtype=torch.int64, device=device))
+        slot = torch.remainder(count, size).view(1)
+        new_buf = buf.index_copy(0, slot, norm.view(1))
+        n = torch.clamp(count + 1, max=size)  # norms in the history, >= 1
+        valid = torch.arange(size, device=device) < n
+        ordered = torch.sort(torch.where(valid, new_buf, math.inf)).values
+        # numpy's "linear" method: virtual index (n - 1) q, lerp of its neighbours.
+        last = n - 1
+        virtual = last.to(torch.float64) * (self.percentile / 100.0)
+        below = torch.floor(virtual)
+        gamma = virtual - below
+        lo = torch.clamp(below.to(torch.int64), max=last)
+        hi = torch.clamp(lo + 1, max=last)
+        a = ordered.gather(0, lo.view(1)).squeeze(0)
+        b = ordered.gather(0, hi.view(1)).squeeze(0)
+        diff = b - a
+        threshold = torch.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+        coef = _norm_coefficient(threshold, norm)
+
+        last_threshold = _state_tensor(state, "threshold", lambda: torch.zeros((), dtype=torch.float64, device=device))
+        buf.copy_(keep_if_skipped(inputs.skip, buf, new_buf))
+        count.copy_(keep_if_skipped(inputs.skip, count, count + 1))
+        last_threshold.copy_(keep_if_skipped(inputs.skip, last_threshold, threshold))  # for logs
+        return coef
+
+    def __repr__(self) -> str:
+        return f"AutoClip(percentile={self.percentile}, history={self.history})"
+
+
+class ZClip(ClipPolicy):
+    r"""ZClip: adaptive clipping by a z-score of the gradient norm against its
+    exponential moving average (EMA), as ``zclip`` 1.0.0's ``ZClip.step``.
+
+    Let :math:`n_t = \lVert g_t \rVert_2`.
+
+    *Warm-up* (the first ``max(warmup_steps, 1)`` steps): clip as
+    :func:`~torch.nn.utils.clip_grad_norm_` with ``max_norm`` (no clipping when
+    ``max_norm`` is None) and collect :math:`n_t`; the last warm-up step sets
+    :math:`\mu` and :math:`\sigma^2` to the mean and (population) variance of the
+    collected norms.
+
+    *Afterwards*, with :math:`\sigma = \sqrt{\sigma^2}`:
+
+    .. math::
+        \begin{aligned}
+            &\textbf{zscore mode: } z = \frac{n_t - \mu}{\sigma + \epsilon}, \quad
+                \text{spike} = z > z_{thr}, \quad
+                \kappa = \begin{cases}
+                    (\mu + z_{thr}\,\sigma / (z / z_{thr}))\cdot\text{clip\_factor}
+                        & \text{adaptive\_scaling} \\
+                    \mu & \text{mean} \end{cases}                              \\
+            &\textbf{percentile mode: } \kappa = \mu + z_{thr}\,\sigma, \quad
+                \text{spike} = n_t > \kappa                                     \\
+            &m = \min(\text{spike} \;?\; \kappa : n_t,\ \text{max\_norm}), \qquad
+                c = \begin{cases} m / (n_t + 10^{-6}) & n_t > m \\
+                    1 & \text{otherwise} \end{cases}                           \\
+            &x = \text{spike} \;?\; \kappa : n_t, \quad
+                \textbf{unless } \text{spike and skip\_update\_on\_spike}: \\
+            &\qquad \mu \leftarrow \alpha \mu + (1 - \alpha) x, \quad
+                \sigma^2 \leftarrow \alpha \sigma^2 + (1 - \alpha)(x - \mu)^2
+                \text{ (with the new } \mu\text{)}
+        \end{aligned}
+
+    zclip decides each case with Python branches on ``.item()`` of the norm;
+    here every case is computed and chosen with ``torch.where`` on the device,
+    and the warm-up norms are kept in a device buffer. The EMA state is float64,
+    like zclip's Python floats. A skipped step changes no state.
+    ``clip_factor`` multiplies the whole adaptive threshold, as zclip 1.0.0's
+    code does (its docstring says only the :math:`z_{thr}\sigma` term).
+
+    Args:
+        alpha (float, optional): EMA factor in (0, 1) (default: 0.97)
+        z_thresh (float, optional): z-score threshold, > 0 (default: 2.5)
+        max_norm (float or None, optional): cap on the clipped norm, > 0, or
+            None for none (zclip's ``max_grad_norm``) (default: 1.0)
+        eps (float, optional): added to :math:`\sigma`, >= 0 (default: 1e-6)
+        warmup_steps (int, optional): steps before the EMA starts, >= 0; 0 acts
+            as 1, as in zclip (default: 25)
+        mode (str, optional): ``"zscore"`` or ``"percentile"`` (default: "zscore")
+        clip_option (str, optional): ``"adaptive_scaling"`` or ``"mean"``,
+            zscore mode only (default: "adaptive_scaling")
+        clip_factor (float, optional): > 0, see above (default: 1.0)
+        skip_update_on_spike (bool, optional): leave the EMA alone in a step
+            with a spike (default: False)
+
+    References:
+        Kumar, Owen, Ashraf & Kashyap, *ZClip: Adaptive spike mitigation for
+        LLM pre-training*, arXiv:2504.02507, 2025.
+    """
+
+    stateful = True
+
+    def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, max_norm: float | None = 1.0,
+                 eps: float = 1e-6, warmup_steps: int = 25, mode: str = "zscore",
+                 clip_option: str = "adaptive_scaling", clip_factor: float = 1.0,
+                 skip_update_on_spike: bool = False) -> None:
+        name = "ZClip"
+        self.alpha = _real_number(alpha, "alpha", name)
+        if not 0.0 < self.alpha < 1.0:
+            raise ValueError(f"ZClip: alpha must be in (0, 1), got {self.alpha}")
+        self.z_thresh = _positive(z_thresh, "z_thresh", name)
+        self.max_norm = None if max_norm is None else _positive(max_norm, "max_norm", name)
+        self.eps = _positive(eps, "eps", name, allow_zero=True)
+        self.warmup_steps = _int_arg(warmup_steps, "warmup_steps", name, 0)
+        if not isinstance(mode, str) or mode.lower() not in ("zscore", "percentile"):
+            raise ValueError(f"ZClip: mode must be 'zscore' or 'percentile', got {mode!r}")
+        self.mode = mode.lower()
+        if clip_option not in ("adaptive_scaling", "mean"):
+            raise ValueError(
+                f"ZClip: clip_option must be 'adaptive_scaling' or 'mean', got {clip_option!r}"
+            )
+        self.clip_option = clip_option
+        self.clip_factor = _positive(clip_factor, "clip_factor", name)
+        if not isinstance(skip_update_on_spike, bool):
+            raise TypeError(f"ZClip: skip_update_on_spike must be a bool, got {skip_update_on_spike!r}")
+        self.skip_update_on_spike = skip_update_on_spike
+
+    def clip(self, inputs: ClipInputs) -> Tensor:
+        norm = inputs.total_norm.to(torch.float64)
+        device, state = norm.device, inputs.state
+        warm = max(self.warmup_steps, 1)
+
+        def zeros(*shape, dtype=torch.float64):
+            return lambda: torch.zeros(shape, dtype=dtype, device=device)
+
+        count = _state_tensor(state, "count", zeros(dtype=torch.int64))
+        buf = _state_tensor(state, "warmup_norms", zeros(warm))
+        mean = _state_tensor(state, "mean", zeros())
+        var = _state_tensor(state, "var", zeros())
+
+        # -- warm-up: collect the norm; the last warm-up step starts the EMA.
+        warming = count < warm
+        slot = torch.clamp(count, max=warm - 1).view(1)
+        new_buf = buf.index_copy(0, slot, norm.view(1))
+        starts = count == warm - 1
+        buf_mean = new_buf.sum() / warm
+        buf_var = ((new_buf - buf_mean) ** 2).sum() / warm
+        if self.max_norm is None:
+            warm_coef = torch.ones_like(norm)
+        else:
+            warm_coef = _norm_coefficient(self.max_norm, norm)
+
+        # -- after warm-up: threshold, coefficient, EMA update.
+        std = torch.sqrt(var)
+        if self.mode == "percentile":
+            threshold = mean + self.z_thresh * std
+            spike = norm > threshold
+        else:
+            z = (norm - mean) / (std + self.eps)
+            spike = z > self.z_thresh
+            if self.clip_option == "adaptive_scaling":
+                eta = z / self.z_thresh
+                threshold = (mean + (self.z_thresh * std) / eta) * self.clip_factor
+            else:
+                threshold = mean
+        adaptive = torch.where(spike, threshold, norm)
+        effective = adaptive if self.max_norm is None else torch.clamp(adaptive, max=self.max_norm)
+        ema_coef = torch.where(norm > effective, effective / (norm + CLIP_GRAD_NORM_EPS),
+                               torch.ones_like(norm))
+        x = adaptive
+        ema_mean = self.alpha * mean + (1 - self.alpha) * x
+        ema_var = self.alpha * var + (1 - self.alpha) * (x - ema_mean) ** 2
+        if self.skip_update_on_spike:
+            ema_mean = torch.where(spike, mean, ema_mean)
+            ema_var = torch.where(spike, var, ema_var)
+
+        coef = torch.where(warming, warm_coef, ema_coef)
+        new_mean = torch.where(warming, torch.where(starts, buf_mean, mean), ema_mean)
+        new_var = torch.where(warming, torch.where(starts, buf_var, var), ema_var)
+        new_buf = torch.where(warming, new_buf, buf)
+        skip = inputs.skip
+        buf.copy_(keep_if_skipped(skip, buf, new_buf))
+        mean.copy_(keep_if_skipped(skip, mean, new_mean))
+        var.copy_(keep_if_skipped(skip, var, new_var))
+        count.copy_(keep_if_skipped(skip, count, torch.clamp(count + 1, max=warm)))
+        return coef
+
+    def __repr__(self) -> str:
+        return (
+            f"ZClip(alpha={self.alpha}, z_thresh={self.z_thresh}, max_norm={self.max_norm}, "
+            f"eps={self.eps}, warmup_steps={self.warmup_steps}, mode={self.mode!r}, "
+            f"clip_option={self.clip_option!r}, clip_factor={self.clip_factor}, "
+            f"skip_update_on_spike={self.skip_update_on_spike})"
+        )
+
+
+class AdaGC(ClipPolicy):
+    r"""AdaGC: adaptive per-tensor clipping against an EMA of each tensor's own
+    clipped gradient norm, as pytorch_optimizer 4.1.0's ``AdaGC`` optimizer clips.
+
+    For each parameter :math:`i`, in its :math:`t`-th step with a gradient:
+
+    .. math::
+        \begin{aligned}
+            &\textbf{if}\: t = 1 \textbf{ or } t < T_{warm}: \quad
+                c_i = \min\Big(1, \frac{\lambda_{abs}}{\lVert g \rVert_2 + \epsilon}\Big)
+                \text{ (}\lVert g \rVert\text{: global norm)}, \quad
+                \gamma_i \leftarrow \min(\gamma_i, c_i \lVert g_i \rVert_2)
+                \text{ (} c_i \lVert g_i \rVert_2 \text{ at } t = 1\text{)}   \\
+            &\textbf{else}: \quad
+                c_i = \min\Big(1, \frac{\lambda_{rel} \max(\gamma_i, \epsilon)}
+                    {\max(\lVert g_i \rVert_2, \epsilon)}\Big), \quad
+                \gamma_i \leftarrow \beta \gamma_i + (1 - \beta)\, c_i \lVert g_i \rVert_2 \\
+            &g_i \leftarrow c_i\, g_i
+        \end{aligned}
+
+    With weight decay 0 and the same ``eps`` for Adam and AdaGC,
+    ``FusedClipAdam(params, eps=e, clip=AdaGC(eps=e))`` is pytorch_optimizer's
+    ``AdaGC(params, eps=e, weight_decay=0)`` step for step. :math:`\gamma_i` and
+    :math:`t` are kept per parameter (``opt.clip_stats`` adds ``tensor_norms``);
+    :math:`t` counts the steps the parameter had a gradient and was not skipped
+    (pytorch_optimizer counts the group's ``step()`` calls, which is the same
+    while every parameter has a gradient in every step). pytorch_optimizer takes
+    ``min(lambda_abs / norm, 1.0)`` in Python (a host sync); here it is a device
+    clamp. :math:`\gamma_i` has the dtype of the norms (float32, float64 for
+    float64 gradients).
+
+    Args:
+        beta (float, optional): EMA factor :math:`\beta \in [0, 1)` (default: 0.98)
+        lambda_abs (float, optional): absolute threshold of the warm-up, > 0 (default: 1.0)
+        lambda_rel (float, optional): relative threshold, > 0 (default: 1.05)
+        warmup_steps (int, optional): :math:`T_{warm}`, >= 0 (default: 100)
+        eps (float, optional): :math:`\epsilon`, >= 0 (default: 1e-8)
+
+    References:
+        Wang et al., *AdaGC: Improving training stability for large language
+        model pretraining*, arXiv:2502.11034, 2025.
+    """
+
+    per_tensor = True
+    has_tensor_state = True
+
+    def __init__(self, beta: float = 0.98, lambda_abs: float = 1.0, lambda_rel: float = 1.05,
+                 warmup_steps: int = 100, eps: float = 1e-8) -> None:
+        self.beta = _real_number(beta, "beta", "AdaGC")
+        if not 0.0 <= self.beta < 1.0:
+            raise ValueError(f"AdaGC: beta must be in [0, 1), got {self.beta}")
+        self.lambda_abs = _positive(lambda_abs, "lambda_abs", "AdaGC")
+        self.lambda_rel = _positive(lambda_rel, "lambda_rel", "AdaGC")
+        self.warmup_steps = _int_arg(warmup_steps, "warmup_steps", "AdaGC", 0)
+        self.eps = _positive(eps, "eps", "AdaGC", allow_zero=True)
+
+    def clip(self, inputs: ClipInputs) -> list[Tensor]:
+        warm_scale = torch.clamp(self.lambda_abs / (inputs.total_norm + self.eps), max=1.0)
+        coefs = []
+        for norms, states in zip(inputs.tensor_norms, inputs.tensor_states):
+            for s in states:
+                if "gamma" not in s:
+                    s["gamma"] = torch.zeros((), dtype=norms.dtype, device=norms.device)
+                    s["step"] = torch.zeros((), dtype=torch.int64, device=norms.device)
+            gammas = [s["gamma"] for s in states]
+            steps = [s["step"] for s in states]
+            gamma, step = torch.stack(gammas), torch.stack(steps)
+            scale = warm_scale.to(norms.device, norms.dtype, non_blocking=True)
+            first = step == 0
+            warming = first | (step + 1 < self.warmup_steps)
+            warm_hat = scale * norms
+            warm_gamma = torch.where(first, warm_hat, torch.minimum(gamma, warm_hat))
+            rel = torch.clamp(
+                self.lambda_rel * torch.clamp(gamma, min=self.eps) / torch.clamp(norms, min=self.eps),
+                max=1.0,
+            )
+            rel_gamma = torch.lerp(gamma, rel * norms, 1.0 - self.beta)
+            coef = torch.where(warming, scale, rel)
+            new_gamma = keep_if_skipped(inputs.skip, gamma, torch.where(warming, warm_gamma, rel_gamma))
+            new_step = keep_if_skipped(inputs.skip, step, step + 1)
+            torch._foreach_copy_(gammas, list(new_gamma.unbind(0)))
+            torch._foreach_copy_(steps, list(new_step.unbind(0)))
+            coefs.append(coef)
+        return coefs
+
+    def __repr__(self) -> str:
+        return (
+            f"AdaGC(beta={self.beta}, lambda_abs={self.lambda_abs}, lambda_rel={self.lambda_rel}, "
+            f"warmup_steps={self.warmup_steps}, eps={self.eps})"
+        )
 
 
 def as_policy(clip) -> ClipPolicy | None:

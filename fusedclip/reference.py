@@ -105,12 +105,14 @@ class ReferenceOptimizer:
 
     ``step(grads)`` takes one gradient per parameter (None where a parameter
     has no gradient). Parameters are given as a list of groups: dicts with
-    ``params`` (tensors, copied) and hyperparameters.
+    ``params`` (tensors, copied) and hyperparameters. ``clip`` is a max_norm
+    (global norm clipping) or a reference policy of the "Clip policies"
+    section below, which is called only in steps that are not skipped.
     """
 
     ROUNDED: tuple[str, ...] = ()
 
-    def __init__(self, groups: list[dict], *, clip: float | None = None,
+    def __init__(self, groups: list[dict], *, clip=None,
                  norm_type: float = 2.0, nonfinite: str = "skip",
                  round_to: torch.dtype | None = None) -> None:
         self.groups = []
@@ -151,7 +153,13 @@ class ReferenceOptimizer:
                 return
             if self.nonfinite == "raise":
                 raise RuntimeError("non-finite gradients")
-        coef = 1.0 if self.clip is None else global_norm_coefficient(total, self.clip)
+        coefs = None
+        if isinstance(self.clip, ReferencePolicy):
+            keys = [(gi, pi) for gi, group in enumerate(self.groups)
+                    for pi in range(len(group["params"]))]
+            coefs = iter(self.clip.coefficients(
+                present, [k for k, g in zip(keys, grads) if g is not None]))
+        coef = 1.0 if self.clip is None or coefs is not None else global_norm_coefficient(total, self.clip)
         index = 0
         for gi, group in enumerate(self.groups):
             for pi, p in enumerate(group["params"]):
@@ -159,6 +167,8 @@ class ReferenceOptimizer:
                 index += 1
                 if g is None:
                     continue
+                if coefs is not None:
+                    coef = next(coefs)
                 state = self.states.setdefault((gi, pi), self.new_state(p, group))
                 self.update(p, g * coef, state, group)
                 p.copy_(self._round(p))
@@ -221,3 +231,189 @@ class ReferenceAdagrad(ReferenceOptimizer):
             param, grad, state, lr=group["lr"], lr_decay=group["lr_decay"],
             weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
         )
+
+
+# =========================================================================================
+# Clip policies (fusedclip.clipping): the float64 formulas of each policy, literally as
+# their sources state them. ``coefficients(grads, keys)`` gets the float64 gradients that
+# are present in a step (never a skipped step: ReferenceOptimizer skips before it asks) and a
+# key per gradient (its (group, index)), and returns one coefficient per gradient.
+# =========================================================================================
+class ReferencePolicy:
+    def coefficients(self, grads: list[Tensor], keys: list) -> list[Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+
+def tensor_norm(grad: Tensor, norm_type: float = 2.0) -> Tensor:
+    """The norm of one gradient, in float64 (an empty one has norm 0)."""
+    return global_norm([grad], norm_type)
+
+
+class RefGlobalNorm(ReferencePolicy):
+    """clip_grad_norm_: c = min(1, max_norm / (||g|| + 1e-6)) for all gradients."""
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
+        self.max_norm, self.norm_type = max_norm, norm_type
+
+    def coefficients(self, grads, keys):
+        c = global_norm_coefficient(global_norm(grads, self.norm_type), self.max_norm)
+        return [c] * len(grads)
+
+
+class RefPerTensorNorm(ReferencePolicy):
+    """clip_grad_norm_ on each gradient alone: c_i = min(1, max_norm / (||g_i|| + 1e-6))."""
+
+    def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
+        self.max_norm, self.norm_type = max_norm, norm_type
+
+    def coefficients(self, grads, keys):
+        return [global_norm_coefficient(tensor_norm(g, self.norm_type), self.max_norm)
+                for g in grads]
+
+
+class RefSmoothClip(ReferencePolicy):
+    """Zhang, He, Sra & Jadbabaie 2020: c = threshold / (threshold + ||g||)."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def coefficients(self, grads, keys):
+        c = self.threshold / (self.threshold + global_norm(grads))
+        return [c] * len(grads)
+
+
+class RefNormalize(ReferencePolicy):
+    """Normalized gradient: c = 1 / (||g|| + eps)."""
+
+    def __init__(self, eps: float = 1e-6) -> None:
+        self.eps = eps
+
+    def coefficients(self, grads, keys):
+        c = 1.0 / (global_norm(grads) + self.eps)
+        return [c] * len(grads)
+
+
+def percentile_linear(values: list[float], percentile: float) -> float:
+    """numpy.percentile(values, percentile) with its default "linear" method,
+    as numpy computes it: virtual index (n - 1) q, and numpy's _lerp of the
+    two neighbours (from the upper one when the weight is >= 0.5)."""
+    x = sorted(values)
+    n = len(x)
+    virtual = (n - 1) * (percentile / 100)
+    below = math.floor(virtual)
+    weight = virtual - below
+    if virtual >= n - 1:
+        a = b = x[-1]
+    else:
+        a, b = x[below], x[below + 1]
+    diff = b - a
+    return b - diff * (1 - weight) if weight >= 0.5 else a + diff * weight
+
+
+class RefAutoClip(ReferencePolicy):
+    """Seetharaman et al. 2020's autoclip_gradient: append the global norm to
+    the history, clip_grad_norm_ with max_norm = np.percentile(history, p).
+    The history keeps the last `history` norms (the paper's keeps all)."""
+
+    def __init__(self, percentile: float = 10.0, history: int = 10000) -> None:
+        self.percentile, self.history = percentile, history
+        self.norms: list[float] = []
+        self.threshold: float | None = None
+
+    def coefficients(self, grads, keys):
+        total = global_norm(grads)
+        self.norms.append(float(total))
+        self.norms = self.norms[-self.history:]
+        self.threshold = percentile_linear(self.norms, self.percentile)
+        c = global_norm_coefficient(total, self.threshold)
+        return [c] * len(grads)
+
+
+class RefZClip(ReferencePolicy):
+    """zclip 1.0.0's ZClip.step, line by line, on Python floats (zclip takes
+    the norm's .item()): warm-up buffer and clip_grad_norm_(max_grad_norm),
+    then z-score (or percentile) thresholds and the EMA of mean and variance."""
+
+    def __init__(self, alpha=0.97, z_thresh=2.5, max_norm=1.0, eps=1e-6, warmup_steps=25,
+                 mode="zscore", clip_option="adaptive_scaling", clip_factor=1.0,
+                 skip_update_on_spike=False) -> None:
+        self.alpha, self.z_thresh, self.max_grad_norm, self.eps = alpha, z_thresh, max_norm, eps
+        self.warmup_steps, self.mode, self.clip_option = warmup_steps, mode, clip_option
+        self.clip_factor, self.skip_update_on_spike = clip_factor, skip_update_on_spike
+        self.buffer: list[float] = []
+        self.initialized = False
+        self.mean = self.var = None
+
+    def _compute_clip_val(self, grad_norm):
+        std = self.var ** 0.5
+        if self.mode == "percentile":
+            threshold = self.mean + self.z_thresh * std
+            if grad_norm > threshold:
+                return threshold
+        else:
+            z = (grad_norm - self.mean) / (std + self.eps)
+            if z > self.z_thresh:
+                if self.clip_option == "adaptive_scaling":
+                    eta = z / self.z_thresh
+                    threshold = self.mean + (self.z_thresh * std) / eta
+                    threshold = threshold * self.clip_factor
+                else:
+                    threshold = self.mean
+                return threshold
+        return None
+
+    def coefficients(self, grads, keys):
+        total_norm = float(global_norm(grads))
+        if not self.initialized:
+            self.buffer.append(total_norm)
+            if len(self.buffer) >= self.warmup_steps:
+                self.mean = sum(self.buffer) / len(self.buffer)
+                self.var = sum((x - self.mean) ** 2 for x in self.buffer) / len(self.buffer)
+                self.initialized = True
+                self.buffer = []
+            c = 1.0
+            if self.max_grad_norm is not None:
+                c = float(global_norm_coefficient(torch.tensor(total_norm, dtype=torch.float64),
+                                                  self.max_grad_norm))
+            return [torch.tensor(c, dtype=torch.float64)] * len(grads)
+        clip_val = self._compute_clip_val(total_norm)
+        adaptive_clip = clip_val if clip_val is not None else total_norm
+        effective = adaptive_clip if self.max_grad_norm is None else min(adaptive_clip, self.max_grad_norm)
+        c = (effective / (total_norm + 1e-6)) if total_norm > effective else 1.0
+        if not (clip_val is not None and self.skip_update_on_spike):
+            x = clip_val if clip_val is not None else total_norm
+            self.mean = self.alpha * self.mean + (1 - self.alpha) * x
+            self.var = self.alpha * self.var + (1 - self.alpha) * (x - self.mean) ** 2
+        return [torch.tensor(c, dtype=torch.float64)] * len(grads)
+
+
+class RefAdaGC(ReferencePolicy):
+    """The clipping of pytorch_optimizer 4.1.0's AdaGC optimizer, per tensor:
+    in a tensor's first step, or while its step < warmup_steps, the global
+    scale min(lambda_abs / (||g|| + eps), 1) and gamma = min(gamma, ||g_hat||);
+    afterwards h = min(1, lambda_rel max(gamma, eps) / max(||g_i||, eps)) and
+    gamma <- lerp(gamma, ||g_hat||, 1 - beta). The step is counted per tensor."""
+
+    def __init__(self, beta=0.98, lambda_abs=1.0, lambda_rel=1.05, warmup_steps=100, eps=1e-8):
+        self.beta, self.lambda_abs, self.lambda_rel = beta, lambda_abs, lambda_rel
+        self.warmup_steps, self.eps = warmup_steps, eps
+        self.gamma: dict = {}
+        self.step: dict = {}
+
+    def coefficients(self, grads, keys):
+        total = global_norm(grads)
+        warm_scale = torch.clamp(self.lambda_abs / (total + self.eps), max=1.0)
+        out = []
+        for g, key in zip(grads, keys):
+            self.step[key] = self.step.get(key, 0) + 1
+            gamma = self.gamma.get(key)
+            if gamma is None or self.step[key] < self.warmup_steps:
+                g_hat_norm = tensor_norm(g * warm_scale)
+                self.gamma[key] = g_hat_norm if gamma is None else torch.minimum(gamma, g_hat_norm)
+                out.append(warm_scale)
+            else:
+                h = torch.clamp(self.lambda_rel * torch.clamp(gamma, min=self.eps)
+                                / torch.clamp(tensor_norm(g), min=self.eps), max=1.0)
+                self.gamma[key] = gamma + (1 - self.beta) * (tensor_norm(g * h) - gamma)
+                out.append(h)
+        return out

@@ -6,10 +6,22 @@ One ``step()``:
 1. checks every group and gradient (nothing has changed if this raises);
 2. norm pass: one ``multi_tensor_norm`` per (device, dtype) over all gradients
    of all groups, combined into the global norm and a non-finite flag;
-3. the clip policy turns the norm into a coefficient, on the device;
+3. the clip policy turns the norms (and its state) into coefficients, on the
+   device: ``policy.clip(ClipInputs(...))`` gets the global norm, the
+   per-tensor norms of each norm bucket (per-tensor policies), the skip flag
+   (a skipped step must not change the policy's state), the policy's state
+   dict and, per parameter, its per-tensor state dict; it returns one 0-d
+   coefficient, or one 1-D tensor of coefficients per norm bucket;
 4. update pass: the subclass's fused op per group and (device, dtype), which
    applies coefficient, ``grad_scale`` and the skip flag as it reads each
-   gradient.
+   gradient. The gradients of one such call are a contiguous run of their
+   norm bucket (buckets list the gradients group by group), so a per-tensor
+   coefficient is a slice (a view) of the bucket's coefficients.
+
+The policy's state travels in the state_dict under the extra top-level key
+``"clip_policy"`` (torch.optim's ``load_state_dict`` reads only ``"state"`` and
+``"param_groups"``, so a torch optimizer loads a fusedclip state_dict), with
+per-parameter state keyed by the state_dict's parameter ids.
 
 Nothing in it reads a device value on the host, except ``nonfinite="raise"``,
 which must know whether to raise.
@@ -25,7 +37,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fusedclip import ops
-from fusedclip.clipping import as_policy
+from fusedclip.clipping import ClipInputs, as_policy
 
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -40,8 +52,11 @@ def check_lr(lr, where: str = "") -> None:
             raise ValueError(f"Tensor lr must be a real floating tensor{where}, got {lr.dtype}")
         # A CPU value costs no device sync to read, so it is checked here, before
         # any group is updated (the kernel's own check would fire only when that
-        # group's turn comes, after earlier groups have changed).
-        if lr.device.type == "cpu" and not float(lr) >= 0.0:
+        # group's turn comes, after earlier groups have changed). Not while
+        # torch.compile traces: there float(lr) is a data-dependent read that
+        # breaks the graph, and the kernel's check still rejects a negative lr.
+        if (lr.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not float(lr) >= 0.0):
             raise ValueError(f"Invalid learning rate: {float(lr)}{where}")
         return
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0.0 <= lr:
@@ -107,8 +122,11 @@ class FusedClipOptimizer(Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._check_group(group)
+        # Updated in place by every step, never re-bound (see _record_stats).
         self.clip_stats: dict[str, Tensor] = {}
-        self._skipped: Tensor | None = None
+        # The clip policy's state: its own dict, and one dict per parameter.
+        self._policy_state: dict = {}
+        self._policy_tensor_state: dict = {}
 
     # -- subclass interface ---------------------------------------------------
     def _check_group(self, group: dict) -> None:
@@ -151,21 +169,49 @@ class FusedClipOptimizer(Optimizer):
 
     def _norm_pass(self, grads: list[Tensor], norm_type: float):
         """Global norm and non-finite flag of all gradients, on the first
-        gradient's device."""
-        buckets = bucket_by_device_and_dtype(grads)
-        totals, flags = [], []
-        for indices in buckets.values():
-            _, total, flag = ops.multi_tensor_norm([grads[i] for i in indices], norm_type)
+        gradient's device, and the per-tensor norms of each norm bucket.
+
+        Returns ``(total_norm, nonfinite, buckets, tensor_norms)``: ``buckets``
+        lists the indices (into ``grads``) of each (device, dtype) bucket in
+        increasing order, ``tensor_norms`` one 1-D tensor per bucket."""
+        buckets = list(bucket_by_device_and_dtype(grads).values())
+        totals, flags, tensor_norms = [], [], []
+        for indices in buckets:
+            norms, total, flag = ops.multi_tensor_norm([grads[i] for i in indices], norm_type)
+            tensor_norms.append(norms)
             totals.append(total)
             flags.append(flag)
         if len(totals) == 1:
-            return totals[0], flags[0]
+            return totals[0], flags[0], buckets, tensor_norms
         device = totals[0].device
         totals = torch.stack([t.to(device, non_blocking=True) for t in totals])
         flags = torch.stack([f.to(device, non_blocking=True) for f in flags])
         if math.isinf(norm_type):
-            return totals.max(), flags.max()  # max propagates NaN
-        return torch.linalg.vector_norm(totals), flags.max()
+            return totals.max(), flags.max(), buckets, tensor_norms  # max propagates NaN
+        return torch.linalg.vector_norm(totals), flags.max(), buckets, tensor_norms
+
+    def _policy_coefficients(self, policy, params: list[Tensor], total_norm: Tensor,
+                             buckets: list[list[int]], tensor_norms: list[Tensor],
+                             skip: Tensor | None):
+        """The policy's coefficient(s): a 0-d tensor, or one 1-D tensor per
+        norm bucket for per-tensor policies. `params` are the parameters of
+        the gradients, in the norm pass's order."""
+        state = self._policy_state
+        for key, value in state.items():
+            # After load_state_dict from another device (a metadata check, no sync).
+            if isinstance(value, Tensor) and value.device != total_norm.device:
+                state[key] = value.to(total_norm.device)
+        tensor_states = None
+        if policy.has_tensor_state:
+            tensor_states = [
+                [self._policy_tensor_state.setdefault(params[i], {}) for i in indices]
+                for indices in buckets
+            ]
+        return policy.clip(ClipInputs(
+            total_norm=total_norm,
+            tensor_norms=tensor_norms if policy.per_tensor else None,
+            skip=skip, state=state, tensor_states=tensor_states,
+        ))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -191,13 +237,17 @@ class FusedClipOptimizer(Optimizer):
         scaler_found_inf: Tensor | None = getattr(self, "found_inf", None)
 
         policy = self.clip_policy
-        total_norm = nonfinite = clip_coef = None
+        per_tensor = policy is not None and policy.per_tensor
+        total_norm = nonfinite = clip_coef = tensor_norms = buckets = None
         if policy is not None or self.nonfinite != "propagate":
             norm_type = policy.norm_type if policy is not None else 2.0
-            total_norm, nonfinite = self._norm_pass(grads, norm_type)
+            total_norm, nonfinite, buckets, tensor_norms = self._norm_pass(grads, norm_type)
             if grad_scale is not None:
                 # The norm of the unscaled gradients, without an unscale pass.
                 total_norm = total_norm / grad_scale.to(total_norm.device, non_blocking=True)
+                if per_tensor:
+                    tensor_norms = [n / grad_scale.to(n.device, non_blocking=True)
+                                    for n in tensor_norms]
             if self.nonfinite == "raise" and scaler_found_inf is None:
                 if bool(nonfinite):  # sync-ok: "raise" has to know
                     raise RuntimeError(
@@ -205,44 +255,141 @@ class FusedClipOptimizer(Optimizer):
                         f"(global norm {float(total_norm)}); no parameter or state "  # sync-ok
                         "was changed (nonfinite='raise')"
                     )
-            if policy is not None:
-                clip_coef = policy.coefficient(total_norm)
 
         skip = nonfinite if self.nonfinite == "skip" else None
         if scaler_found_inf is not None:
             inf = scaler_found_inf.to(grads[0].device, non_blocking=True)
             skip = inf if skip is None else torch.maximum(skip, inf)
 
+        flat_params = [p for params in per_group for p in params]
+        if policy is not None:
+            clip_coef = self._policy_coefficients(
+                policy, flat_params, total_norm, buckets, tensor_norms, skip)
+
+        # Where each gradient sits in its norm bucket, for per-tensor coefficients.
+        where: list[tuple[int, int]] = []
+        if per_tensor:
+            where = [(0, 0)] * len(grads)
+            for b, indices in enumerate(buckets):
+                for k, i in enumerate(indices):
+                    where[i] = (b, k)
+
         coef_on, scale_on, skip_on = _OnDevice(clip_coef), _OnDevice(grad_scale), _OnDevice(skip)
+        offset = 0
         for group, params in zip(self.param_groups, per_group):
             for p in params:
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(p, group, state)
             for (device, _), indices in bucket_by_device_and_dtype(params).items():
+                if per_tensor:
+                    b, start = where[offset + indices[0]]
+                    # The call's gradients are a contiguous run of bucket b.
+                    assert where[offset + indices[-1]] == (b, start + len(indices) - 1)
+                    coef = clip_coef[b][start:start + len(indices)]
+                else:
+                    coef = coef_on.on(device)
                 self._update(
                     group, [params[i] for i in indices], device=device,
-                    clip_coef=coef_on.on(device), grad_scale=scale_on.on(device),
+                    clip_coef=coef, grad_scale=scale_on.on(device),
                     found_inf=skip_on.on(device),
                 )
+            offset += len(params)
 
-        self._record_stats(total_norm, clip_coef, skip, grads[0].device)
+        if per_tensor:
+            tensor_norms = self._in_param_order(tensor_norms, buckets, len(grads))
+            clip_coef = self._in_param_order(clip_coef, buckets, len(grads))
+        self._record_stats(total_norm, clip_coef, skip, grads[0].device,
+                           tensor_norms if per_tensor else None)
         return loss
 
-    def _record_stats(self, total_norm, clip_coef, skip, device) -> None:
-        if self._skipped is None:
-            self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+    @staticmethod
+    def _in_param_order(per_bucket: list[Tensor], buckets: list[list[int]], n: int) -> Tensor:
+        """One 1-D tensor, in the order of the gradients, from per-bucket tensors."""
+        if len(per_bucket) == 1:
+            return per_bucket[0]
+        device = per_bucket[0].device
+        joined = torch.cat([t.to(device, non_blocking=True) for t in per_bucket])
+        position = [0] * n
+        for k, i in enumerate(i for indices in buckets for i in indices):
+            position[i] = k
+        return joined[torch.tensor(position, device=device)]
+
+    def _record_stats(self, total_norm, clip_coef, skip, device, tensor_norms=None) -> None:
+        # The dict is filled in place and the skipped counter kept in it rather
+        # than in an attribute of its own: inside torch.compile(opt.step),
+        # dynamo silently drops attribute assignments on an Optimizer (torch
+        # 2.13; `self.x = ...` never happens), while it replays the mutation of
+        # a dict the optimizer holds. Each step's tensors are new ones, so a
+        # tensor a caller kept from an earlier step keeps its value.
+        stats = self.clip_stats
+        skipped = stats.get("skipped")
+        if skipped is None:
+            skipped = torch.zeros((), dtype=torch.int64, device=device)
         if skip is not None:
-            self._skipped += skip.to(self._skipped.device, torch.int64, non_blocking=True)
-        stats = {"skipped": self._skipped}
+            skipped += skip.to(skipped.device, torch.int64, non_blocking=True)
+        stats.clear()
+        stats["skipped"] = skipped
         if total_norm is not None:
             stats["grad_norm"] = total_norm
         if clip_coef is not None:
             stats["clip_coef"] = clip_coef
-        self.clip_stats = stats
+        if tensor_norms is not None:
+            stats["tensor_norms"] = tensor_norms
+
+    # -- state_dict: the clip policy's state ----------------------------------------
+    def state_dict(self):
+        """torch.optim's state_dict, plus the clip policy's state (if it keeps
+        any) under ``"clip_policy"``: ``{"policy": class name, "state": {...},
+        "tensor_state": {param id: {...}}}``, with the parameter ids of
+        ``"state"``. torch.optim's ``load_state_dict`` ignores that key."""
+        state_dict = super().state_dict()
+        policy = self.clip_policy
+        if policy is not None and (policy.stateful or policy.has_tensor_state):
+            ids = {}
+            for saved, group in zip(state_dict["param_groups"], self.param_groups):
+                for pid, p in zip(saved["params"], group["params"]):
+                    ids[p] = pid
+            state_dict["clip_policy"] = {
+                "policy": type(policy).__name__,
+                "state": dict(self._policy_state),
+                "tensor_state": {
+                    ids[p]: dict(s) for p, s in self._policy_tensor_state.items()
+                    if p in ids and s
+                },
+            }
+        return state_dict
 
     def load_state_dict(self, state_dict) -> None:
+        """torch.optim's load_state_dict; a state_dict without ``"clip_policy"``
+        (torch.optim's, say) starts the clip policy afresh. An optimizer without
+        a policy ignores a saved policy state; one with another policy refuses it."""
+        saved = state_dict.get("clip_policy")
+        policy = self.clip_policy
+        if policy is None:
+            saved = None
+        if saved is not None and saved.get("policy") != type(policy).__name__:
+            raise ValueError(
+                f"this state_dict holds the state of clip policy {saved.get('policy')!r}, "
+                f"but this optimizer's policy is {policy!r}"
+            )
         super().load_state_dict(state_dict)
+        self._policy_state = {}
+        self._policy_tensor_state = {}
+        if saved is not None:
+            self._policy_state = {k: v.clone() if isinstance(v, Tensor) else v
+                                  for k, v in saved["state"].items()}
+            params = {}
+            for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+                for pid, p in zip(saved_group["params"], group["params"]):
+                    params[pid] = p
+            for pid, s in saved["tensor_state"].items():
+                if pid in params:
+                    p = params[pid]
+                    self._policy_tensor_state[p] = {
+                        k: v.to(p.device, copy=True) if isinstance(v, Tensor) else v
+                        for k, v in s.items()
+                    }
         # torch.optim keeps a non-fused optimizer's step counters on the CPU;
         # the fused ops read them where the parameter lives.
         for group in self.param_groups:
