@@ -92,6 +92,8 @@ def assert_matches_reference(kind: str, fopt, fparams, ref, problem: Problem, to
     dtype = problem.dtype
     keys = [(gi, pi) for gi, g in enumerate(problem.groups) for pi in range(len(g["specs"]))]
     quantities = {"param": [(p.detach(), r.to(dtype)) for p, r in zip(fparams, ref.params())]}
+    # each parameter's group, for its initial Adagrad sum
+    groups = [g for g in ref.groups for _ in g["params"]]
     for key in STATE_KEYS[kind]:
         pairs = []
         for i, (p, k) in enumerate(zip(fparams, keys)):
@@ -100,7 +102,7 @@ def assert_matches_reference(kind: str, fopt, fparams, ref, problem: Problem, to
                 # No reference state yet: the fused one is absent, or (Adagrad,
                 # whose state torch makes eagerly) still its initial value.
                 if kind == "Adagrad":
-                    init = fopt.param_groups[0]["initial_accumulator_value"]
+                    init = groups[i]["initial_accumulator_value"]
                     assert float(fopt.state[p]["step"]) == 0, f"{what} step[{i}]"
                     pairs.append((fopt.state[p][key], fopt.state[p][key].new_full(p.shape, init)))
                 else:
