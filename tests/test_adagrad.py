@@ -13,7 +13,7 @@ import torch
 import fusedclip
 
 from conftest import (
-    Problem, assert_unchanged, bitwise_equal, flat, set_grads, snapshot, torch_clip,
+    Problem, assert_close, assert_unchanged, bitwise_equal, flat, set_grads, snapshot, torch_clip,
 )
 from family import (
     assert_states_close, check_coverage, make_fused_opt, make_torch_opt, random_configs,
@@ -328,3 +328,28 @@ def test_sparse_and_complex():
     with pytest.raises(RuntimeError, match="FusedClipAdagrad does not support complex parameters"):
         opt.step()
     assert torch.equal(z.detach(), torch.zeros(3, dtype=torch.complex64))
+
+
+def test_per_tensor_policy_over_groups():
+    """A per-tensor clip policy hands one coefficient per gradient (slices of
+    its per-bucket coefficients) to the op, across groups, against the
+    reference."""
+    from fusedclip.reference import ReferenceAdagrad, RefPerTensorNorm
+
+    problem = Problem(groups=[
+        {"specs": [((6, 5), "contiguous"), ((), "contiguous")], "lr": 0.05, "lr_decay": 0.1},
+        {"specs": [((4, 7), "transposed"), ((33,), "contiguous")], "lr": "tensor:0.02",
+         "weight_decay": 0.1},
+    ], dtype=torch.float64, grad_std=2.0, none_prob=0.2, seed=29)
+    params = problem.params()
+    opt = make_fused_opt("Adagrad", problem, params, INIT, clip=fusedclip.PerTensorNorm(1.0))
+    ref = ReferenceAdagrad(problem.reference_groups(problem.params(),
+                                                    {**torch_defaults("Adagrad"), **INIT}),
+                           clip=RefPerTensorNorm(1.0))
+    for step in range(10):
+        grads = problem.grads(step)
+        set_grads(flat(params), grads)
+        opt.step()
+        ref.step(grads)
+    for p, r in zip(flat(params), ref.params()):
+        assert_close(p.detach(), r, REFERENCE[torch.float64], "PerTensorNorm Adagrad")

@@ -382,3 +382,28 @@ def test_grad_scaler_skipped_first_step(nonfinite):
     assert scaler.get_scale() == 2.0**3  # halved once, after the overflow
     assert_states_close("SGD", fopt, topt, flat(fparams), flat(tparams),
                         TORCH_PARITY[torch.float32], f"GradScaler, nonfinite={nonfinite}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normalized_sgd(dtype):
+    """Plain SGD with clip=Normalize() is normalized SGD: every step moves the
+    parameters by lr * g / (||g|| + eps), so by lr in global norm."""
+    from fusedclip.reference import ReferenceSGD, RefNormalize
+
+    problem = Problem(groups=[{"specs": [((6, 5), "contiguous"), ((), "contiguous"),
+                                         ((4, 7), "transposed"), ((3, 8), "slice")],
+                               "lr": 0.05}], dtype=dtype, grad_std=3.0, seed=23)
+    params = problem.params()
+    opt = make_fused_opt("SGD", problem, params, {}, clip=fusedclip.Normalize())
+    ref = ReferenceSGD(problem.reference_groups(problem.params(), torch_defaults("SGD")),
+                       clip=RefNormalize())
+    for step in range(10):
+        grads = problem.grads(step)
+        before = [p.detach().clone() for p in flat(params)]
+        set_grads(flat(params), grads)
+        opt.step()
+        ref.step(grads)
+        moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(flat(params), before)])
+        assert abs(float(moved.double().norm()) - 0.05) < 1e-5
+    for p, r in zip(flat(params), ref.params()):
+        assert_close(p.detach(), r.to(dtype), REFERENCE[dtype], "normalized SGD")
