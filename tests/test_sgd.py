@@ -22,8 +22,8 @@ from family import (
 )
 from tolerances import REFERENCE, TORCH_PARITY
 
-PARITY = random_configs("SGD", 22, seed=31_337, against="torch")
-AGAINST_REFERENCE = random_configs("SGD", 10, seed=4_242, against="reference")
+PARITY = random_configs("SGD", 16, seed=31_337, against="torch")
+AGAINST_REFERENCE = random_configs("SGD", 8, seed=4_242, against="reference")
 
 
 @pytest.mark.parametrize("config", PARITY)
