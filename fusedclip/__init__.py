@@ -10,10 +10,10 @@ from fusedclip import ops  # noqa: F401  (loads the compiled ops first)
 from fusedclip.clipping import (
     AdaGC, AutoClip, ClipPolicy, GlobalNorm, Normalize, PerTensorNorm, SmoothClip, ZClip,
 )
-from fusedclip.optim import FusedClipAdam, FusedClipAdamW
+from fusedclip.optim import FusedClipAdagrad, FusedClipAdam, FusedClipAdamW, FusedClipSGD
 
 __all__ = [
-    "AdaGC", "AutoClip", "ClipPolicy", "FusedClipAdam", "FusedClipAdamW", "GlobalNorm",
-    "Normalize", "PerTensorNorm", "SmoothClip", "ZClip",
+    "AdaGC", "AutoClip", "ClipPolicy", "FusedClipAdagrad", "FusedClipAdam", "FusedClipAdamW",
+    "FusedClipSGD", "GlobalNorm", "Normalize", "PerTensorNorm", "SmoothClip", "ZClip",
 ]
 __version__ = "0.1.0"

@@ -63,6 +63,19 @@ def check_lr(lr, where: str = "") -> None:
         raise ValueError(f"Invalid learning rate: {lr}{where}")
 
 
+def scalar_dtype() -> torch.dtype:
+    """torch.optim's dtype for `step` counters (float64 under a float64 default dtype)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def lr_args(lr, device: torch.device) -> tuple[float, Tensor | None]:
+    """A group's lr as the fused ops take it: ``(lr, None)`` for a float,
+    ``(0.0, tensor on device)`` for a tensor (read by the kernel, no sync)."""
+    if isinstance(lr, Tensor):
+        return 0.0, (lr if lr.device == device else lr.to(device, non_blocking=True))
+    return float(lr), None
+
+
 def bucket_by_device_and_dtype(params: list[Tensor]) -> dict[tuple, list[int]]:
     """Indices of `params` grouped by (device, dtype), in first-seen order."""
     buckets: dict[tuple, list[int]] = defaultdict(list)
