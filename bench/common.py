@@ -111,12 +111,13 @@ def stream_bandwidth(nbytes: int = 1 << 29, rounds: int = 7) -> dict[str, float]
     ``best`` is the fastest of them: the floor a step's bytes are held to.
     """
     n = nbytes // 4
-    a, b, c = torch.rand(n), torch.rand(n), torch.empty(n)
+    a, b, c, d = torch.rand(n), torch.rand(n), torch.rand(n), torch.empty(n)
     kernels = {
-        "copy": (lambda: c.copy_(a), 2),
+        "copy": (lambda: d.copy_(a), 2),
         "scale_inplace": (lambda: a.mul_(1.0000001), 2),
         "add_inplace": (lambda: a.add_(b, alpha=1e-7), 3),
-        "triad": (lambda: torch.add(a, b, alpha=1e-7, out=c), 3),
+        "addcmul_inplace": (lambda: a.addcmul_(b, c, value=1e-7), 4),
+        "triad": (lambda: torch.add(a, b, alpha=1e-7, out=d), 3),
         "read": (lambda: a.sum(), 1),
     }
     result = {}
