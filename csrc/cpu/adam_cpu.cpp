@@ -10,6 +10,7 @@
 
 #include "../checks.h"
 #include "fusedclip/adam.h"
+#include "fusedclip/grad_transform.h"
 #include "lanes.h"
 #include "multi_tensor.h"
 #include "vec_traits.h"
@@ -25,13 +26,34 @@ struct AdamPointers {
   void* max_exp_avg_sq;  // null without amsgrad
 };
 
+// Per-unit coefficients of one tensor (a float32 or float64 1-D tensor with
+// one value per unit), or none.
+struct UnitCoefs {
+  const void* ptr = nullptr;
+  int64_t stride = 0;
+  bool is_double = false;
+  int64_t unit_len = 0;  // elements per unit (row-major runs)
+
+  double operator[](int64_t u) const {
+    return is_double ? static_cast<const double*>(ptr)[u * stride]
+                     : static_cast<double>(static_cast<const float*>(ptr)[u * stride]);
+  }
+};
+
+// The per-tensor numbers of one tensor: Adam's scalars and the gradient
+// transform (its mult is the per-tensor part; a unit's coefficient multiplies it).
+struct TensorScalars {
+  AdamScalars<double> adam;
+  GradTransform<double> transform;
+  UnitCoefs units;
+};
+
 template <typename scalar_t, WeightDecay WD, bool AMSGRAD>
-void adam_chunk(const AdamPointers& ptrs, int64_t begin, int64_t end,
-                const AdamScalars<double>& scalars) {
+void adam_run(const AdamPointers& ptrs, int64_t begin, int64_t end,
+              const AdamScalars<typename Lanes<scalar_t>::OpVec>& s,
+              const GradTransform<typename Lanes<scalar_t>::OpVec>& transform) {
   using L = Lanes<scalar_t>;
   using OpVec = typename L::OpVec;
-  using opmath_t = typename L::opmath_t;
-  const AdamScalars<OpVec> s = scalars.as<opmath_t>().template as<OpVec>();
   auto* param = static_cast<scalar_t*>(ptrs.param) + begin;
   auto* grad = static_cast<const scalar_t*>(ptrs.grad) + begin;
   auto* exp_avg = static_cast<scalar_t*>(ptrs.exp_avg) + begin;
@@ -49,7 +71,7 @@ void adam_chunk(const AdamPointers& ptrs, int64_t begin, int64_t end,
     L::load(exp_avg_sq + i, count, v);
     if constexpr (AMSGRAD) L::load(max_exp_avg_sq + i, count, vmax);
     for (int k = 0; k < L::kParts; ++k) {
-      adam_update<WD, AMSGRAD>(p[k], g[k], m[k], v[k], vmax[k], s);
+      adam_update<WD, AMSGRAD>(p[k], transform(g[k]), m[k], v[k], vmax[k], s);
     }
     L::store(param + i, count, p);
     L::store(exp_avg + i, count, m);
@@ -58,8 +80,34 @@ void adam_chunk(const AdamPointers& ptrs, int64_t begin, int64_t end,
   }
 }
 
+// One chunk: without unit coefficients one run; with them, the chunk is split
+// at unit boundaries and each run uses its unit's multiplier.
+template <typename scalar_t, WeightDecay WD, bool AMSGRAD>
+void adam_chunk(const AdamPointers& ptrs, int64_t begin, int64_t end,
+                const TensorScalars& scalars) {
+  using L = Lanes<scalar_t>;
+  using OpVec = typename L::OpVec;
+  using opmath_t = typename L::opmath_t;
+  const AdamScalars<OpVec> s = scalars.adam.as<opmath_t>().template as<OpVec>();
+  GradTransform<double> t = scalars.transform;
+  const UnitCoefs& units = scalars.units;
+  if (units.ptr == nullptr) {
+    adam_run<scalar_t, WD, AMSGRAD>(ptrs, begin, end, s,
+                                    t.as<opmath_t>().template as<OpVec>());
+    return;
+  }
+  for (int64_t run = begin; run < end;) {
+    const int64_t u = run / units.unit_len;
+    const int64_t run_end = std::min(end, (u + 1) * units.unit_len);
+    t.mult = scalars.transform.mult * units[u];
+    adam_run<scalar_t, WD, AMSGRAD>(ptrs, run, run_end, s,
+                                    t.as<opmath_t>().template as<OpVec>());
+    run = run_end;
+  }
+}
+
 using AdamChunkFn = void (*)(const AdamPointers&, int64_t, int64_t,
-                             const AdamScalars<double>&);
+                             const TensorScalars&);
 
 // The variant is chosen once per call, never inside the element loop.
 template <typename scalar_t>
@@ -95,10 +143,12 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
               bool maximize, bool decoupled_weight_decay,
               const std::optional<at::Tensor>& clip_coef,
               const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf) {
+              const std::optional<at::Tensor>& found_inf,
+              std::optional<double> clip_value,
+              std::optional<at::TensorList> unit_coefs) {
   check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                   lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad,
-                  clip_coef, grad_scale, found_inf);
+                  clip_coef, grad_scale, found_inf, clip_value, unit_coefs);
   if (params.empty()) return;
   // A skipped step changes nothing, not even the step counters.
   if (found_inf.has_value() && read_cpu_scalar(*found_inf) != 0.0) return;
@@ -115,7 +165,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
   const size_t n = params.size();
   FlatTensors flat_tensors;
   std::vector<AdamPointers> pointers(n);
-  std::vector<AdamScalars<double>> scalars(n);
+  std::vector<TensorScalars> scalars(n);
   std::vector<int64_t> numels(n);
   std::vector<at::Tensor> keep_alive;  // contiguous stand-ins live until copied home
   int64_t total_numel = 0;
@@ -126,7 +176,9 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
       group.push_back(max_exp_avg_sqs[i]);
       written.push_back(true);
     }
-    std::vector<at::Tensor> flat = flat_tensors.take(std::move(group), written);
+    // Per-unit coefficients need row-major runs.
+    std::vector<at::Tensor> flat =
+        flat_tensors.take(std::move(group), written, unit_coefs.has_value());
     pointers[i] = {flat[0].data_ptr(), flat[1].const_data_ptr(), flat[2].data_ptr(),
                    flat[3].data_ptr(), amsgrad ? flat[4].data_ptr() : nullptr};
     keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());
@@ -135,8 +187,14 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
         ? read_cpu_scalar(*clip_coef, clip_coef->numel() == 1 ? 0 : static_cast<int64_t>(i))
         : 1.0;
     const double grad_mult = coef * inv_scale * (maximize ? -1.0 : 1.0);
-    scalars[i] = adam_scalars(lr, beta1, beta2, eps, weight_decay,
-                              increment_step(steps[i]), grad_mult);
+    scalars[i].adam = adam_scalars(lr, beta1, beta2, eps, weight_decay,
+                                   increment_step(steps[i]), grad_mult);
+    scalars[i].transform = grad_transform(grad_mult, clip_value.value_or(-1.0));
+    if (unit_coefs.has_value()) {
+      const at::Tensor& c = (*unit_coefs)[i];
+      scalars[i].units = {c.const_data_ptr(), c.dim() == 0 ? 0 : c.stride(0),
+                          c.scalar_type() == at::kDouble, unit_length(params[i])};
+    }
     numels[i] = params[i].numel();
     total_numel += numels[i];
   }

@@ -24,6 +24,7 @@
 #include "../checks.h"
 #include "../cpu/multi_tensor.h"  // FlatTensors: the layout handling of the CPU kernel
 #include "fusedclip/adam.h"
+#include "fusedclip/grad_transform.h"
 #include "multi_tensor_apply.cuh"
 
 namespace fusedclip::cuda {
@@ -59,17 +60,23 @@ struct AdamArgs {
   bool maximize;
   bool step_is_double;  // all counters of the call have one dtype (see adam_cuda)
   DeviceScalar lr_tensor, clip_coef, grad_scale, found_inf;
+  double clip_value;     // < 0: none
+  bool unit_coefs;       // per-unit coefficients given (kUnitCoef, kUnitLen lists)
+  bool unit_is_double;   // their dtype (one for the call)
 };
 
 // Lists of the update launch, in metadata order. The step counter is a list
-// of its own whose pointer is read at element 0; max_exp_avg_sq comes last so
-// that it is simply absent without amsgrad.
-enum AdamList { kParam, kGrad, kExpAvg, kExpAvgSq, kStep, kMaxExpAvgSq };
+// of its own whose pointer is read at element 0; kUnitCoef points at the
+// tensor's per-unit coefficients (contiguous; null without unit_coefs) and
+// kUnitLen is not a pointer but the tensor's unit length (elements per index
+// of dim 0) stored in the pointer's bits; max_exp_avg_sq comes last so that it
+// is simply absent without amsgrad.
+enum AdamList { kParam, kGrad, kExpAvg, kExpAvgSq, kStep, kUnitCoef, kUnitLen, kMaxExpAvgSq };
 
 template <typename scalar_t, WeightDecay WD, bool AMSGRAD>
 struct AdamFunctor {
   using opmath_t = at::opmath_type<scalar_t>;
-  static constexpr int kDepth = AMSGRAD ? 6 : 5;
+  static constexpr int kDepth = AMSGRAD ? 8 : 7;
   // Element arrays handed to the rule: param, grad, exp_avg, exp_avg_sq and,
   // with amsgrad, max_exp_avg_sq. All but the gradient are written.
   static constexpr int kArrays = AMSGRAD ? 5 : 4;
@@ -86,6 +93,7 @@ struct AdamFunctor {
     // The per-tensor scalars, folded once per block by one thread, exactly
     // as the CPU kernel folds them (in double, then rounded to the math type).
     __shared__ AdamScalars<opmath_t> shared_scalars;
+    __shared__ GradTransform<double> shared_transform;
     if (threadIdx.x == 0) {
       const void* step_ptr = meta.addresses[kStep][c.slot];
       // The count after this step's increment, computed in the counter's own
@@ -101,9 +109,27 @@ struct AdamFunctor {
       shared_scalars = adam_scalars(args.lr_tensor.load(0, args.lr), args.beta1, args.beta2,
                                     args.eps, args.weight_decay, step, grad_mult)
                            .template as<opmath_t>();
+      shared_transform = grad_transform(grad_mult, args.clip_value);
     }
     __syncthreads();
     const AdamScalars<opmath_t> s = shared_scalars;
+    const GradTransform<double> t = shared_transform;
+    const GradTransform<opmath_t> tensor_transform = t.template as<opmath_t>();
+    // Per-unit coefficients: the unit of element e is e / unit_len (rows of a
+    // row-major tensor); its multiplier is folded in double, as on the CPU.
+    const void* unit_coef = args.unit_coefs ? meta.addresses[kUnitCoef][c.slot] : nullptr;
+    const int64_t unit_len =
+        static_cast<int64_t>(reinterpret_cast<uintptr_t>(meta.addresses[kUnitLen][c.slot]));
+    auto transform_at = [&](int i) -> GradTransform<opmath_t> {
+      if (unit_coef == nullptr) return tensor_transform;  // uniform over the block
+      const int64_t u = (c.begin + i) / unit_len;
+      const double coef = args.unit_is_double
+                              ? static_cast<const double*>(unit_coef)[u]
+                              : static_cast<double>(static_cast<const float*>(unit_coef)[u]);
+      GradTransform<double> unit = t;
+      unit.mult = t.mult * coef;
+      return unit.template as<opmath_t>();
+    };
 
     scalar_t* ptrs[kArrays];
     ptrs[0] = static_cast<scalar_t*>(meta.addresses[kParam][c.slot]) + c.begin;
@@ -113,12 +139,13 @@ struct AdamFunctor {
     if constexpr (AMSGRAD) {
       ptrs[4] = static_cast<scalar_t*>(meta.addresses[kMaxExpAvgSq][c.slot]) + c.begin;
     }
-    chunk_foreach<scalar_t, kArrays, kWriteMask>(ptrs, c.size, [&](opmath_t(&x)[kArrays]) {
+    chunk_foreach<scalar_t, kArrays, kWriteMask>(ptrs, c.size, [&](opmath_t(&x)[kArrays], int i) {
+      const opmath_t grad = transform_at(i)(x[1]);
       if constexpr (AMSGRAD) {
-        adam_update<WD, true>(x[0], x[1], x[2], x[3], x[4], s);
+        adam_update<WD, true>(x[0], grad, x[2], x[3], x[4], s);
       } else {
         opmath_t unused = 0;
-        adam_update<WD, false>(x[0], x[1], x[2], x[3], unused, s);
+        adam_update<WD, false>(x[0], grad, x[2], x[3], unused, s);
       }
     });
   }
@@ -140,7 +167,7 @@ struct StepIncrementFunctor {
 
 // The pointers of one parameter, in AdamList order (kMaxExpAvgSq null without
 // amsgrad).
-using AdamPointers = std::array<void*, 6>;
+using AdamPointers = std::array<void*, 8>;
 
 template <typename scalar_t, WeightDecay WD, bool AMSGRAD>
 void launch_adam(const std::vector<AdamPointers>& pointers,
@@ -181,9 +208,12 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                bool maximize, bool decoupled_weight_decay,
                const std::optional<at::Tensor>& clip_coef,
                const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf) {
+               const std::optional<at::Tensor>& found_inf,
+               std::optional<double> clip_value,
+               std::optional<at::TensorList> unit_coefs) {
   check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
-                  beta1, beta2, eps, weight_decay, amsgrad, clip_coef, grad_scale, found_inf);
+                  beta1, beta2, eps, weight_decay, amsgrad, clip_coef, grad_scale, found_inf,
+                  clip_value, unit_coefs);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const WeightDecay wd = weight_decay == 0.0 ? WeightDecay::None
@@ -215,6 +245,15 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   args.clip_coef = DeviceScalar::of(clip_coef);
   args.grad_scale = DeviceScalar::of(grad_scale);
   args.found_inf = DeviceScalar::of(found_inf);
+  args.clip_value = clip_value.value_or(-1.0);
+  args.unit_coefs = unit_coefs.has_value();
+  args.unit_is_double = args.unit_coefs && !unit_coefs->empty() &&
+                        (*unit_coefs)[0].scalar_type() == at::kDouble;
+  // Contiguous coefficients (a copy on the stream where a view is strided).
+  std::vector<at::Tensor> unit_work;
+  if (args.unit_coefs) {
+    for (const at::Tensor& u : *unit_coefs) unit_work.push_back(u.contiguous());
+  }
 
   // Parameters whose param, grad and states do not share one dense layout are
   // updated through contiguous copies, copied home after the kernel, as on CPU.
@@ -229,11 +268,14 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
       group.push_back(max_exp_avg_sqs[i]);
       written.push_back(true);
     }
-    std::vector<at::Tensor> flat = flat_tensors.take(std::move(group), written);
+    // Per-unit coefficients need row-major runs.
+    std::vector<at::Tensor> flat = flat_tensors.take(std::move(group), written, args.unit_coefs);
     pointers[i] = {flat[0].data_ptr(), const_cast<void*>(flat[1].const_data_ptr()),
                    flat[2].data_ptr(), flat[3].data_ptr(),
                    // Read only by the update launch; written by the increment.
                    const_cast<void*>(step_work[i].const_data_ptr()),
+                   args.unit_coefs ? const_cast<void*>(unit_work[i].const_data_ptr()) : nullptr,
+                   reinterpret_cast<void*>(static_cast<uintptr_t>(unit_length(params[i]))),
                    amsgrad ? flat[4].data_ptr() : nullptr};
     numels[i] = params[i].numel();
     keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());
