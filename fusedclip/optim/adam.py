@@ -148,7 +148,10 @@ class FusedClipAdam(FusedClipOptimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
-    def _update(self, group, params, *, device, clip_coef, grad_scale, found_inf) -> None:
+    _supports_grad_transform = True
+
+    def _update(self, group, params, *, device, clip_coef, grad_scale, found_inf,
+                clip_value=None, unit_coefs=None) -> None:
         amsgrad = group["amsgrad"]
         states = [self.state[p] for p in params]
         if amsgrad:
@@ -173,6 +176,7 @@ class FusedClipAdam(FusedClipOptimizer):
             amsgrad=amsgrad, maximize=group["maximize"],
             decoupled_weight_decay=group.get("decoupled_weight_decay", False),
             clip_coef=clip_coef, grad_scale=grad_scale, found_inf=found_inf,
+            clip_value=clip_value, unit_coefs=unit_coefs,
         )
 
 
