@@ -772,3 +772,35 @@ def test_clipping_twice_changes_nothing(cls, norm_type):
             nonzero = a != 0
             ratio = b[nonzero] / a[nonzero]
             assert bool(((ratio <= 1.0) & (ratio >= 1.0 - 2e-6 / max_norm)).all()), seed
+
+
+def test_agc_with_mixed_dtypes_is_timms():
+    """Parameters of two dtypes: two norm buckets, each with its own unit norms
+    and coefficients; clip_stats["clip_coef"] lists the units in parameter order."""
+    torch.manual_seed(3)
+    shapes = [((6, 5), torch.float32), ((4,), torch.float64), ((3, 2, 2), torch.float32),
+              ((5, 3), torch.float64)]
+    init = [torch.randn(s, dtype=d) for s, d in shapes]
+    tparams = [torch.nn.Parameter(x.clone()) for x in init]
+    fparams = [torch.nn.Parameter(x.clone()) for x in init]
+    topt = torch.optim.Adam(tparams, lr=0.01)
+    fopt = fusedclip.FusedClipAdam(fparams, lr=0.01, clip=fusedclip.AGC(0.3))
+    for step in range(6):
+        grads = [torch.randn_like(x) * (0.5 + step) for x in init]
+        for t, f, g in zip(tparams, fparams, grads):
+            t.grad, f.grad = g.clone(), g.clone()
+        expected = []
+        for t in tparams:
+            before = t.grad.clone()
+            timm_adaptive_clip_grad([t], clip_factor=0.3)
+            unit = before if before.dim() <= 1 else before.flatten(1)
+            after = t.grad if t.grad.dim() <= 1 else t.grad.flatten(1)
+            ratio = (after / unit).reshape(unit.shape[0], -1)[:, 0] if unit.dim() > 1 else (after / unit)[:1]
+            expected.append(ratio.double())
+        topt.step()
+        fopt.step()
+        for t, f in zip(tparams, fparams):
+            assert_close(f.detach(), t.detach(), TORCH_PARITY[t.dtype], f"step {step}")
+        coef = fopt.clip_stats["clip_coef"]
+        assert coef.shape == (6 + 1 + 3 + 5,)
+        assert_close(coef.double(), torch.cat(expected), TORCH_PARITY[torch.float32], f"coef {step}")

@@ -60,10 +60,9 @@ FLAGS=(
   --compiler-options -fPIC,-Wall
   # Register spills and local-memory use show up here without a GPU (a copy of
   # the kernel argument struct to local memory would be a big slowdown).
-  # Known: ptxas spills a few bytes (8 stored, 40 loaded) in one float64 +
-  # amsgrad Adam kernel (no weight decay since the unit_coefs lists made the
-  # metadata deeper; L2 before), a register-allocation choice in a rarely
-  # used variant.
+  # None at present (CUDA 13.0); earlier versions of the Adam kernel spilled a
+  # few bytes in one float64 + amsgrad variant, a register-allocation choice
+  # that moves with small code changes.
   -Xptxas -warn-spills,-warn-lmem-usage
   -I"$ROOT/csrc/include" -I"$ROOT/csrc"
   "${TORCH_FLAGS[@]}"

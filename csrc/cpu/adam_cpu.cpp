@@ -11,6 +11,7 @@
 #include "../checks.h"
 #include "fusedclip/adam.h"
 #include "fusedclip/grad_transform.h"
+#include "grad_transform_cpu.h"
 #include "lanes.h"
 #include "multi_tensor.h"
 #include "vec_traits.h"
@@ -26,26 +27,11 @@ struct AdamPointers {
   void* max_exp_avg_sq;  // null without amsgrad
 };
 
-// Per-unit coefficients of one tensor (a float32 or float64 1-D tensor with
-// one value per unit), or none.
-struct UnitCoefs {
-  const void* ptr = nullptr;
-  int64_t stride = 0;
-  bool is_double = false;
-  int64_t unit_len = 0;  // elements per unit (row-major runs)
-
-  double operator[](int64_t u) const {
-    return is_double ? static_cast<const double*>(ptr)[u * stride]
-                     : static_cast<double>(static_cast<const float*>(ptr)[u * stride]);
-  }
-};
-
 // The per-tensor numbers of one tensor: Adam's scalars and the gradient
-// transform (its mult is the per-tensor part; a unit's coefficient multiplies it).
+// transform (grad_transform_cpu.h).
 struct TensorScalars {
   AdamScalars<double> adam;
-  GradTransform<double> transform;
-  UnitCoefs units;
+  TensorTransform transform;
 };
 
 template <typename scalar_t, WeightDecay WD, bool AMSGRAD>
@@ -80,8 +66,8 @@ void adam_run(const AdamPointers& ptrs, int64_t begin, int64_t end,
   }
 }
 
-// One chunk: without unit coefficients one run; with them, the chunk is split
-// at unit boundaries and each run uses its unit's multiplier.
+// One chunk, as runs that share one gradient multiplier (the whole chunk
+// without unit coefficients).
 template <typename scalar_t, WeightDecay WD, bool AMSGRAD>
 void adam_chunk(const AdamPointers& ptrs, int64_t begin, int64_t end,
                 const TensorScalars& scalars) {
@@ -89,21 +75,11 @@ void adam_chunk(const AdamPointers& ptrs, int64_t begin, int64_t end,
   using OpVec = typename L::OpVec;
   using opmath_t = typename L::opmath_t;
   const AdamScalars<OpVec> s = scalars.adam.as<opmath_t>().template as<OpVec>();
-  GradTransform<double> t = scalars.transform;
-  const UnitCoefs& units = scalars.units;
-  if (units.ptr == nullptr) {
-    adam_run<scalar_t, WD, AMSGRAD>(ptrs, begin, end, s,
-                                    t.as<opmath_t>().template as<OpVec>());
-    return;
-  }
-  for (int64_t run = begin; run < end;) {
-    const int64_t u = run / units.unit_len;
-    const int64_t run_end = std::min(end, (u + 1) * units.unit_len);
-    t.mult = scalars.transform.mult * units[u];
-    adam_run<scalar_t, WD, AMSGRAD>(ptrs, run, run_end, s,
-                                    t.as<opmath_t>().template as<OpVec>());
-    run = run_end;
-  }
+  for_each_unit_run(begin, end, scalars.transform,
+                    [&](int64_t b, int64_t e, const GradTransform<double>& t) {
+                      adam_run<scalar_t, WD, AMSGRAD>(ptrs, b, e, s,
+                                                      t.as<opmath_t>().template as<OpVec>());
+                    });
 }
 
 using AdamChunkFn = void (*)(const AdamPointers&, int64_t, int64_t,
@@ -189,12 +165,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
     const double grad_mult = coef * inv_scale * (maximize ? -1.0 : 1.0);
     scalars[i].adam = adam_scalars(lr, beta1, beta2, eps, weight_decay,
                                    increment_step(steps[i]), grad_mult);
-    scalars[i].transform = grad_transform(grad_mult, clip_value.value_or(-1.0));
-    if (unit_coefs.has_value()) {
-      const at::Tensor& c = (*unit_coefs)[i];
-      scalars[i].units = {c.const_data_ptr(), c.dim() == 0 ? 0 : c.stride(0),
-                          c.scalar_type() == at::kDouble, unit_length(params[i])};
-    }
+    scalars[i].transform = tensor_transform(grad_mult, clip_value, unit_coefs, i, params[i]);
     numels[i] = params[i].numel();
     total_numel += numels[i];
   }

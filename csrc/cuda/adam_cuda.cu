@@ -25,6 +25,7 @@
 #include "../cpu/multi_tensor.h"  // FlatTensors: the layout handling of the CPU kernel
 #include "fusedclip/adam.h"
 #include "fusedclip/grad_transform.h"
+#include "grad_transform.cuh"
 #include "multi_tensor_apply.cuh"
 
 namespace fusedclip::cuda {
@@ -60,9 +61,7 @@ struct AdamArgs {
   bool maximize;
   bool step_is_double;  // all counters of the call have one dtype (see adam_cuda)
   DeviceScalar lr_tensor, clip_coef, grad_scale, found_inf;
-  double clip_value;     // < 0: none
-  bool unit_coefs;       // per-unit coefficients given (kUnitCoef, kUnitLen lists)
-  bool unit_is_double;   // their dtype (one for the call)
+  TransformArgs transform;  // clip_value, unit_coefs (kUnitCoef, kUnitLen lists)
 };
 
 // Lists of the update launch, in metadata order. The step counter is a list
@@ -109,27 +108,13 @@ struct AdamFunctor {
       shared_scalars = adam_scalars(args.lr_tensor.load(0, args.lr), args.beta1, args.beta2,
                                     args.eps, args.weight_decay, step, grad_mult)
                            .template as<opmath_t>();
-      shared_transform = grad_transform(grad_mult, args.clip_value);
+      shared_transform = grad_transform(grad_mult, args.transform.clip_value);
     }
     __syncthreads();
     const AdamScalars<opmath_t> s = shared_scalars;
-    const GradTransform<double> t = shared_transform;
-    const GradTransform<opmath_t> tensor_transform = t.template as<opmath_t>();
-    // Per-unit coefficients: the unit of element e is e / unit_len (rows of a
-    // row-major tensor); its multiplier is folded in double, as on the CPU.
-    const void* unit_coef = args.unit_coefs ? meta.addresses[kUnitCoef][c.slot] : nullptr;
-    const int64_t unit_len =
-        static_cast<int64_t>(reinterpret_cast<uintptr_t>(meta.addresses[kUnitLen][c.slot]));
-    auto transform_at = [&](int i) -> GradTransform<opmath_t> {
-      if (unit_coef == nullptr) return tensor_transform;  // uniform over the block
-      const int64_t u = (c.begin + i) / unit_len;
-      const double coef = args.unit_is_double
-                              ? static_cast<const double*>(unit_coef)[u]
-                              : static_cast<double>(static_cast<const float*>(unit_coef)[u]);
-      GradTransform<double> unit = t;
-      unit.mult = t.mult * coef;
-      return unit.template as<opmath_t>();
-    };
+    const ChunkTransform<opmath_t> transform(args.transform, shared_transform,
+                                             meta.addresses[kUnitCoef][c.slot],
+                                             meta.addresses[kUnitLen][c.slot], c.begin);
 
     scalar_t* ptrs[kArrays];
     ptrs[0] = static_cast<scalar_t*>(meta.addresses[kParam][c.slot]) + c.begin;
@@ -140,7 +125,7 @@ struct AdamFunctor {
       ptrs[4] = static_cast<scalar_t*>(meta.addresses[kMaxExpAvgSq][c.slot]) + c.begin;
     }
     chunk_foreach<scalar_t, kArrays, kWriteMask>(ptrs, c.size, [&](opmath_t(&x)[kArrays], int i) {
-      const opmath_t grad = transform_at(i)(x[1]);
+      const opmath_t grad = transform(x[1], i);
       if constexpr (AMSGRAD) {
         adam_update<WD, true>(x[0], grad, x[2], x[3], x[4], s);
       } else {
@@ -245,15 +230,8 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   args.clip_coef = DeviceScalar::of(clip_coef);
   args.grad_scale = DeviceScalar::of(grad_scale);
   args.found_inf = DeviceScalar::of(found_inf);
-  args.clip_value = clip_value.value_or(-1.0);
-  args.unit_coefs = unit_coefs.has_value();
-  args.unit_is_double = args.unit_coefs && !unit_coefs->empty() &&
-                        (*unit_coefs)[0].scalar_type() == at::kDouble;
-  // Contiguous coefficients (a copy on the stream where a view is strided).
-  std::vector<at::Tensor> unit_work;
-  if (args.unit_coefs) {
-    for (const at::Tensor& u : *unit_coefs) unit_work.push_back(u.contiguous());
-  }
+  const UnitCoefLists unit_lists(clip_value, unit_coefs);
+  args.transform = unit_lists.args();
 
   // Parameters whose param, grad and states do not share one dense layout are
   // updated through contiguous copies, copied home after the kernel, as on CPU.
@@ -269,13 +247,13 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
       written.push_back(true);
     }
     // Per-unit coefficients need row-major runs.
-    std::vector<at::Tensor> flat = flat_tensors.take(std::move(group), written, args.unit_coefs);
+    std::vector<at::Tensor> flat =
+        flat_tensors.take(std::move(group), written, args.transform.unit_coefs);
     pointers[i] = {flat[0].data_ptr(), const_cast<void*>(flat[1].const_data_ptr()),
                    flat[2].data_ptr(), flat[3].data_ptr(),
                    // Read only by the update launch; written by the increment.
                    const_cast<void*>(step_work[i].const_data_ptr()),
-                   args.unit_coefs ? const_cast<void*>(unit_work[i].const_data_ptr()) : nullptr,
-                   reinterpret_cast<void*>(static_cast<uintptr_t>(unit_length(params[i]))),
+                   unit_lists.coef_ptr(i), UnitCoefLists::len_bits(params[i]),
                    amsgrad ? flat[4].data_ptr() : nullptr};
     numels[i] = params[i].numel();
     keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());

@@ -58,8 +58,10 @@ _ARGS = """
         clip (None, float or ClipPolicy, optional): gradient clipping fused into
             the step: ``None`` for none, a float for the global L2 norm with that
             ``max_norm`` (exactly ``clip_grad_norm_``), or a policy such as
-            ``fusedclip.GlobalNorm(max_norm, norm_type=inf)``. One global norm
-            covers all parameter groups. (default: None)
+            ``fusedclip.GlobalNorm(max_norm, norm_type=inf)``,
+            ``fusedclip.ValueClip(clip_value)`` (``clip_grad_value_``) or
+            ``fusedclip.AGC(clip_factor)`` (per-unit adaptive clipping). One
+            global norm covers all parameter groups. (default: None)
         nonfinite (str, optional): what a step whose gradients hold inf or nan
             does: ``"skip"`` changes no parameter and no state (step counts
             included) and counts it in ``clip_stats["skipped"]``; ``"raise"``
