@@ -676,8 +676,8 @@ class AGC(ClipPolicy):
     and one of every parameter, before the update. ``opt.clip_stats["clip_coef"]``
     holds the coefficients of all units, gradient after gradient.
 
-    The paper exempts the final linear layer; pass it in a parameter group of
-    an optimizer without AGC (or its own optimizer) to do the same.
+    The paper exempts the final linear layer; ``clip=`` covers a whole
+    optimizer, so give that layer its own optimizer without AGC to do the same.
 
     Args:
         clip_factor (float, optional): :math:`\lambda > 0`, finite (default: 0.01)
