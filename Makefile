@@ -11,7 +11,7 @@ SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.c
 .PHONY: bench test build env cuda-check clean
 
 bench: build
-	$(PY) bench/bench_adam.py
+	$(PY) bench/bench_optim.py
 
 test: build
 	$(PY) -m pytest -q tests

@@ -132,7 +132,9 @@ def stream_bandwidth(nbytes: int = 1 << 29, rounds: int = 7) -> dict[str, float]
     return result
 
 
-def machine_info() -> dict:
+def machine_info(device: str = "cpu") -> dict:
+    """What ran the benchmark. With device="cuda", also the GPU (name, memory,
+    compute capability, count), torch's CUDA version and the driver's."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -147,7 +149,7 @@ def machine_info() -> dict:
                                 text=True, cwd=os.path.dirname(__file__)).stdout.strip()
     except OSError:
         commit = ""
-    return {
+    info = {
         "date": datetime.date.today().isoformat(),
         "device": "cpu",
         "cpu": cpu,
@@ -157,12 +159,78 @@ def machine_info() -> dict:
         "python": platform.python_version(),
         "commit": commit,
     }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        try:
+            driver = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True).stdout.strip().splitlines()[0]
+        except (OSError, IndexError):
+            driver = ""
+        info.update({
+            "device": "cuda",
+            "gpu": props.name,
+            "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+            "compute_capability": f"{props.major}.{props.minor}",
+            "gpu_count": torch.cuda.device_count(),
+            "cuda": torch.version.cuda,
+            "driver": driver,
+        })
+    return info
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").lower() or "unknown"
 
 
 def write_results(name: str, payload: dict, out_dir: str = RESULTS_DIR) -> str:
+    """Writes payload as JSON under bench/results/: <date>-<name>-cpu-<threads>t.json,
+    or <date>-<name>-<gpu name>.json for a CUDA run."""
     os.makedirs(out_dir, exist_ok=True)
     info = payload["machine"]
-    path = os.path.join(out_dir, f"{info['date']}-{name}-{info['device']}-{info['threads']}t.json")
+    if info["device"] == "cuda":
+        file = f"{info['date']}-{name}-{_slug(info['gpu'])}.json"
+    else:
+        file = f"{info['date']}-{name}-{info['device']}-{info['threads']}t.json"
+    path = os.path.join(out_dir, file)
     with open(path, "w") as f:
         json.dump(payload, f, indent=1)
     return path
+
+
+# -- CUDA timing ---------------------------------------------------------------------------------
+def cuda_interleaved_medians(variants: dict[str, Callable[[], None]], rounds: int,
+                             warmup: int = 3, inner: int = 1, seed: int = 0) -> dict[str, dict]:
+    """interleaved_medians on the GPU: every variant once per round, in a
+    shuffled order, timed with CUDA events around `inner` back-to-back calls
+    (the time per call is reported). Returns medians and samples in seconds."""
+    rng = random.Random(seed)
+    names = list(variants)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(warmup + rounds):
+        order = names[:]
+        rng.shuffle(order)
+        for name in order:
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            for _ in range(inner):
+                variants[name]()
+            end.record()
+            end.synchronize()
+            if r >= warmup:
+                samples[name].append(start.elapsed_time(end) / 1e3 / inner)
+    return {name: {"median_s": statistics.median(s), "samples_s": s}
+            for name, s in samples.items()}
+
+
+def cuda_copy_bandwidth(nbytes: int = 1 << 30, rounds: int = 11) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written),
+    of a `nbytes` buffer, timed with CUDA events (median of `rounds`)."""
+    src = torch.rand(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    timing = cuda_interleaved_medians({"copy": lambda: dst.copy_(src)}, rounds=rounds)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / timing["copy"]["median_s"]

@@ -35,6 +35,22 @@ void check_grad_transform_args(at::TensorList params,
 int64_t num_units(const at::Tensor& t);
 int64_t unit_length(const at::Tensor& t);
 
+void check_sgd_args(at::TensorList params, at::TensorList grads,
+                    at::TensorList momentum_buffers, at::TensorList buffer_steps,
+                    double lr, const std::optional<at::Tensor>& lr_tensor,
+                    double momentum, double dampening, double weight_decay,
+                    bool nesterov, const std::optional<at::Tensor>& clip_coef,
+                    const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf);
+
+void check_adagrad_args(at::TensorList params, at::TensorList grads,
+                        at::TensorList state_sums, at::TensorList steps,
+                        double lr, const std::optional<at::Tensor>& lr_tensor,
+                        double lr_decay, double weight_decay, double eps,
+                        const std::optional<at::Tensor>& clip_coef,
+                        const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf);
+
 // Reads element `index` of a small float32/float64 tensor that lives on the CPU.
 double read_cpu_scalar(const at::Tensor& t, int64_t index = 0);
 

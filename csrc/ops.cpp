@@ -4,6 +4,7 @@
 #include <Python.h>
 
 #include <cmath>
+#include <string>
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -46,6 +47,27 @@ TORCH_LIBRARY(fusedclip, m) {
       "bool maximize, bool decoupled_weight_decay, Tensor? clip_coef, "
       "Tensor? grad_scale, Tensor? found_inf, float? clip_value=None, "
       "Tensor[]? unit_coefs=None) -> ()");
+  // SGD over many tensors in place, with torch.optim.SGD's options. Without
+  // momentum, momentum_buffers and buffer_steps are empty lists. buffer_steps
+  // holds one 0-d counter per buffer, kept by the caller beside the buffer:
+  // the steps that buffer has taken. Where it is 0 this step is the buffer's
+  // first, which copies the gradient into it (torch's `buf is None`); it is
+  // incremented like Adam's step counters, so a skipped first step leaves
+  // the next one a first step. Gradient, found_inf, lr_tensor as for adam_.
+  m.def(
+      "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+      "Tensor(c!)[] buffer_steps, *, float lr, Tensor? lr_tensor, float momentum, "
+      "float dampening, float weight_decay, bool nesterov, bool maximize, "
+      "Tensor? clip_coef, Tensor? grad_scale, Tensor? found_inf) -> ()");
+  // Adagrad over many tensors in place, with torch.optim.Adagrad's options.
+  // Each steps[i] is incremented before the decayed learning rate
+  // lr / (1 + (step - 1) * lr_decay) is computed. Gradient, found_inf and
+  // lr_tensor as for adam_.
+  m.def(
+      "adagrad_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, "
+      "Tensor(c!)[] steps, *, float lr, Tensor? lr_tensor, float lr_decay, "
+      "float weight_decay, float eps, bool maximize, Tensor? clip_coef, "
+      "Tensor? grad_scale, Tensor? found_inf) -> ()");
 }
 
 namespace fusedclip {
@@ -108,6 +130,30 @@ void check_small_tensor(const std::optional<at::Tensor>& t, const char* name,
               " elements, got ", t->numel());
   TORCH_CHECK(t->device() == device, "fusedclip: ", name, " is on ",
               t->device(), " but the parameters are on ", device);
+}
+
+// Per-tensor counters (step, buffer_steps): one small tensor per parameter.
+void check_counters(at::TensorList counters, const char* name,
+                    at::TensorList params, const at::Device& device) {
+  TORCH_CHECK(counters.size() == params.size(), "fusedclip: ", name, " has ",
+              counters.size(), " tensors but params has ", params.size());
+  const std::string element = std::string(name) + "[i]";
+  for (size_t i = 0; i < counters.size(); ++i) {
+    check_small_tensor(counters[i], element.c_str(), device);
+  }
+}
+
+// The optional per-call tensors every update op takes.
+void check_call_tensors(const std::optional<at::Tensor>& lr_tensor,
+                        const std::optional<at::Tensor>& clip_coef,
+                        const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf,
+                        size_t n_params, const at::Device& device) {
+  check_small_tensor(lr_tensor, "lr_tensor", device);
+  check_small_tensor(clip_coef, "clip_coef", device,
+                     static_cast<int64_t>(n_params));
+  check_small_tensor(grad_scale, "grad_scale", device);
+  check_small_tensor(found_inf, "found_inf", device);
 }
 
 }  // namespace
@@ -195,17 +241,76 @@ void check_adam_args(at::TensorList params, at::TensorList grads,
     check_tensor_list(max_exp_avg_sqs, "max_exp_avg_sqs", device, dtype);
     check_same_shapes(params, max_exp_avg_sqs, "max_exp_avg_sqs");
   }
-  TORCH_CHECK(steps.size() == params.size(), "fusedclip: steps has ",
-              steps.size(), " tensors but params has ", params.size());
-  for (size_t i = 0; i < steps.size(); ++i) {
-    check_small_tensor(steps[i], "steps[i]", device);
-  }
-  check_small_tensor(lr_tensor, "lr_tensor", device);
-  check_small_tensor(clip_coef, "clip_coef", device,
-                     static_cast<int64_t>(params.size()));
-  check_small_tensor(grad_scale, "grad_scale", device);
-  check_small_tensor(found_inf, "found_inf", device);
+  check_counters(steps, "steps", params, device);
+  check_call_tensors(lr_tensor, clip_coef, grad_scale, found_inf, params.size(),
+                     device);
   check_grad_transform_args(params, clip_value, unit_coefs);
+}
+
+void check_sgd_args(at::TensorList params, at::TensorList grads,
+                    at::TensorList momentum_buffers, at::TensorList buffer_steps,
+                    double lr, const std::optional<at::Tensor>& lr_tensor,
+                    double momentum, double dampening, double weight_decay,
+                    bool nesterov, const std::optional<at::Tensor>& clip_coef,
+                    const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(lr >= 0.0, "fusedclip: invalid learning rate ", lr,
+              " (must be >= 0)");
+  TORCH_CHECK(momentum >= 0.0, "fusedclip: invalid momentum ", momentum,
+              " (must be >= 0)");
+  TORCH_CHECK(std::isfinite(dampening), "fusedclip: invalid dampening ",
+              dampening, " (must be finite)");
+  TORCH_CHECK(weight_decay >= 0.0, "fusedclip: invalid weight_decay ",
+              weight_decay, " (must be >= 0)");
+  TORCH_CHECK(!nesterov || (momentum > 0.0 && dampening == 0.0),
+              "fusedclip: nesterov momentum requires momentum > 0 and zero "
+              "dampening, got momentum ", momentum, " and dampening ", dampening);
+  if (momentum == 0.0) {
+    TORCH_CHECK(momentum_buffers.empty() && buffer_steps.empty(),
+                "fusedclip: without momentum, momentum_buffers and buffer_steps "
+                "must be empty, got ", momentum_buffers.size(), " and ",
+                buffer_steps.size(), " tensors");
+  }
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  const at::ScalarType dtype = params[0].scalar_type();
+  check_tensor_list(params, "params", device, dtype);
+  check_tensor_list(grads, "grads", device, dtype);
+  check_same_shapes(params, grads, "grads");
+  if (momentum != 0.0) {
+    check_tensor_list(momentum_buffers, "momentum_buffers", device, dtype);
+    check_same_shapes(params, momentum_buffers, "momentum_buffers");
+    check_counters(buffer_steps, "buffer_steps", params, device);
+  }
+  check_call_tensors(lr_tensor, clip_coef, grad_scale, found_inf, params.size(),
+                     device);
+}
+
+void check_adagrad_args(at::TensorList params, at::TensorList grads,
+                        at::TensorList state_sums, at::TensorList steps,
+                        double lr, const std::optional<at::Tensor>& lr_tensor,
+                        double lr_decay, double weight_decay, double eps,
+                        const std::optional<at::Tensor>& clip_coef,
+                        const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK(lr >= 0.0, "fusedclip: invalid learning rate ", lr,
+              " (must be >= 0)");
+  TORCH_CHECK(lr_decay >= 0.0, "fusedclip: invalid lr_decay ", lr_decay,
+              " (must be >= 0)");
+  TORCH_CHECK(weight_decay >= 0.0, "fusedclip: invalid weight_decay ",
+              weight_decay, " (must be >= 0)");
+  TORCH_CHECK(eps >= 0.0, "fusedclip: invalid eps ", eps, " (must be >= 0)");
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  const at::ScalarType dtype = params[0].scalar_type();
+  check_tensor_list(params, "params", device, dtype);
+  check_tensor_list(grads, "grads", device, dtype);
+  check_tensor_list(state_sums, "state_sums", device, dtype);
+  check_same_shapes(params, grads, "grads");
+  check_same_shapes(params, state_sums, "state_sums");
+  check_counters(steps, "steps", params, device);
+  check_call_tensors(lr_tensor, clip_coef, grad_scale, found_inf, params.size(),
+                     device);
 }
 
 double read_cpu_scalar(const at::Tensor& t, int64_t index) {

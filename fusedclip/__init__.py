@@ -11,10 +11,11 @@ from fusedclip.clipping import (
     AGC, AdaGC, AutoClip, ClipPolicy, GlobalNorm, Normalize, PerTensorNorm, SmoothClip, ValueClip,
     ZClip,
 )
-from fusedclip.optim import FusedClipAdam, FusedClipAdamW
+from fusedclip.optim import FusedClipAdagrad, FusedClipAdam, FusedClipAdamW, FusedClipSGD
 
 __all__ = [
-    "AGC", "AdaGC", "AutoClip", "ClipPolicy", "FusedClipAdam", "FusedClipAdamW", "GlobalNorm",
-    "Normalize", "PerTensorNorm", "SmoothClip", "ValueClip", "ZClip",
+    "AGC", "AdaGC", "AutoClip", "ClipPolicy", "FusedClipAdagrad", "FusedClipAdam",
+    "FusedClipAdamW", "FusedClipSGD", "GlobalNorm", "Normalize", "PerTensorNorm", "SmoothClip",
+    "ValueClip", "ZClip",
 ]
 __version__ = "0.1.0"

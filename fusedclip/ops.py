@@ -112,3 +112,59 @@ def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
                decoupled_weight_decay, clip_coef, grad_scale, found_inf, clip_value=None,
                unit_coefs=None):
     return None
+
+
+def sgd_(
+    params, grads, momentum_buffers, buffer_steps, *,
+    lr: float, lr_tensor: torch.Tensor | None, momentum: float, dampening: float,
+    weight_decay: float, nesterov: bool, maximize: bool,
+    clip_coef: torch.Tensor | None, grad_scale: torch.Tensor | None,
+    found_inf: torch.Tensor | None,
+) -> None:
+    """SGD (momentum, dampening, Nesterov) over many tensors in place (see
+    csrc/ops.cpp for the schema).
+
+    Without momentum, ``momentum_buffers`` and ``buffer_steps`` are empty.
+    ``buffer_steps[i]`` counts the steps buffer i has taken: where it is 0 the
+    gradient is copied into the buffer (torch.optim.SGD's first step), after
+    which it is incremented. The gradient used is ``grad * clip_coef /
+    grad_scale`` (negated when ``maximize``); where ``found_inf`` is non-zero
+    nothing changes, ``buffer_steps`` included.
+    """
+    _ops.sgd_(
+        params, grads, momentum_buffers, buffer_steps,
+        lr=lr, lr_tensor=lr_tensor, momentum=momentum, dampening=dampening,
+        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+        clip_coef=clip_coef, grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+@torch.library.register_fake("fusedclip::sgd_")
+def _sgd_fake(params, grads, momentum_buffers, buffer_steps, *, lr, lr_tensor, momentum,
+              dampening, weight_decay, nesterov, maximize, clip_coef, grad_scale, found_inf):
+    return None
+
+
+def adagrad_(
+    params, grads, state_sums, steps, *,
+    lr: float, lr_tensor: torch.Tensor | None, lr_decay: float, weight_decay: float,
+    eps: float, maximize: bool, clip_coef: torch.Tensor | None,
+    grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+) -> None:
+    """Adagrad over many tensors in place (see csrc/ops.cpp for the schema).
+
+    Each ``steps[i]`` is incremented before the decayed learning rate
+    ``lr / (1 + (step - 1) * lr_decay)`` is computed. Gradient, ``found_inf``
+    and ``lr_tensor`` as for :func:`adam_`.
+    """
+    _ops.adagrad_(
+        params, grads, state_sums, steps,
+        lr=lr, lr_tensor=lr_tensor, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
+        maximize=maximize, clip_coef=clip_coef, grad_scale=grad_scale, found_inf=found_inf,
+    )
+
+
+@torch.library.register_fake("fusedclip::adagrad_")
+def _adagrad_fake(params, grads, state_sums, steps, *, lr, lr_tensor, lr_decay, weight_decay,
+                  eps, maximize, clip_coef, grad_scale, found_inf):
+    return None

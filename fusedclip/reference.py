@@ -62,17 +62,55 @@ def adam_step(param: Tensor, grad: Tensor, state: dict, *, lr: float, beta1: flo
     param.sub_(lr * m_hat / (v_hat.sqrt() + eps))
 
 
-class ReferenceAdam:
-    """FusedClipAdam / FusedClipAdamW, literally, in float64.
+def sgd_step(param: Tensor, grad: Tensor, state: dict, *, lr: float, momentum: float,
+             dampening: float, weight_decay: float, nesterov: bool, maximize: bool) -> None:
+    """One SGD step on one float64 parameter, in place, as torch.optim.SGD
+    documents it: L2 weight decay; heavy-ball momentum (Polyak 1964) whose
+    buffer starts as the first gradient; Nesterov momentum in the form of
+    Sutskever et al. 2013; maximize."""
+    g = -grad if maximize else grad.clone()
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    if momentum != 0:
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = g.clone()
+        else:
+            buf = momentum * buf + (1 - dampening) * g
+        state["momentum_buffer"] = buf
+        g = g + momentum * buf if nesterov else buf
+    param.sub_(lr * g)
 
-    Holds float64 copies of the parameters; ``step(grads)`` takes one gradient
-    per parameter (None where a parameter has no gradient) and applies global
-    clipping, the non-finite policy and Adam. Parameters are given as a list of
-    groups: dicts with ``params`` (tensors, copied) and hyperparameters.
-    ``clip`` is a max_norm (global norm clipping) or a reference policy of the
-    "Clip policies" section below, which is called only in steps that are not
-    skipped.
+
+def adagrad_step(param: Tensor, grad: Tensor, state: dict, *, lr: float, lr_decay: float,
+                 weight_decay: float, eps: float, maximize: bool) -> None:
+    """One Adagrad step on one float64 parameter, in place: Duchi, Hazan &
+    Singer 2011 (diagonal), with torch.optim.Adagrad's decayed learning rate,
+    L2 weight decay and maximize."""
+    g = -grad if maximize else grad.clone()
+    state["step"] += 1
+    t = state["step"]
+    if weight_decay != 0:
+        g = g + weight_decay * param
+    clr = lr / (1 + (t - 1) * lr_decay)
+    state["sum"] = state["sum"] + g * g
+    param.sub_(clr * g / (state["sum"].sqrt() + eps))
+
+
+class ReferenceOptimizer:
+    """What every reference optimizer shares: float64 copies of the parameters,
+    the global norm, clipping and the non-finite policy. Subclasses say how
+    a parameter's state starts (``new_state``), how one parameter steps
+    (``update``) and which state tensors are stored rounded (``ROUNDED``).
+
+    ``step(grads)`` takes one gradient per parameter (None where a parameter
+    has no gradient). Parameters are given as a list of groups: dicts with
+    ``params`` (tensors, copied) and hyperparameters. ``clip`` is a max_norm
+    (global norm clipping) or a reference policy of the "Clip policies"
+    section below, which is called only in steps that are not skipped.
     """
+
+    ROUNDED: tuple[str, ...] = ()
 
     def __init__(self, groups: list[dict], *, clip=None,
                  norm_type: float = 2.0, nonfinite: str = "skip",
@@ -97,6 +135,12 @@ class ReferenceAdam:
         if self.round_to is None:
             return t
         return t.to(self.round_to).to(torch.float64)
+
+    def new_state(self, param: Tensor, group: dict) -> dict:
+        raise NotImplementedError
+
+    def update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+        raise NotImplementedError
 
     def step(self, grads: list[Tensor | None]) -> None:
         grads = [None if g is None else g.detach().to(torch.float64) for g in grads]
@@ -126,28 +170,74 @@ class ReferenceAdam:
                     continue
                 if clipped is not None:
                     g = next(clipped)
-                state = self.states.setdefault((gi, pi), {
-                    "step": 0,
-                    "exp_avg": torch.zeros_like(p),
-                    "exp_avg_sq": torch.zeros_like(p),
-                    "max_exp_avg_sq": torch.zeros_like(p),
-                })
-                beta1, beta2 = group["betas"]
-                adam_step(
-                    p, g * coef, state, lr=group["lr"], beta1=beta1, beta2=beta2,
-                    eps=group["eps"], weight_decay=group["weight_decay"],
-                    amsgrad=group["amsgrad"], maximize=group["maximize"],
-                    decoupled_weight_decay=group["decoupled_weight_decay"],
-                )
+                state = self.states.setdefault((gi, pi), self.new_state(p, group))
+                self.update(p, g * coef, state, group)
                 p.copy_(self._round(p))
-                for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-                    state[key] = self._round(state[key])
+                for key in self.ROUNDED:
+                    if state.get(key) is not None:
+                        state[key] = self._round(state[key])
+
+
+class ReferenceAdam(ReferenceOptimizer):
+    """FusedClipAdam / FusedClipAdamW, literally, in float64."""
+
+    ROUNDED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def new_state(self, param: Tensor, group: dict) -> dict:
+        return {
+            "step": 0,
+            "exp_avg": torch.zeros_like(param),
+            "exp_avg_sq": torch.zeros_like(param),
+            "max_exp_avg_sq": torch.zeros_like(param),
+        }
+
+    def update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        adam_step(
+            param, grad, state, lr=group["lr"], beta1=beta1, beta2=beta2,
+            eps=group["eps"], weight_decay=group["weight_decay"],
+            amsgrad=group["amsgrad"], maximize=group["maximize"],
+            decoupled_weight_decay=group["decoupled_weight_decay"],
+        )
+
+
+class ReferenceSGD(ReferenceOptimizer):
+    """FusedClipSGD, literally, in float64. ``momentum_buffer`` is absent (or
+    None) until a parameter's first step that is not skipped."""
+
+    ROUNDED = ("momentum_buffer",)
+
+    def new_state(self, param: Tensor, group: dict) -> dict:
+        return {}
+
+    def update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+        sgd_step(
+            param, grad, state, lr=group["lr"], momentum=group["momentum"],
+            dampening=group["dampening"], weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"], maximize=group["maximize"],
+        )
+
+
+class ReferenceAdagrad(ReferenceOptimizer):
+    """FusedClipAdagrad, literally, in float64."""
+
+    ROUNDED = ("sum",)
+
+    def new_state(self, param: Tensor, group: dict) -> dict:
+        return {"step": 0,
+                "sum": torch.full_like(param, float(group["initial_accumulator_value"]))}
+
+    def update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+        adagrad_step(
+            param, grad, state, lr=group["lr"], lr_decay=group["lr_decay"],
+            weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"],
+        )
 
 
 # =========================================================================================
 # Clip policies (fusedclip.clipping): the float64 formulas of each policy, literally as
 # their sources state them. ``coefficients(grads, keys)`` gets the float64 gradients that
-# are present in a step (never a skipped step: ReferenceAdam skips before it asks) and a
+# are present in a step (never a skipped step: ReferenceOptimizer skips before it asks) and a
 # key per gradient (its (group, index)), and returns one coefficient per gradient.
 # ``clip_grads(grads, keys, params)`` returns the clipped gradients themselves (by default
 # each gradient times its coefficient); policies that are not one coefficient per gradient

@@ -32,6 +32,10 @@ DTYPE_NAMES = {
 }
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long or memory-hungry (tests/test_cuda.py)")
+
+
 @pytest.fixture(autouse=True)
 def _default_dtype():
     """Every test starts from float32 as the default dtype."""

@@ -12,6 +12,7 @@
 #include "fusedclip/adam.h"
 #include "fusedclip/grad_transform.h"
 #include "grad_transform_cpu.h"
+#include "host_scalars.h"
 #include "lanes.h"
 #include "multi_tensor.h"
 #include "vec_traits.h"
@@ -102,15 +103,6 @@ AdamChunkFn select_adam_chunk(WeightDecay wd, bool amsgrad) {
   TORCH_INTERNAL_ASSERT(false, "unknown weight decay mode");
 }
 
-// Adds one to a step counter (float32 or float64, as torch.optim keeps it) and
-// returns the new count.
-double increment_step(const at::Tensor& step) {
-  if (step.scalar_type() == at::kFloat) {
-    return static_cast<double>(++*step.data_ptr<float>());
-  }
-  return ++*step.data_ptr<double>();
-}
-
 void adam_cpu(at::TensorList params, at::TensorList grads,
               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
               at::TensorList max_exp_avg_sqs, at::TensorList steps, double lr,
@@ -127,13 +119,8 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
                   clip_coef, grad_scale, found_inf, clip_value, unit_coefs);
   if (params.empty()) return;
   // A skipped step changes nothing, not even the step counters.
-  if (found_inf.has_value() && read_cpu_scalar(*found_inf) != 0.0) return;
-  if (lr_tensor.has_value()) {
-    lr = read_cpu_scalar(*lr_tensor);
-    TORCH_CHECK(lr >= 0.0, "fusedclip: invalid learning rate ", lr,
-                " in lr_tensor (must be >= 0)");
-  }
-  const double inv_scale = grad_scale.has_value() ? 1.0 / read_cpu_scalar(*grad_scale) : 1.0;
+  const HostScalars host = HostScalars::read(lr, lr_tensor, clip_coef, grad_scale, found_inf);
+  if (host.skip) return;
   const WeightDecay wd = weight_decay == 0.0 ? WeightDecay::None
                          : decoupled_weight_decay ? WeightDecay::Decoupled
                                                   : WeightDecay::L2;
@@ -159,11 +146,8 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
                    flat[3].data_ptr(), amsgrad ? flat[4].data_ptr() : nullptr};
     keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());
 
-    const double coef = clip_coef.has_value()
-        ? read_cpu_scalar(*clip_coef, clip_coef->numel() == 1 ? 0 : static_cast<int64_t>(i))
-        : 1.0;
-    const double grad_mult = coef * inv_scale * (maximize ? -1.0 : 1.0);
-    scalars[i].adam = adam_scalars(lr, beta1, beta2, eps, weight_decay,
+    const double grad_mult = host.grad_mult(i, maximize);
+    scalars[i].adam = adam_scalars(host.lr, beta1, beta2, eps, weight_decay,
                                    increment_step(steps[i]), grad_mult);
     scalars[i].transform = tensor_transform(grad_mult, clip_value, unit_coefs, i, params[i]);
     numels[i] = params[i].numel();

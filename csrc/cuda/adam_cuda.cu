@@ -23,6 +23,7 @@
 
 #include "../checks.h"
 #include "../cpu/multi_tensor.h"  // FlatTensors: the layout handling of the CPU kernel
+#include "device_scalars.cuh"
 #include "fusedclip/adam.h"
 #include "fusedclip/grad_transform.h"
 #include "grad_transform.cuh"
@@ -31,36 +32,11 @@
 namespace fusedclip::cuda {
 namespace {
 
-// A float32 or float64 tensor of one value, or of one value per tensor, that
-// the kernel reads from device memory. Absent (null) reads as a default.
-struct DeviceScalar {
-  const void* ptr = nullptr;
-  int64_t stride = 0;  // elements between consecutive values; 0 for one value
-  bool is_double = false;
-
-  static DeviceScalar of(const std::optional<at::Tensor>& t) {
-    DeviceScalar s;
-    if (!t.has_value()) return s;
-    s.ptr = t->const_data_ptr();
-    s.stride = (t->dim() == 0 || t->numel() == 1) ? 0 : t->stride(0);
-    s.is_double = t->scalar_type() == at::kDouble;
-    return s;
-  }
-
-  __device__ __forceinline__ double load(int64_t index, double absent) const {
-    if (ptr == nullptr) return absent;
-    const int64_t offset = index * stride;
-    return is_double ? static_cast<const double*>(ptr)[offset]
-                     : static_cast<double>(static_cast<const float*>(ptr)[offset]);
-  }
-};
-
 // The arguments of one call, as the kernels need them.
 struct AdamArgs {
-  double lr, beta1, beta2, eps, weight_decay;
-  bool maximize;
-  bool step_is_double;  // all counters of the call have one dtype (see adam_cuda)
-  DeviceScalar lr_tensor, clip_coef, grad_scale, found_inf;
+  double beta1, beta2, eps, weight_decay;
+  bool step_is_double;  // all counters of the call have one dtype (StepCounters)
+  CallScalars call;
   TransformArgs transform;  // clip_value, unit_coefs (kUnitCoef, kUnitLen lists)
 };
 
@@ -87,25 +63,18 @@ struct AdamFunctor {
                                              const ChunkRef& c) const {
     // A skipped step writes nothing. All threads read the same flag, so the
     // whole block leaves together, before the barrier below.
-    if (args.found_inf.load(0, 0.0) != 0.0) return;
+    if (args.call.skip()) return;
 
     // The per-tensor scalars, folded once per block by one thread, exactly
     // as the CPU kernel folds them (in double, then rounded to the math type).
     __shared__ AdamScalars<opmath_t> shared_scalars;
     __shared__ GradTransform<double> shared_transform;
     if (threadIdx.x == 0) {
-      const void* step_ptr = meta.addresses[kStep][c.slot];
-      // The count after this step's increment, computed in the counter's own
-      // dtype as the CPU kernel's ++ does; the counter itself is written by
-      // the increment launch that follows.
-      const double step =
-          args.step_is_double
-              ? *static_cast<const double*>(step_ptr) + 1.0
-              : static_cast<double>(*static_cast<const float*>(step_ptr) + 1.0f);
-      const double inv_scale = 1.0 / args.grad_scale.load(0, 1.0);
-      const double grad_mult =
-          args.clip_coef.load(c.tensor, 1.0) * inv_scale * (args.maximize ? -1.0 : 1.0);
-      shared_scalars = adam_scalars(args.lr_tensor.load(0, args.lr), args.beta1, args.beta2,
+      // The count after this step's increment; the counter itself is written
+      // by the increment launch that follows.
+      const double step = next_step(meta.addresses[kStep][c.slot], args.step_is_double);
+      const double grad_mult = args.call.grad_mult(c.tensor);
+      shared_scalars = adam_scalars(args.call.learning_rate(), args.beta1, args.beta2,
                                     args.eps, args.weight_decay, step, grad_mult)
                            .template as<opmath_t>();
       shared_transform = grad_transform(grad_mult, args.transform.clip_value);
@@ -133,20 +102,6 @@ struct AdamFunctor {
         adam_update<WD, false>(x[0], grad, x[2], x[3], unused, s);
       }
     });
-  }
-};
-
-// Adds 1 to each step counter (a one-element list per tensor), unless the step
-// is skipped. One thread per counter does it.
-template <typename step_t>
-struct StepIncrementFunctor {
-  DeviceScalar found_inf;
-
-  __device__ __forceinline__ void operator()(const TensorListMetadata<1>& meta,
-                                             const ChunkRef& c) const {
-    if (threadIdx.x != 0 || found_inf.load(0, 0.0) != 0.0) return;
-    step_t* step = static_cast<step_t*>(meta.addresses[0][c.slot]);
-    *step = *step + step_t(1);
   }
 };
 
@@ -206,30 +161,14 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                                                   : WeightDecay::L2;
   const size_t n = params.size();
 
-  // The kernels read and write all counters of a call as one dtype. Where a
-  // call mixes float32 and float64 counters, float64 copies stand in and are
-  // copied home after the increment (float32 counts convert exactly).
-  bool steps_mixed = false;
-  for (const at::Tensor& s : steps) {
-    steps_mixed = steps_mixed || s.scalar_type() != steps[0].scalar_type();
-  }
-  std::vector<at::Tensor> step_work(steps.begin(), steps.end());
-  if (steps_mixed) {
-    for (at::Tensor& s : step_work) s = s.to(at::kDouble);
-  }
-
+  StepCounters counters(steps);
   AdamArgs args;
-  args.lr = lr;
   args.beta1 = beta1;
   args.beta2 = beta2;
   args.eps = eps;
   args.weight_decay = weight_decay;
-  args.maximize = maximize;
-  args.step_is_double = step_work[0].scalar_type() == at::kDouble;
-  args.lr_tensor = DeviceScalar::of(lr_tensor);
-  args.clip_coef = DeviceScalar::of(clip_coef);
-  args.grad_scale = DeviceScalar::of(grad_scale);
-  args.found_inf = DeviceScalar::of(found_inf);
+  args.step_is_double = counters.is_double();
+  args.call = CallScalars::of(lr, maximize, lr_tensor, clip_coef, grad_scale, found_inf);
   const UnitCoefLists unit_lists(clip_value, unit_coefs);
   args.transform = unit_lists.args();
 
@@ -251,8 +190,7 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
         flat_tensors.take(std::move(group), written, args.transform.unit_coefs);
     pointers[i] = {flat[0].data_ptr(), const_cast<void*>(flat[1].const_data_ptr()),
                    flat[2].data_ptr(), flat[3].data_ptr(),
-                   // Read only by the update launch; written by the increment.
-                   const_cast<void*>(step_work[i].const_data_ptr()),
+                   counters.ptr(i),
                    unit_lists.coef_ptr(i), UnitCoefLists::len_bits(params[i]),
                    amsgrad ? flat[4].data_ptr() : nullptr};
     numels[i] = params[i].numel();
@@ -263,24 +201,8 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                                   [&] { launch_adam_variant<scalar_t>(wd, amsgrad, pointers, numels, args); });
 
   // After the update, never during it: see the top of this file.
-  std::vector<TensorRef<1>> step_refs(n);
-  for (size_t i = 0; i < n; ++i) step_refs[i] = {{step_work[i].data_ptr()}, 1};
-  // One warp per counter is plenty: a single thread does the work.
-  constexpr int kStepThreads = 32;
-  if (args.step_is_double) {
-    multi_tensor_apply<1>(step_refs, StepIncrementFunctor<double>{args.found_inf}, kChunkSize,
-                          kStepThreads);
-  } else {
-    multi_tensor_apply<1>(step_refs, StepIncrementFunctor<float>{args.found_inf}, kChunkSize,
-                          kStepThreads);
-  }
-
+  counters.increment(args.call.found_inf);
   flat_tensors.copy_home();
-  if (steps_mixed) {
-    for (size_t i = 0; i < n; ++i) {
-      if (!step_work[i].is_same(steps[i])) steps[i].copy_(step_work[i]);
-    }
-  }
 }
 
 }  // namespace

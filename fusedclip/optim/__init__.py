@@ -1,5 +1,7 @@
 """The fused optimizers."""
 
+from fusedclip.optim.adagrad import FusedClipAdagrad
 from fusedclip.optim.adam import FusedClipAdam, FusedClipAdamW
+from fusedclip.optim.sgd import FusedClipSGD
 
-__all__ = ["FusedClipAdam", "FusedClipAdamW"]
+__all__ = ["FusedClipAdagrad", "FusedClipAdam", "FusedClipAdamW", "FusedClipSGD"]

@@ -6,14 +6,10 @@ import torch
 from torch import Tensor
 
 from fusedclip import ops
-from fusedclip.optim.base import FusedClipOptimizer, check_lr
+from fusedclip.optim.base import FusedClipOptimizer, check_lr, lr_args
+from fusedclip.optim.base import scalar_dtype as _scalar_dtype
 
 __all__ = ["FusedClipAdam", "FusedClipAdamW"]
-
-
-def _scalar_dtype() -> torch.dtype:
-    # torch.optim's dtype for the `step` counter.
-    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
 _ALGORITHM = r"""
@@ -160,11 +156,7 @@ class FusedClipAdam(FusedClipOptimizer):
             for p, s in zip(params, states):
                 if "max_exp_avg_sq" not in s:  # amsgrad switched on after the first step
                     s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        lr = group["lr"]
-        lr_tensor = None
-        if isinstance(lr, Tensor):
-            lr_tensor = lr if lr.device == device else lr.to(device, non_blocking=True)
-            lr = 0.0
+        lr, lr_tensor = lr_args(group["lr"], device)
         beta1, beta2 = group["betas"]
         ops.adam_(
             params,
@@ -173,7 +165,7 @@ class FusedClipAdam(FusedClipOptimizer):
             [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
             [s["step"] for s in states],
-            lr=float(lr), lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2),
+            lr=lr, lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2),
             eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
             amsgrad=amsgrad, maximize=group["maximize"],
             decoupled_weight_decay=group.get("decoupled_weight_decay", False),

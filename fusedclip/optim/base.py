@@ -57,12 +57,28 @@ def check_lr(lr, where: str = "") -> None:
             raise ValueError(f"Tensor lr must be a real floating tensor{where}, got {lr.dtype}")
         # A CPU value costs no device sync to read, so it is checked here, before
         # any group is updated (the kernel's own check would fire only when that
-        # group's turn comes, after earlier groups have changed).
-        if lr.device.type == "cpu" and not float(lr) >= 0.0:
+        # group's turn comes, after earlier groups have changed). Not while
+        # torch.compile traces: there float(lr) is a data-dependent read that
+        # breaks the graph, and the kernel's check still rejects a negative lr.
+        if (lr.device.type == "cpu" and not torch.compiler.is_compiling()
+                and not float(lr) >= 0.0):
             raise ValueError(f"Invalid learning rate: {float(lr)}{where}")
         return
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0.0 <= lr:
         raise ValueError(f"Invalid learning rate: {lr}{where}")
+
+
+def scalar_dtype() -> torch.dtype:
+    """torch.optim's dtype for `step` counters (float64 under a float64 default dtype)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def lr_args(lr, device: torch.device) -> tuple[float, Tensor | None]:
+    """A group's lr as the fused ops take it: ``(lr, None)`` for a float,
+    ``(0.0, tensor on device)`` for a tensor (read by the kernel, no sync)."""
+    if isinstance(lr, Tensor):
+        return 0.0, (lr if lr.device == device else lr.to(device, non_blocking=True))
+    return float(lr), None
 
 
 def bucket_by_device_and_dtype(params: list[Tensor]) -> dict[tuple, list[int]]:
@@ -119,8 +135,8 @@ class FusedClipOptimizer(Optimizer):
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._check_group(group)
+        # Updated in place by every step, never re-bound (see _record_stats).
         self.clip_stats: dict[str, Tensor] = {}
-        self._skipped: Tensor | None = None
         # The clip policy's state: its own dict, and one dict per parameter.
         self._policy_state: dict = {}
         self._policy_tensor_state: dict = {}
@@ -375,18 +391,26 @@ class FusedClipOptimizer(Optimizer):
         return torch.cat([t.to(device, non_blocking=True) for t in ordered])
 
     def _record_stats(self, total_norm, clip_coef, skip, device, tensor_norms=None) -> None:
-        if self._skipped is None:
-            self._skipped = torch.zeros((), dtype=torch.int64, device=device)
+        # The dict is filled in place and the skipped counter kept in it rather
+        # than in an attribute of its own: inside torch.compile(opt.step),
+        # dynamo silently drops attribute assignments on an Optimizer (torch
+        # 2.13; `self.x = ...` never happens), while it replays the mutation of
+        # a dict the optimizer holds. Each step's tensors are new ones, so a
+        # tensor a caller kept from an earlier step keeps its value.
+        stats = self.clip_stats
+        skipped = stats.get("skipped")
+        if skipped is None:
+            skipped = torch.zeros((), dtype=torch.int64, device=device)
         if skip is not None:
-            self._skipped += skip.to(self._skipped.device, torch.int64, non_blocking=True)
-        stats = {"skipped": self._skipped}
+            skipped += skip.to(skipped.device, torch.int64, non_blocking=True)
+        stats.clear()
+        stats["skipped"] = skipped
         if total_norm is not None:
             stats["grad_norm"] = total_norm
         if clip_coef is not None:
             stats["clip_coef"] = clip_coef
         if tensor_norms is not None:
             stats["tensor_norms"] = tensor_norms
-        self.clip_stats = stats
 
     # -- state_dict: the clip policy's state ----------------------------------------
     def state_dict(self):

@@ -1,0 +1,102 @@
+// CPU kernel of fusedclip::adagrad_: one parallel region over chunks of all
+// tensors; each chunk loads, calls the shared rule of fusedclip/adagrad.h on
+// SIMD vectors, and stores. Per-tensor scalars (clip coefficient, the decayed
+// learning rate) are folded once per tensor before the element loop.
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "fusedclip/adagrad.h"
+#include "host_scalars.h"
+#include "lanes.h"
+#include "multi_tensor.h"
+#include "vec_traits.h"
+
+namespace fusedclip::cpu {
+namespace {
+
+struct AdagradPointers {
+  void* param;
+  const void* grad;
+  void* sum;
+};
+
+template <typename scalar_t, bool WD>
+void adagrad_chunk(const AdagradPointers& ptrs, int64_t begin, int64_t end,
+                   const AdagradScalars<double>& scalars) {
+  using L = Lanes<scalar_t>;
+  using OpVec = typename L::OpVec;
+  using opmath_t = typename L::opmath_t;
+  const AdagradScalars<OpVec> s = scalars.as<opmath_t>().template as<OpVec>();
+  auto* param = static_cast<scalar_t*>(ptrs.param) + begin;
+  auto* grad = static_cast<const scalar_t*>(ptrs.grad) + begin;
+  auto* sum = static_cast<scalar_t*>(ptrs.sum) + begin;
+
+  const int64_t n = end - begin;
+  OpVec p[L::kParts], g[L::kParts], v[L::kParts];
+  for (int64_t i = 0; i < n; i += L::kWidth) {
+    const int64_t count = std::min<int64_t>(L::kWidth, n - i);
+    L::load(param + i, count, p);
+    L::load(grad + i, count, g);
+    L::load(sum + i, count, v);
+    for (int k = 0; k < L::kParts; ++k) {
+      adagrad_update<WD>(p[k], g[k], v[k], s);
+    }
+    L::store(param + i, count, p);
+    L::store(sum + i, count, v);
+  }
+}
+
+void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
+                 at::TensorList steps, double lr, const std::optional<at::Tensor>& lr_tensor,
+                 double lr_decay, double weight_decay, double eps, bool maximize,
+                 const std::optional<at::Tensor>& clip_coef,
+                 const std::optional<at::Tensor>& grad_scale,
+                 const std::optional<at::Tensor>& found_inf) {
+  check_adagrad_args(params, grads, state_sums, steps, lr, lr_tensor, lr_decay, weight_decay,
+                     eps, clip_coef, grad_scale, found_inf);
+  if (params.empty()) return;
+  // A skipped step changes nothing, not even the step counters.
+  const HostScalars host = HostScalars::read(lr, lr_tensor, clip_coef, grad_scale, found_inf);
+  if (host.skip) return;
+
+  const size_t n = params.size();
+  FlatTensors flat_tensors;
+  std::vector<AdagradPointers> pointers(n);
+  std::vector<AdagradScalars<double>> scalars(n);
+  std::vector<int64_t> numels(n);
+  std::vector<at::Tensor> keep_alive;  // contiguous stand-ins live until copied home
+  int64_t total_numel = 0;
+  for (size_t i = 0; i < n; ++i) {
+    std::vector<at::Tensor> flat = flat_tensors.take({params[i], grads[i], state_sums[i]},
+                                                     {true, false, true});
+    pointers[i] = {flat[0].data_ptr(), flat[1].const_data_ptr(), flat[2].data_ptr()};
+    keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());
+    scalars[i] = adagrad_scalars(host.lr, lr_decay, weight_decay, eps,
+                                 increment_step(steps[i]), host.grad_mult(i, maximize));
+    numels[i] = params[i].numel();
+    total_numel += numels[i];
+  }
+
+  const std::vector<Chunk> chunks = make_chunks(numels);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adagrad_cpu", [&] {
+    const auto chunk_fn = weight_decay != 0.0 ? adagrad_chunk<scalar_t, true>
+                                              : adagrad_chunk<scalar_t, false>;
+    for_each_chunk(chunks, total_numel, [&](int64_t c) {
+      const Chunk& ch = chunks[c];
+      chunk_fn(pointers[ch.tensor], ch.begin, ch.end, scalars[ch.tensor]);
+    });
+  });
+  flat_tensors.copy_home();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
+  m.impl("adagrad_", &adagrad_cpu);
+}
+
+}  // namespace fusedclip::cpu

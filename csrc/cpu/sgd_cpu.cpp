@@ -1,0 +1,145 @@
+// CPU kernel of fusedclip::sgd_: one parallel region over chunks of all
+// tensors; each chunk loads, calls the shared rule of fusedclip/sgd.h on SIMD
+// vectors, and stores. Whether a tensor's momentum buffer takes its first step
+// is read from its buffer_steps counter (CPU memory: no sync) once per tensor,
+// and picks the variant of the chunk loop; the element loop never branches.
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "fusedclip/sgd.h"
+#include "host_scalars.h"
+#include "lanes.h"
+#include "multi_tensor.h"
+#include "vec_traits.h"
+
+namespace fusedclip::cpu {
+namespace {
+
+struct SgdPointers {
+  void* param;
+  const void* grad;
+  void* buf;  // null without momentum
+};
+
+template <typename scalar_t, bool WD, Momentum M, bool FIRST>
+void sgd_chunk(const SgdPointers& ptrs, int64_t begin, int64_t end,
+               const SgdScalars<double>& scalars) {
+  using L = Lanes<scalar_t>;
+  using OpVec = typename L::OpVec;
+  using opmath_t = typename L::opmath_t;
+  constexpr bool kBuf = M != Momentum::None;
+  const SgdScalars<OpVec> s = scalars.as<opmath_t>().template as<OpVec>();
+  auto* param = static_cast<scalar_t*>(ptrs.param) + begin;
+  auto* grad = static_cast<const scalar_t*>(ptrs.grad) + begin;
+  auto* buf = static_cast<scalar_t*>(ptrs.buf);
+  if (kBuf) buf += begin;
+
+  const int64_t n = end - begin;
+  OpVec p[L::kParts], g[L::kParts], b[L::kParts];
+  for (int64_t i = 0; i < n; i += L::kWidth) {
+    const int64_t count = std::min<int64_t>(L::kWidth, n - i);
+    L::load(param + i, count, p);
+    L::load(grad + i, count, g);
+    // The first step overwrites the buffer without reading it.
+    if constexpr (kBuf && !FIRST) L::load(buf + i, count, b);
+    for (int k = 0; k < L::kParts; ++k) {
+      sgd_update<WD, M, FIRST>(p[k], g[k], b[k], s);
+    }
+    L::store(param + i, count, p);
+    if constexpr (kBuf) L::store(buf + i, count, b);
+  }
+}
+
+using SgdChunkFn = void (*)(const SgdPointers&, int64_t, int64_t, const SgdScalars<double>&);
+
+template <typename scalar_t, bool WD>
+SgdChunkFn select_sgd_chunk_wd(Momentum m, bool first) {
+  switch (m) {
+    case Momentum::None:
+      return sgd_chunk<scalar_t, WD, Momentum::None, false>;
+    case Momentum::Heavy:
+      return first ? sgd_chunk<scalar_t, WD, Momentum::Heavy, true>
+                   : sgd_chunk<scalar_t, WD, Momentum::Heavy, false>;
+    case Momentum::Nesterov:
+      return first ? sgd_chunk<scalar_t, WD, Momentum::Nesterov, true>
+                   : sgd_chunk<scalar_t, WD, Momentum::Nesterov, false>;
+  }
+  TORCH_INTERNAL_ASSERT(false, "unknown momentum mode");
+}
+
+// The variant is chosen once per tensor, never inside the element loop.
+template <typename scalar_t>
+SgdChunkFn select_sgd_chunk(bool weight_decay, Momentum m, bool first) {
+  return weight_decay ? select_sgd_chunk_wd<scalar_t, true>(m, first)
+                      : select_sgd_chunk_wd<scalar_t, false>(m, first);
+}
+
+void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+             at::TensorList buffer_steps, double lr, const std::optional<at::Tensor>& lr_tensor,
+             double momentum, double dampening, double weight_decay, bool nesterov,
+             bool maximize, const std::optional<at::Tensor>& clip_coef,
+             const std::optional<at::Tensor>& grad_scale,
+             const std::optional<at::Tensor>& found_inf) {
+  check_sgd_args(params, grads, momentum_buffers, buffer_steps, lr, lr_tensor, momentum,
+                 dampening, weight_decay, nesterov, clip_coef, grad_scale, found_inf);
+  if (params.empty()) return;
+  // A skipped step changes nothing, buffer_steps included: the next step is
+  // then a buffer's first step if this one was to be.
+  const HostScalars host = HostScalars::read(lr, lr_tensor, clip_coef, grad_scale, found_inf);
+  if (host.skip) return;
+  const Momentum mode = momentum == 0.0 ? Momentum::None
+                        : nesterov      ? Momentum::Nesterov
+                                        : Momentum::Heavy;
+  const bool has_buf = mode != Momentum::None;
+
+  const size_t n = params.size();
+  FlatTensors flat_tensors;
+  std::vector<SgdPointers> pointers(n);
+  std::vector<SgdScalars<double>> scalars(n);
+  std::vector<bool> first(n, false);
+  std::vector<int64_t> numels(n);
+  std::vector<at::Tensor> keep_alive;  // contiguous stand-ins live until copied home
+  int64_t total_numel = 0;
+  for (size_t i = 0; i < n; ++i) {
+    std::vector<at::Tensor> group = {params[i], grads[i]};
+    std::vector<bool> written = {true, false};
+    if (has_buf) {
+      group.push_back(momentum_buffers[i]);
+      written.push_back(true);
+    }
+    std::vector<at::Tensor> flat = flat_tensors.take(std::move(group), written);
+    pointers[i] = {flat[0].data_ptr(), flat[1].const_data_ptr(),
+                   has_buf ? flat[2].data_ptr() : nullptr};
+    keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());
+    if (has_buf) first[i] = increment_step(buffer_steps[i]) == 1.0;
+    scalars[i] = sgd_scalars(host.lr, momentum, dampening, weight_decay,
+                             host.grad_mult(i, maximize));
+    numels[i] = params[i].numel();
+    total_numel += numels[i];
+  }
+
+  const std::vector<Chunk> chunks = make_chunks(numels);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_cpu", [&] {
+    std::vector<SgdChunkFn> chunk_fns(n);
+    for (size_t i = 0; i < n; ++i) {
+      chunk_fns[i] = select_sgd_chunk<scalar_t>(weight_decay != 0.0, mode, first[i]);
+    }
+    for_each_chunk(chunks, total_numel, [&](int64_t c) {
+      const Chunk& ch = chunks[c];
+      chunk_fns[ch.tensor](pointers[ch.tensor], ch.begin, ch.end, scalars[ch.tensor]);
+    });
+  });
+  flat_tensors.copy_home();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
+  m.impl("sgd_", &sgd_cpu);
+}
+
+}  // namespace fusedclip::cpu

@@ -1,0 +1,142 @@
+"""FusedClipAdagrad."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fusedclip import ops
+from fusedclip.optim.base import FusedClipOptimizer, check_lr, lr_args, scalar_dtype
+
+__all__ = ["FusedClipAdagrad"]
+
+
+class FusedClipAdagrad(FusedClipOptimizer):
+    r"""Implements Adagrad with gradient clipping fused into the step.
+
+    Drop-in for ``torch.optim.Adagrad`` (same arguments, defaults and state),
+    plus keyword-only ``clip=`` and ``nonfinite=``. As in torch, the state of
+    every parameter (``step``, ``sum``) is made when it joins the optimizer.
+
+    .. math::
+       \begin{aligned}
+            &\textbf{input}: \gamma \text{ (lr)}, \theta_0, \lambda \text{ (weight decay)},
+                \eta \text{ (lr decay)}, \tau \text{ (initial accumulator value)},
+                \epsilon, \text{clip policy } C, \textit{maximize}                  \\
+            &\textbf{initialize}: state\_sum_0 \leftarrow \tau                       \\
+            &\textbf{for}\: t=1 \: \textbf{to} \: \ldots \: \textbf{do}             \\
+            &\hspace{5mm} g_t \leftarrow \nabla_\theta f_t(\theta_{t-1})              \\
+            &\hspace{5mm} \textbf{if}\: \text{any } g_t \text{ is inf/nan and nonfinite = skip}:
+                \textbf{continue} \text{ (nothing changes, } t \text{ included)}     \\
+            &\hspace{5mm} g_t \leftarrow c_t\, g_t, \quad
+                c_t = C(\lVert g_t \rVert) \text{ e.g. }
+                \min(1, \text{max\_norm} / (\lVert g_t \rVert + 10^{-6}))            \\
+            &\hspace{5mm} \textbf{if}\: \textit{maximize}: g_t \leftarrow -g_t        \\
+            &\hspace{5mm} \tilde{\gamma} \leftarrow \gamma / (1 + (t-1) \eta)         \\
+            &\hspace{5mm} \textbf{if}\: \lambda \neq 0: g_t \leftarrow g_t + \lambda \theta_{t-1} \\
+            &\hspace{5mm} state\_sum_t \leftarrow state\_sum_{t-1} + g^2_t            \\
+            &\hspace{5mm} \theta_t \leftarrow \theta_{t-1} - \tilde{\gamma}
+                \frac{g_t}{\sqrt{state\_sum_t} + \epsilon}                            \\
+       \end{aligned}
+
+    Args:
+        params (iterable): iterable of parameters or named parameters to
+            optimize, or of dicts defining parameter groups.
+        lr (float, Tensor, optional): learning rate (default: 1e-2)
+        lr_decay (float, optional): learning rate decay (default: 0)
+        weight_decay (float, optional): weight decay (L2 penalty) (default: 0)
+        initial_accumulator_value (float, optional): initial value of the
+            sums of squares of gradients (default: 0)
+        eps (float, optional): term added to the denominator to improve
+            numerical stability (default: 1e-10)
+        maximize (bool, optional): maximize the objective instead of minimizing
+            (default: False)
+        clip (None, float or ClipPolicy, optional): gradient clipping fused into
+            the step: ``None`` for none, a float for the global L2 norm with that
+            ``max_norm`` (exactly ``clip_grad_norm_``), or a policy such as
+            ``fusedclip.GlobalNorm(max_norm, norm_type=inf)``. One global norm
+            covers all parameter groups. (default: None)
+        nonfinite (str, optional): what a step whose gradients hold inf or nan
+            does: ``"skip"`` changes no parameter and no state (step counts
+            included) and counts it in ``clip_stats["skipped"]``; ``"raise"``
+            raises before anything changes (and so reads one flag on the host);
+            ``"propagate"`` lets inf/nan flow into the update as torch.optim
+            does. Under ``torch.amp.GradScaler`` a step the scaler finds inf in
+            is always skipped. (default: "skip")
+
+    After each step, ``opt.clip_stats`` holds device tensors: ``grad_norm`` (the
+    pre-clip global norm), ``clip_coef`` and ``skipped`` (the number of skipped
+    steps). Reading them is the caller's host sync. State keys are torch's
+    (``step``, ``sum``): state dicts move between this optimizer and
+    ``torch.optim.Adagrad`` both ways. ``step`` lives on the parameter's device
+    (torch.optim keeps it on the CPU; loading a torch state dict moves it).
+
+    References:
+        Duchi, Hazan & Singer, *Adaptive Subgradient Methods for Online
+        Learning and Stochastic Optimization*, JMLR 12, 2011.
+        Pascanu, Mikolov & Bengio, *On the difficulty of training recurrent
+        neural networks*, ICML 2013 (clipping by the global norm).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-2,
+        lr_decay: float = 0,
+        weight_decay: float = 0,
+        initial_accumulator_value: float = 0,
+        eps: float = 1e-10,
+        *,
+        maximize: bool = False,
+        clip=None,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize,
+        )
+        super().__init__(params, defaults, clip=clip, nonfinite=nonfinite)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Adds a group and, as torch.optim.Adagrad does, its parameters' state."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        for p in group["params"]:
+            state = self.state[p]
+            if len(state) == 0:
+                self._init_state(p, group, state)
+
+    def _check_group(self, group: dict) -> None:
+        check_lr(group["lr"])
+        for key, name in (("lr_decay", "lr_decay"), ("weight_decay", "weight_decay"),
+                          ("initial_accumulator_value", "initial_accumulator_value"),
+                          ("eps", "epsilon")):
+            value = group[key]
+            if isinstance(value, Tensor):
+                raise ValueError(
+                    f"{key} is a Tensor; {type(self).__name__} takes a float {key}")
+            if (not isinstance(value, (int, float)) or isinstance(value, bool)
+                    or not 0.0 <= value):
+                raise ValueError(f"Invalid {name} value: {value}")
+
+    def _init_state(self, param: Tensor, group: dict, state: dict) -> None:
+        state["step"] = torch.zeros((), dtype=scalar_dtype(), device=param.device)
+        state["sum"] = torch.full_like(param, group["initial_accumulator_value"],
+                                       memory_format=torch.preserve_format)
+
+    def _update(self, group, params, *, device, clip_coef, grad_scale, found_inf) -> None:
+        states = [self.state[p] for p in params]
+        lr, lr_tensor = lr_args(group["lr"], device)
+        ops.adagrad_(
+            params, [p.grad for p in params], [s["sum"] for s in states],
+            [s["step"] for s in states],
+            lr=lr, lr_tensor=lr_tensor, lr_decay=float(group["lr_decay"]),
+            weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
+            maximize=bool(group["maximize"]), clip_coef=clip_coef, grad_scale=grad_scale,
+            found_inf=found_inf,
+        )

@@ -1,0 +1,179 @@
+"""FusedClipSGD: SGD with momentum, dampening and Nesterov momentum."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from fusedclip import ops
+from fusedclip.optim.base import FusedClipOptimizer, check_lr, lr_args
+
+__all__ = ["FusedClipSGD"]
+
+
+def _check_real(value, name: str, where: str = "") -> None:
+    if isinstance(value, Tensor):
+        raise ValueError(f"{name} is a Tensor{where}; FusedClipSGD takes a float {name}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f"Invalid {name} value: {value!r}")
+
+
+class FusedClipSGD(FusedClipOptimizer):
+    r"""Implements stochastic gradient descent (optionally with momentum) with
+    gradient clipping fused into the step.
+
+    Drop-in for ``torch.optim.SGD`` (same arguments, defaults and state),
+    plus keyword-only ``clip=`` and ``nonfinite=``. With ``momentum=0`` and
+    ``clip=fusedclip.Normalize()`` it is normalized SGD.
+
+    .. math::
+       \begin{aligned}
+            &\textbf{input}: \gamma \text{ (lr)}, \theta_0, \lambda \text{ (weight decay)},
+                \mu \text{ (momentum)}, \tau \text{ (dampening)}, \text{clip policy } C,
+                \textit{nesterov}, \textit{maximize}                                  \\
+            &\textbf{for}\: t=1 \: \textbf{to} \: \ldots \: \textbf{do}             \\
+            &\hspace{5mm} g_t \leftarrow \nabla_\theta f_t(\theta_{t-1})              \\
+            &\hspace{5mm} \textbf{if}\: \text{any } g_t \text{ is inf/nan and nonfinite = skip}:
+                \textbf{continue} \text{ (nothing changes)}                          \\
+            &\hspace{5mm} g_t \leftarrow c_t\, g_t, \quad
+                c_t = C(\lVert g_t \rVert) \text{ e.g. }
+                \min(1, \text{max\_norm} / (\lVert g_t \rVert + 10^{-6}))            \\
+            &\hspace{5mm} \textbf{if}\: \textit{maximize}: g_t \leftarrow -g_t        \\
+            &\hspace{5mm} \textbf{if}\: \lambda \neq 0: g_t \leftarrow g_t + \lambda \theta_{t-1} \\
+            &\hspace{5mm} \textbf{if}\: \mu \neq 0                                    \\
+            &\hspace{10mm} \textbf{if}\: \text{the buffer's first (not skipped) step}:
+                \textbf{b}_t \leftarrow g_t                                         \\
+            &\hspace{10mm} \textbf{else}: \textbf{b}_t \leftarrow \mu \textbf{b}_{t-1}
+                + (1-\tau) g_t                                                      \\
+            &\hspace{10mm} \textbf{if}\: \textit{nesterov}: g_t \leftarrow g_t + \mu \textbf{b}_t \\
+            &\hspace{10mm} \textbf{else}: g_t \leftarrow \textbf{b}_t                 \\
+            &\hspace{5mm} \theta_t \leftarrow \theta_{t-1} - \gamma g_t               \\
+       \end{aligned}
+
+    Args:
+        params (iterable): iterable of parameters or named parameters to
+            optimize, or of dicts defining parameter groups.
+        lr (float, Tensor, optional): learning rate (default: 1e-3)
+        momentum (float, optional): momentum factor (default: 0)
+        dampening (float, optional): dampening for momentum (default: 0)
+        weight_decay (float, optional): weight decay (L2 penalty) (default: 0)
+        nesterov (bool, optional): enables Nesterov momentum; needs
+            ``momentum > 0`` and ``dampening == 0`` (default: False)
+        maximize (bool, optional): maximize the objective instead of minimizing
+            (default: False)
+        clip (None, float or ClipPolicy, optional): gradient clipping fused into
+            the step: ``None`` for none, a float for the global L2 norm with that
+            ``max_norm`` (exactly ``clip_grad_norm_``), or a policy such as
+            ``fusedclip.GlobalNorm(max_norm, norm_type=inf)``. One global norm
+            covers all parameter groups. (default: None)
+        nonfinite (str, optional): what a step whose gradients hold inf or nan
+            does: ``"skip"`` changes no parameter and no state and counts it in
+            ``clip_stats["skipped"]`` (a skipped first step leaves the next one
+            a first step: the buffer is then the gradient, as in torch);
+            ``"raise"`` raises before anything changes (and so reads one flag on
+            the host); ``"propagate"`` lets inf/nan flow into the update as
+            torch.optim does. Under ``torch.amp.GradScaler`` a step the scaler
+            finds inf in is always skipped. (default: "skip")
+
+    After each step, ``opt.clip_stats`` holds device tensors: ``grad_norm`` (the
+    pre-clip global norm), ``clip_coef`` and ``skipped`` (the number of skipped
+    steps). Reading them is the caller's host sync. The state key is torch's
+    (``momentum_buffer``, only with momentum): state dicts move between this
+    optimizer and ``torch.optim.SGD`` both ways.
+
+    .. note:: The momentum buffer is allocated (zero) before its first step, so
+       that the kernel can write it without a host sync; whether that first
+       step happened is kept on the device beside the buffer, not in the state
+       dict. A state dict taken after a skipped first step and before any good
+       one therefore holds a zero buffer that torch.optim.SGD would treat as
+       started (``mu * 0 + (1 - dampening) g`` instead of ``g``).
+
+    References:
+        Polyak, *Some methods of speeding up the convergence of iteration
+        methods*, USSR Computational Mathematics and Mathematical Physics, 1964
+        (heavy-ball momentum).
+        Sutskever, Martens, Dahl & Hinton, *On the importance of initialization
+        and momentum in deep learning*, ICML 2013 (momentum and Nesterov
+        momentum in this form).
+        Pascanu, Mikolov & Bengio, *On the difficulty of training recurrent
+        neural networks*, ICML 2013 (clipping by the global norm).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 1e-3,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        clip=None,
+        nonfinite: str = "skip",
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+            nesterov=nesterov, maximize=maximize,
+        )
+        super().__init__(params, defaults, clip=clip, nonfinite=nonfinite)
+        # Per parameter, (buffer, counter): how many steps that buffer has
+        # taken, on the parameter's device (see the note above).
+        self._buffer_steps: dict[Tensor, tuple[Tensor, Tensor]] = {}
+
+    def _check_group(self, group: dict) -> None:
+        check_lr(group["lr"])
+        momentum, dampening = group["momentum"], group["dampening"]
+        weight_decay = group["weight_decay"]
+        _check_real(momentum, "momentum")
+        if not 0.0 <= momentum:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        _check_real(dampening, "dampening")
+        if not math.isfinite(dampening):
+            raise ValueError(f"Invalid dampening value: {dampening}")
+        _check_real(weight_decay, "weight_decay")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if group["nesterov"] and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def _init_state(self, param: Tensor, group: dict, state: dict) -> None:
+        # torch.optim.SGD keeps no state entry at all without momentum, so
+        # the empty one made for this call goes; the momentum buffer is made
+        # by _update, also when momentum is switched on later.
+        if not state:
+            self.state.pop(param, None)
+
+    def _buffers(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Each parameter's momentum buffer and its step counter, made where missing."""
+        table = self.__dict__.setdefault("_buffer_steps", {})
+        buffers, counters = [], []
+        for p in params:
+            state = self.state[p]
+            buf = state.get("momentum_buffer")
+            entry = table.get(p)
+            if buf is None:
+                # Zero until its first step, which overwrites it with the gradient.
+                buf = state["momentum_buffer"] = torch.zeros_like(
+                    p, memory_format=torch.preserve_format)
+                entry = table[p] = (buf, torch.zeros((), dtype=torch.float32, device=p.device))
+            elif entry is None or entry[0] is not buf:
+                # A buffer that came with a state dict (torch's or ours): started.
+                entry = table[p] = (buf, torch.ones((), dtype=torch.float32, device=p.device))
+            buffers.append(buf)
+            counters.append(entry[1])
+        return buffers, counters
+
+    def _update(self, group, params, *, device, clip_coef, grad_scale, found_inf) -> None:
+        momentum = float(group["momentum"])
+        buffers, counters = self._buffers(params) if momentum != 0 else ([], [])
+        lr, lr_tensor = lr_args(group["lr"], device)
+        ops.sgd_(
+            params, [p.grad for p in params], buffers, counters,
+            lr=lr, lr_tensor=lr_tensor, momentum=momentum,
+            dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
+            nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
+            clip_coef=clip_coef, grad_scale=grad_scale, found_inf=found_inf,
+        )
