@@ -41,7 +41,9 @@ void check_sgd_args(at::TensorList params, at::TensorList grads,
                     double momentum, double dampening, double weight_decay,
                     bool nesterov, const std::optional<at::Tensor>& clip_coef,
                     const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf);
+                    const std::optional<at::Tensor>& found_inf,
+                    std::optional<double> clip_value,
+                    const std::optional<at::TensorList>& unit_coefs);
 
 void check_adagrad_args(at::TensorList params, at::TensorList grads,
                         at::TensorList state_sums, at::TensorList steps,

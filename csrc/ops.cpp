@@ -53,12 +53,14 @@ TORCH_LIBRARY(fusedclip, m) {
   // the steps that buffer has taken. Where it is 0 this step is the buffer's
   // first, which copies the gradient into it (torch's `buf is None`); it is
   // incremented like Adam's step counters, so a skipped first step leaves
-  // the next one a first step. Gradient, found_inf, lr_tensor as for adam_.
+  // the next one a first step. Gradient (clip_coef, grad_scale, clip_value,
+  // unit_coefs: the shared transform), found_inf, lr_tensor as for adam_.
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!)[] buffer_steps, *, float lr, Tensor? lr_tensor, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "Tensor? clip_coef, Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "Tensor? clip_coef, Tensor? grad_scale, Tensor? found_inf, "
+      "float? clip_value=None, Tensor[]? unit_coefs=None) -> ()");
   // Adagrad over many tensors in place, with torch.optim.Adagrad's options.
   // Each steps[i] is incremented before the decayed learning rate
   // lr / (1 + (step - 1) * lr_decay) is computed. Gradient, found_inf and
@@ -253,7 +255,9 @@ void check_sgd_args(at::TensorList params, at::TensorList grads,
                     double momentum, double dampening, double weight_decay,
                     bool nesterov, const std::optional<at::Tensor>& clip_coef,
                     const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
+                    const std::optional<at::Tensor>& found_inf,
+                    std::optional<double> clip_value,
+                    const std::optional<at::TensorList>& unit_coefs) {
   TORCH_CHECK(lr >= 0.0, "fusedclip: invalid learning rate ", lr,
               " (must be >= 0)");
   TORCH_CHECK(momentum >= 0.0, "fusedclip: invalid momentum ", momentum,
@@ -284,6 +288,7 @@ void check_sgd_args(at::TensorList params, at::TensorList grads,
   }
   check_call_tensors(lr_tensor, clip_coef, grad_scale, found_inf, params.size(),
                      device);
+  check_grad_transform_args(params, clip_value, unit_coefs);
 }
 
 void check_adagrad_args(at::TensorList params, at::TensorList grads,

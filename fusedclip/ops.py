@@ -119,7 +119,8 @@ def sgd_(
     lr: float, lr_tensor: torch.Tensor | None, momentum: float, dampening: float,
     weight_decay: float, nesterov: bool, maximize: bool,
     clip_coef: torch.Tensor | None, grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
+    found_inf: torch.Tensor | None, clip_value: float | None = None,
+    unit_coefs: list[torch.Tensor] | None = None,
 ) -> None:
     """SGD (momentum, dampening, Nesterov) over many tensors in place (see
     csrc/ops.cpp for the schema).
@@ -127,8 +128,9 @@ def sgd_(
     Without momentum, ``momentum_buffers`` and ``buffer_steps`` are empty.
     ``buffer_steps[i]`` counts the steps buffer i has taken: where it is 0 the
     gradient is copied into the buffer (torch.optim.SGD's first step), after
-    which it is incremented. The gradient used is ``grad * clip_coef /
-    grad_scale`` (negated when ``maximize``); where ``found_inf`` is non-zero
+    which it is incremented. The gradient used is, as for :func:`adam_`,
+    ``clamp(grad * clip_coef * unit_coef / grad_scale, -clip_value,
+    clip_value)`` (negated when ``maximize``); where ``found_inf`` is non-zero
     nothing changes, ``buffer_steps`` included.
     """
     _ops.sgd_(
@@ -136,12 +138,14 @@ def sgd_(
         lr=lr, lr_tensor=lr_tensor, momentum=momentum, dampening=dampening,
         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
         clip_coef=clip_coef, grad_scale=grad_scale, found_inf=found_inf,
+        clip_value=None if clip_value is None else float(clip_value), unit_coefs=unit_coefs,
     )
 
 
 @torch.library.register_fake("fusedclip::sgd_")
 def _sgd_fake(params, grads, momentum_buffers, buffer_steps, *, lr, lr_tensor, momentum,
-              dampening, weight_decay, nesterov, maximize, clip_coef, grad_scale, found_inf):
+              dampening, weight_decay, nesterov, maximize, clip_coef, grad_scale, found_inf,
+              clip_value=None, unit_coefs=None):
     return None
 
 

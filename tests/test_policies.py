@@ -1,4 +1,5 @@
-"""The clip policies of fusedclip.clipping with FusedClipAdam/AdamW: against the
+"""The clip policies of fusedclip.clipping with FusedClipAdam/AdamW (and, for
+ValueClip and AGC, FusedClipSGD/FusedClipAdagrad at the end): against the
 float64 reference (fusedclip/reference.py) step for step, against the behaviour
 each one is named after (torch's clip_grad_norm_ and clip_grad_value_, the
 AutoClip paper's code, zclip 1.0.0, pytorch_optimizer 4.1.0's AdaGC, timm's
@@ -804,3 +805,144 @@ def test_agc_with_mixed_dtypes_is_timms():
         coef = fopt.clip_stats["clip_coef"]
         assert coef.shape == (6 + 1 + 3 + 5,)
         assert_close(coef.double(), torch.cat(expected), TORCH_PARITY[torch.float32], f"coef {step}")
+
+
+# -- ValueClip and AGC with FusedClipSGD and FusedClipAdagrad ----------------------------------
+# Every policy works with all four optimizer families; the per-tensor and global
+# policies reach SGD and Adagrad through clip_coef like Adam (test_sgd.py,
+# test_adagrad.py), ValueClip and AGC through the shared gradient transform.
+# Configurations as data: id -> (kind, hyperparameters).
+FAMILY_CONFIGS = {
+    "SGD-momentum": ("SGD", dict(momentum=0.9, dampening=0.1, weight_decay=0.01)),
+    "SGD-nesterov-max": ("SGD", dict(momentum=0.8, nesterov=True, maximize=True)),
+}
+FAMILY_POLICIES = ["ValueClip(0.3)", "AGC(0.3)", "AGC(0.5,eps3)"]
+# Steps of the reference run skipped by non-finite gradients (step 0: the first
+# step, so SGD's buffers start later) and by a GradScaler's found_inf, and one
+# under a GradScaler that is not skipped (scaled gradients, unscaled norms).
+FAMILY_NONFINITE_SKIPS, FAMILY_SCALER_SKIPS, FAMILY_SCALED = (0, 6), (3,), (9,)
+
+
+def _family_problem(dtype, specs=SPECS, seed=5) -> Problem:
+    return Problem(groups=[{"specs": specs[:4], "lr": 0.01}, {"specs": specs[4:], "lr": 0.003}],
+                   dtype=dtype, grad_std=0.5, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("config", list(FAMILY_CONFIGS))
+@pytest.mark.parametrize("name", FAMILY_POLICIES)
+def test_family_matches_reference(name, config, dtype):
+    """FusedClipSGD / FusedClipAdagrad with ValueClip and AGC against the
+    float64 reference step for step, with skipped steps (non-finite gradients,
+    a GradScaler's found_inf) that change nothing and that the reference never
+    sees, and a GradScaler step whose gradients are scaled."""
+    import family
+    from conftest import assert_unchanged, snapshot
+    kind, defaults = FAMILY_CONFIGS[config]
+    problem = _family_problem(dtype)
+    tol = REFERENCE[dtype]
+    fparams = problem.params()
+    fopt = family.make_fused_opt(kind, problem, fparams, defaults, clip=fused_policy(name))
+    rpolicy = reference_policy(name)
+    reference = family.REFERENCE[kind](
+        problem.reference_groups(problem.params(), {**family.torch_defaults(kind), **defaults}),
+        clip=rpolicy)
+    fflat = flat(fparams)
+    agc = POLICIES[name][0] == "AGC"
+    seen = []
+    for step in range(STEPS):
+        grads = _grads(problem, step)
+        if step in FAMILY_NONFINITE_SKIPS or step in FAMILY_SCALER_SKIPS:
+            before = snapshot(fopt, fflat)
+            if step in FAMILY_NONFINITE_SKIPS:
+                set_grads(fflat, _poison(grads, math.nan if step else math.inf))
+                fopt.step()
+            else:
+                set_grads(fflat, [None if g is None else g * 8 for g in grads])
+                fopt.grad_scale, fopt.found_inf = torch.tensor(8.0), torch.tensor(1.0)
+                fopt.step()
+                del fopt.grad_scale, fopt.found_inf
+            what = f"{name} {config} skipped step {step}"
+            if kind == "SGD" and step == 0:
+                # SGD's buffers are made for the first step, and stay zero
+                for p, b in zip(fflat, before["params"]):
+                    assert bitwise_equal(p.detach(), b), what
+                    assert not fopt.state[p]["momentum_buffer"].any(), what
+            else:
+                assert_unchanged(fopt, fflat, before, what)
+            continue
+        if step in FAMILY_SCALED:
+            set_grads(fflat, [None if g is None else g * 1024 for g in grads])
+            fopt.grad_scale, fopt.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+            fopt.step()
+            del fopt.grad_scale, fopt.found_inf
+        else:
+            set_grads(fflat, grads)
+            fopt.step()
+        reference.step(grads)
+        coef = fopt.clip_stats.get("clip_coef")
+        if agc:
+            expected = torch.cat(rpolicy.last)
+            seen.append(expected)
+            assert_close(coef.double(), expected, tol, f"{name} {config} step {step} clip_coef")
+        else:
+            assert coef is None
+        family.assert_matches_reference(kind, fopt, fflat, reference, problem, tol,
+                                        f"{name} {config} step {step}")
+    n_skipped = len(FAMILY_NONFINITE_SKIPS) + len(FAMILY_SCALER_SKIPS)
+    assert int(fopt.clip_stats["skipped"]) == n_skipped and reference.skipped == 0
+    if agc:  # both cases of the rule: units clipped and units left alone
+        seen = torch.cat(seen)
+        assert bool((seen < 1).any()) and bool((seen == 1).any()), name
+    else:  # the clamp mattered: elements beyond the clip value in every step
+        assert all(any(bool((g.abs() > 0.3).any()) for g in _grads(problem, s) if g is not None)
+                   for s in range(STEPS))
+
+
+def _family_torch_run(config, problem, clip_fn, fused, dtype, skip_steps=(2, 7)):
+    """torch.optim.SGD/Adagrad after ``clip_fn(params)`` against the fused class
+    with clip=fused. In skip_steps the gradients hold inf: the fused step skips
+    (nonfinite="skip") and torch does not step at all, as under a GradScaler."""
+    import family
+    kind, defaults = FAMILY_CONFIGS[config]
+    tparams, fparams = problem.params(), problem.params()
+    topt = family.make_torch_opt(kind, problem, tparams, defaults)
+    fopt = family.make_fused_opt(kind, problem, fparams, defaults, clip=fused)
+    tflat, fflat = flat(tparams), flat(fparams)
+    for step in range(STEPS):
+        grads = _grads(problem, step)
+        if step in skip_steps:
+            set_grads(fflat, _poison(grads))
+            fopt.step()
+        else:
+            set_grads(tflat, grads)
+            set_grads(fflat, grads)
+            clip_fn([p for p in tflat if p.grad is not None])
+            topt.step()
+            fopt.step()
+        family.assert_states_close(kind, fopt, topt, fflat, tflat, TORCH_PARITY[dtype],
+                                   f"{config} step {step}")
+    assert int(fopt.clip_stats["skipped"]) == len(skip_steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("config", list(FAMILY_CONFIGS))
+def test_family_value_clip_is_clip_grad_value_(config, dtype):
+    _family_torch_run(config, _family_problem(dtype),
+                      lambda params: torch.nn.utils.clip_grad_value_(params, 0.3),
+                      fusedclip.ValueClip(0.3), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("config", list(FAMILY_CONFIGS))
+@pytest.mark.parametrize("kwargs", [dict(clip_factor=0.3), dict(clip_factor=0.5, eps=3.0)],
+                         ids=["0.3", "0.5-eps3"])
+def test_family_agc_is_timms_adaptive_clip_grad(kwargs, config, dtype):
+    """timm's adaptive_clip_grad then torch.optim.SGD/Adagrad, against the fused
+    class with clip=AGC(...): every layout, units that span CPU chunks and
+    chunks that start inside a unit."""
+    problem = Problem(groups=[{"specs": AGC_SPECS[:4], "lr": 0.01},
+                              {"specs": AGC_SPECS[4:], "lr": 0.003}],
+                      dtype=dtype, grad_std=0.5, seed=11)
+    _family_torch_run(config, problem, lambda params: timm_adaptive_clip_grad(params, **kwargs),
+                      fusedclip.AGC(**kwargs), dtype)
