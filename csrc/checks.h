@@ -51,7 +51,9 @@ void check_adagrad_args(at::TensorList params, at::TensorList grads,
                         double lr_decay, double weight_decay, double eps,
                         const std::optional<at::Tensor>& clip_coef,
                         const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf);
+                        const std::optional<at::Tensor>& found_inf,
+                        std::optional<double> clip_value,
+                        const std::optional<at::TensorList>& unit_coefs);
 
 // Reads element `index` of a small float32/float64 tensor that lives on the CPU.
 double read_cpu_scalar(const at::Tensor& t, int64_t index = 0);

@@ -63,13 +63,15 @@ TORCH_LIBRARY(fusedclip, m) {
       "float? clip_value=None, Tensor[]? unit_coefs=None) -> ()");
   // Adagrad over many tensors in place, with torch.optim.Adagrad's options.
   // Each steps[i] is incremented before the decayed learning rate
-  // lr / (1 + (step - 1) * lr_decay) is computed. Gradient, found_inf and
+  // lr / (1 + (step - 1) * lr_decay) is computed. Gradient (clip_coef,
+  // grad_scale, clip_value, unit_coefs: the shared transform), found_inf and
   // lr_tensor as for adam_.
   m.def(
       "adagrad_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, "
       "Tensor(c!)[] steps, *, float lr, Tensor? lr_tensor, float lr_decay, "
       "float weight_decay, float eps, bool maximize, Tensor? clip_coef, "
-      "Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, float? clip_value=None, "
+      "Tensor[]? unit_coefs=None) -> ()");
 }
 
 namespace fusedclip {
@@ -297,7 +299,9 @@ void check_adagrad_args(at::TensorList params, at::TensorList grads,
                         double lr_decay, double weight_decay, double eps,
                         const std::optional<at::Tensor>& clip_coef,
                         const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf) {
+                        const std::optional<at::Tensor>& found_inf,
+                        std::optional<double> clip_value,
+                        const std::optional<at::TensorList>& unit_coefs) {
   TORCH_CHECK(lr >= 0.0, "fusedclip: invalid learning rate ", lr,
               " (must be >= 0)");
   TORCH_CHECK(lr_decay >= 0.0, "fusedclip: invalid lr_decay ", lr_decay,
@@ -316,6 +320,7 @@ void check_adagrad_args(at::TensorList params, at::TensorList grads,
   check_counters(steps, "steps", params, device);
   check_call_tensors(lr_tensor, clip_coef, grad_scale, found_inf, params.size(),
                      device);
+  check_grad_transform_args(params, clip_value, unit_coefs);
 }
 
 double read_cpu_scalar(const at::Tensor& t, int64_t index) {

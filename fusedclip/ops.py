@@ -154,21 +154,25 @@ def adagrad_(
     lr: float, lr_tensor: torch.Tensor | None, lr_decay: float, weight_decay: float,
     eps: float, maximize: bool, clip_coef: torch.Tensor | None,
     grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+    clip_value: float | None = None, unit_coefs: list[torch.Tensor] | None = None,
 ) -> None:
     """Adagrad over many tensors in place (see csrc/ops.cpp for the schema).
 
     Each ``steps[i]`` is incremented before the decayed learning rate
-    ``lr / (1 + (step - 1) * lr_decay)`` is computed. Gradient, ``found_inf``
-    and ``lr_tensor`` as for :func:`adam_`.
+    ``lr / (1 + (step - 1) * lr_decay)`` is computed. Gradient (``clip_coef``,
+    ``grad_scale``, ``clip_value``, ``unit_coefs``), ``found_inf`` and
+    ``lr_tensor`` as for :func:`adam_`.
     """
     _ops.adagrad_(
         params, grads, state_sums, steps,
         lr=lr, lr_tensor=lr_tensor, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
         maximize=maximize, clip_coef=clip_coef, grad_scale=grad_scale, found_inf=found_inf,
+        clip_value=None if clip_value is None else float(clip_value), unit_coefs=unit_coefs,
     )
 
 
 @torch.library.register_fake("fusedclip::adagrad_")
 def _adagrad_fake(params, grads, state_sums, steps, *, lr, lr_tensor, lr_decay, weight_decay,
-                  eps, maximize, clip_coef, grad_scale, found_inf):
+                  eps, maximize, clip_coef, grad_scale, found_inf, clip_value=None,
+                  unit_coefs=None):
     return None

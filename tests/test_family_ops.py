@@ -256,6 +256,7 @@ def _with_grads(args, grads):
 TRANSFORM_SAMPLES = [
     pytest.param("sgd", dict(), id="sgd-momentum"),
     pytest.param("sgd", dict(nesterov=True, started=False), id="sgd-nesterov-first"),
+    pytest.param("adagrad", dict(), id="adagrad"),
 ]
 
 
@@ -297,7 +298,7 @@ def test_clip_value_clamps_each_element(op, options, dtype):
     _assert_equal(got[:1], expected[:1], f"{op} clip_value with grad_scale")
 
 
-@pytest.mark.parametrize("op", ["sgd"])
+@pytest.mark.parametrize("op", ["sgd", "adagrad"])
 def test_clip_value_propagates_nan_and_clamps_inf(op):
     args, kwargs, _ = _transform_sample(op, torch.float32, layout="contiguous")
     grad = args[1][0]
@@ -308,7 +309,7 @@ def test_clip_value_propagates_nan_and_clamps_inf(op):
     assert math.isnan(float(got[0][0][2])) and math.isfinite(float(got[0][0][0]))
 
 
-@pytest.mark.parametrize("op", ["sgd"])
+@pytest.mark.parametrize("op", ["sgd", "adagrad"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
 def test_unit_coefs_with_clip_coef_and_scale(op, dtype):
     """unit_coefs (float64), a per-tensor clip_coef and grad_scale multiply:
@@ -343,13 +344,18 @@ def test_unit_coefs_with_clip_coef_and_scale(op, dtype):
 
 def _transform_opcheck_samples():
     for k, dtype in enumerate(DTYPES):
-        for op, options in [("sgd", dict(nesterov=bool(k % 2), started=bool(k % 2)))]:
+        for op, options in [("sgd", dict(nesterov=bool(k % 2), started=bool(k % 2))),
+                            ("adagrad", dict())]:
             args, kwargs, coefs = _transform_sample(op, dtype, seed=k, **options)
             yield pytest.param(OPS[op][0], args, dict(kwargs, unit_coefs=coefs, clip_value=0.5),
                                id=f"{op}-{_dname(dtype)}-units-value")
     args, kwargs, coefs = _transform_sample("sgd", torch.float32, coef_dtype=torch.float64,
                                             momentum=0.0)
     yield pytest.param(OPS["sgd"][0], args, dict(kwargs, unit_coefs=coefs), id="sgd-plain-f64coefs")
+    args, kwargs, _ = _transform_sample("adagrad", torch.float32, layout="slice")
+    yield pytest.param(OPS["adagrad"][0], args, dict(kwargs, clip_value=0.25,
+                                                     found_inf=torch.tensor(1.0)),
+                       id="adagrad-value-found1")
 
 
 @pytest.mark.parametrize("fn,args,kwargs", list(_transform_opcheck_samples()))
@@ -357,7 +363,7 @@ def test_opcheck_grad_transform(fn, args, kwargs):
     torch.library.opcheck(fn, args, kwargs)
 
 
-@pytest.mark.parametrize("op", ["sgd"])
+@pytest.mark.parametrize("op", ["sgd", "adagrad"])
 @pytest.mark.parametrize("change,match", [
     (dict(unit_coefs=lambda c: c[:-1]), "unit_coefs has"),
     (dict(unit_coefs=lambda c: c[:1] + [torch.ones(5)] + c[2:]), "one element per index of dim 0"),

@@ -815,6 +815,7 @@ def test_agc_with_mixed_dtypes_is_timms():
 FAMILY_CONFIGS = {
     "SGD-momentum": ("SGD", dict(momentum=0.9, dampening=0.1, weight_decay=0.01)),
     "SGD-nesterov-max": ("SGD", dict(momentum=0.8, nesterov=True, maximize=True)),
+    "Adagrad": ("Adagrad", dict(lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
 }
 FAMILY_POLICIES = ["ValueClip(0.3)", "AGC(0.3)", "AGC(0.5,eps3)"]
 # Steps of the reference run skipped by non-finite gradients (step 0: the first
