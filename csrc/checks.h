@@ -18,7 +18,22 @@ void check_adam_args(at::TensorList params, at::TensorList grads,
                      double weight_decay, bool amsgrad,
                      const std::optional<at::Tensor>& clip_coef,
                      const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf);
+                     const std::optional<at::Tensor>& found_inf,
+                     std::optional<double> clip_value,
+                     const std::optional<at::TensorList>& unit_coefs);
+
+// The arguments of the shared gradient transform (grad_transform.h) that every
+// update op takes: clip_value >= 0; unit_coefs (if given) one float32/float64
+// tensor per parameter, all of one dtype, with num_units(param) elements.
+void check_grad_transform_args(at::TensorList params,
+                               std::optional<double> clip_value,
+                               const std::optional<at::TensorList>& unit_coefs);
+
+// Units of a tensor for per-unit clipping: one per index of dim 0, or the
+// whole tensor for 0-d and 1-d tensors; unit_length() elements each (the
+// tensor's numel / units, 0 when there are no units).
+int64_t num_units(const at::Tensor& t);
+int64_t unit_length(const at::Tensor& t);
 
 void check_sgd_args(at::TensorList params, at::TensorList grads,
                     at::TensorList momentum_buffers, at::TensorList buffer_steps,
@@ -26,7 +41,9 @@ void check_sgd_args(at::TensorList params, at::TensorList grads,
                     double momentum, double dampening, double weight_decay,
                     bool nesterov, const std::optional<at::Tensor>& clip_coef,
                     const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf);
+                    const std::optional<at::Tensor>& found_inf,
+                    std::optional<double> clip_value,
+                    const std::optional<at::TensorList>& unit_coefs);
 
 void check_adagrad_args(at::TensorList params, at::TensorList grads,
                         at::TensorList state_sums, at::TensorList steps,
@@ -34,7 +51,9 @@ void check_adagrad_args(at::TensorList params, at::TensorList grads,
                         double lr_decay, double weight_decay, double eps,
                         const std::optional<at::Tensor>& clip_coef,
                         const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf);
+                        const std::optional<at::Tensor>& found_inf,
+                        std::optional<double> clip_value,
+                        const std::optional<at::TensorList>& unit_coefs);
 
 // Reads element `index` of a small float32/float64 tensor that lives on the CPU.
 double read_cpu_scalar(const at::Tensor& t, int64_t index = 0);

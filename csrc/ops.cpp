@@ -25,37 +25,53 @@ TORCH_LIBRARY(fusedclip, m) {
   m.def(
       "multi_tensor_norm(Tensor[] tensors, float norm_type) -> "
       "(Tensor tensor_norms, Tensor total_norm, Tensor nonfinite)");
+  // The same single read, plus the norm of every unit: a unit is one index of
+  // dim 0 (a row of a contiguous tensor: the norm over all other dims), and
+  // the whole tensor for 0-d and 1-d tensors. unit_norms holds the units of
+  // all tensors, tensor by tensor (size(0) each, or 1 for ndim <= 1).
+  m.def(
+      "multi_tensor_unit_norm(Tensor[] tensors, float norm_type) -> "
+      "(Tensor unit_norms, Tensor tensor_norms, Tensor total_norm, "
+      "Tensor nonfinite)");
   // Adam / AdamW over many tensors in place. The gradient used is
-  // grad * clip_coef / grad_scale; nothing at all changes (steps included)
-  // where found_inf is non-zero. clip_coef has one element or one per tensor.
+  // clamp(grad * clip_coef * unit_coef / grad_scale, -clip_value, clip_value)
+  // (include/fusedclip/grad_transform.h); nothing at all changes (steps
+  // included) where found_inf is non-zero. clip_coef has one element or one
+  // per tensor; unit_coefs one 1-D tensor per tensor with one coefficient per
+  // unit (per index of dim 0; one element for ndim <= 1); clip_value >= 0.
   m.def(
       "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
       "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, "
       "Tensor(e!)[] steps, *, float lr, Tensor? lr_tensor, float beta1, "
       "float beta2, float eps, float weight_decay, bool amsgrad, "
       "bool maximize, bool decoupled_weight_decay, Tensor? clip_coef, "
-      "Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, float? clip_value=None, "
+      "Tensor[]? unit_coefs=None) -> ()");
   // SGD over many tensors in place, with torch.optim.SGD's options. Without
   // momentum, momentum_buffers and buffer_steps are empty lists. buffer_steps
   // holds one 0-d counter per buffer, kept by the caller beside the buffer:
   // the steps that buffer has taken. Where it is 0 this step is the buffer's
   // first, which copies the gradient into it (torch's `buf is None`); it is
   // incremented like Adam's step counters, so a skipped first step leaves
-  // the next one a first step. Gradient, found_inf, lr_tensor as for adam_.
+  // the next one a first step. Gradient (clip_coef, grad_scale, clip_value,
+  // unit_coefs: the shared transform), found_inf, lr_tensor as for adam_.
   m.def(
       "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
       "Tensor(c!)[] buffer_steps, *, float lr, Tensor? lr_tensor, float momentum, "
       "float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "Tensor? clip_coef, Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "Tensor? clip_coef, Tensor? grad_scale, Tensor? found_inf, "
+      "float? clip_value=None, Tensor[]? unit_coefs=None) -> ()");
   // Adagrad over many tensors in place, with torch.optim.Adagrad's options.
   // Each steps[i] is incremented before the decayed learning rate
-  // lr / (1 + (step - 1) * lr_decay) is computed. Gradient, found_inf and
+  // lr / (1 + (step - 1) * lr_decay) is computed. Gradient (clip_coef,
+  // grad_scale, clip_value, unit_coefs: the shared transform), found_inf and
   // lr_tensor as for adam_.
   m.def(
       "adagrad_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, "
       "Tensor(c!)[] steps, *, float lr, Tensor? lr_tensor, float lr_decay, "
       "float weight_decay, float eps, bool maximize, Tensor? clip_coef, "
-      "Tensor? grad_scale, Tensor? found_inf) -> ()");
+      "Tensor? grad_scale, Tensor? found_inf, float? clip_value=None, "
+      "Tensor[]? unit_coefs=None) -> ()");
 }
 
 namespace fusedclip {
@@ -146,6 +162,47 @@ void check_call_tensors(const std::optional<at::Tensor>& lr_tensor,
 
 }  // namespace
 
+int64_t num_units(const at::Tensor& t) {
+  return t.dim() <= 1 ? 1 : t.size(0);
+}
+
+int64_t unit_length(const at::Tensor& t) {
+  const int64_t units = num_units(t);
+  return units == 0 ? 0 : t.numel() / units;
+}
+
+void check_grad_transform_args(at::TensorList params,
+                               std::optional<double> clip_value,
+                               const std::optional<at::TensorList>& unit_coefs) {
+  if (clip_value.has_value()) {
+    TORCH_CHECK(*clip_value >= 0.0, "fusedclip: clip_value must be >= 0, got ",
+                *clip_value);
+  }
+  if (!unit_coefs.has_value()) return;
+  const at::TensorList coefs = *unit_coefs;
+  TORCH_CHECK(coefs.size() == params.size(), "fusedclip: unit_coefs has ",
+              coefs.size(), " tensors but params has ", params.size());
+  for (size_t i = 0; i < coefs.size(); ++i) {
+    const at::Tensor& c = coefs[i];
+    TORCH_CHECK(c.layout() == at::kStrided && !c.is_complex() &&
+                    (c.scalar_type() == at::kFloat || c.scalar_type() == at::kDouble),
+                "fusedclip: unit_coefs[", i, "] must be a dense float32 or float64 "
+                "tensor, got ", c.scalar_type(), " ", c.layout());
+    TORCH_CHECK(c.scalar_type() == coefs[0].scalar_type(), "fusedclip: all "
+                "unit_coefs must have one dtype, but unit_coefs[", i, "] is ",
+                c.scalar_type(), " and unit_coefs[0] ", coefs[0].scalar_type());
+    TORCH_CHECK(c.dim() <= 1, "fusedclip: unit_coefs[", i, "] must be 0-d or "
+                "1-d, got shape ", c.sizes());
+    TORCH_CHECK(c.numel() == num_units(params[i]), "fusedclip: unit_coefs[", i,
+                "] must have one element per index of dim 0 of params[", i,
+                "] (", num_units(params[i]), "; 1 for 0-d and 1-d), got ",
+                c.numel());
+    TORCH_CHECK(c.device() == params[i].device(), "fusedclip: unit_coefs[", i,
+                "] is on ", c.device(), " but the parameters are on ",
+                params[i].device());
+  }
+}
+
 void check_norm_args(at::TensorList tensors, double norm_type) {
   TORCH_CHECK(norm_type == 2.0 || std::isinf(norm_type) && norm_type > 0,
               "fusedclip: norm_type must be 2.0 or inf, got ", norm_type);
@@ -162,7 +219,9 @@ void check_adam_args(at::TensorList params, at::TensorList grads,
                      double weight_decay, bool amsgrad,
                      const std::optional<at::Tensor>& clip_coef,
                      const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf) {
+                     const std::optional<at::Tensor>& found_inf,
+                     std::optional<double> clip_value,
+                     const std::optional<at::TensorList>& unit_coefs) {
   TORCH_CHECK(lr >= 0.0, "fusedclip: invalid learning rate ", lr,
               " (must be >= 0)");
   TORCH_CHECK(eps >= 0.0, "fusedclip: invalid eps ", eps, " (must be >= 0)");
@@ -189,6 +248,7 @@ void check_adam_args(at::TensorList params, at::TensorList grads,
   check_counters(steps, "steps", params, device);
   check_call_tensors(lr_tensor, clip_coef, grad_scale, found_inf, params.size(),
                      device);
+  check_grad_transform_args(params, clip_value, unit_coefs);
 }
 
 void check_sgd_args(at::TensorList params, at::TensorList grads,
@@ -197,7 +257,9 @@ void check_sgd_args(at::TensorList params, at::TensorList grads,
                     double momentum, double dampening, double weight_decay,
                     bool nesterov, const std::optional<at::Tensor>& clip_coef,
                     const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
+                    const std::optional<at::Tensor>& found_inf,
+                    std::optional<double> clip_value,
+                    const std::optional<at::TensorList>& unit_coefs) {
   TORCH_CHECK(lr >= 0.0, "fusedclip: invalid learning rate ", lr,
               " (must be >= 0)");
   TORCH_CHECK(momentum >= 0.0, "fusedclip: invalid momentum ", momentum,
@@ -228,6 +290,7 @@ void check_sgd_args(at::TensorList params, at::TensorList grads,
   }
   check_call_tensors(lr_tensor, clip_coef, grad_scale, found_inf, params.size(),
                      device);
+  check_grad_transform_args(params, clip_value, unit_coefs);
 }
 
 void check_adagrad_args(at::TensorList params, at::TensorList grads,
@@ -236,7 +299,9 @@ void check_adagrad_args(at::TensorList params, at::TensorList grads,
                         double lr_decay, double weight_decay, double eps,
                         const std::optional<at::Tensor>& clip_coef,
                         const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf) {
+                        const std::optional<at::Tensor>& found_inf,
+                        std::optional<double> clip_value,
+                        const std::optional<at::TensorList>& unit_coefs) {
   TORCH_CHECK(lr >= 0.0, "fusedclip: invalid learning rate ", lr,
               " (must be >= 0)");
   TORCH_CHECK(lr_decay >= 0.0, "fusedclip: invalid lr_decay ", lr_decay,
@@ -255,6 +320,7 @@ void check_adagrad_args(at::TensorList params, at::TensorList grads,
   check_counters(steps, "steps", params, device);
   check_call_tensors(lr_tensor, clip_coef, grad_scale, found_inf, params.size(),
                      device);
+  check_grad_transform_args(params, clip_value, unit_coefs);
 }
 
 double read_cpu_scalar(const at::Tensor& t, int64_t index) {

@@ -8,12 +8,14 @@ gradient twice instead of three times and never waits on the device.
 
 from fusedclip import ops  # noqa: F401  (loads the compiled ops first)
 from fusedclip.clipping import (
-    AdaGC, AutoClip, ClipPolicy, GlobalNorm, Normalize, PerTensorNorm, SmoothClip, ZClip,
+    AGC, AdaGC, AutoClip, ClipPolicy, GlobalNorm, Normalize, PerTensorNorm, SmoothClip, ValueClip,
+    ZClip,
 )
 from fusedclip.optim import FusedClipAdagrad, FusedClipAdam, FusedClipAdamW, FusedClipSGD
 
 __all__ = [
-    "AdaGC", "AutoClip", "ClipPolicy", "FusedClipAdagrad", "FusedClipAdam", "FusedClipAdamW",
-    "FusedClipSGD", "GlobalNorm", "Normalize", "PerTensorNorm", "SmoothClip", "ZClip",
+    "AGC", "AdaGC", "AutoClip", "ClipPolicy", "FusedClipAdagrad", "FusedClipAdam",
+    "FusedClipAdamW", "FusedClipSGD", "GlobalNorm", "Normalize", "PerTensorNorm", "SmoothClip",
+    "ValueClip", "ZClip",
 ]
 __version__ = "0.1.0"

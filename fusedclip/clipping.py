@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "AdaGC", "AutoClip", "ClipInputs", "ClipPolicy", "GlobalNorm", "Normalize", "PerTensorNorm",
-    "SmoothClip", "ZClip", "as_policy",
+    "AGC", "AdaGC", "AutoClip", "ClipInputs", "ClipPolicy", "GlobalNorm", "Normalize",
+    "PerTensorNorm", "SmoothClip", "ValueClip", "ZClip", "as_policy",
 ]
 
 # The epsilon torch.nn.utils.clip_grad_norm_ adds to the norm.
@@ -65,6 +65,13 @@ class ClipInputs:
             ``tensor_norms``; each dict belongs to its parameter and travels
             with it through state_dict save and load. Empty for a parameter the
             policy has not seen yet.
+        unit_norms (list of Tensor or None): for ``per_unit`` policies, the norm
+            of every unit of every gradient, one 1-D tensor per norm bucket
+            holding the units of its gradients one gradient after the other
+            (a unit is an index of dim 0; a 0-d or 1-d gradient is one unit;
+            see ``fusedclip.ops.unit_counts``); ``None`` otherwise.
+        param_unit_norms (list of Tensor or None): the same for the parameters
+            (measured before the update), for ``per_unit`` policies.
     """
 
     total_norm: Tensor
@@ -72,6 +79,8 @@ class ClipInputs:
     skip: Tensor | None = None
     state: dict | None = None
     tensor_states: list[list[dict]] | None = None
+    unit_norms: list[Tensor] | None = None
+    param_unit_norms: list[Tensor] | None = None
 
 
 def keep_if_skipped(skip: Tensor | None, old: Tensor, new: Tensor) -> Tensor:
@@ -90,9 +99,15 @@ class ClipPolicy:
     only: no ``.item()``, no Python branch on a device value.
 
     The optimizer calls :meth:`clip` once per step with a :class:`ClipInputs`.
-    It returns a 0-d coefficient (global policies) or, for ``per_tensor``
-    policies, one 1-D tensor of coefficients per norm bucket. Stateless global
-    policies only implement :meth:`coefficient`.
+    It returns a 0-d coefficient (global policies), for ``per_tensor``
+    policies one 1-D tensor of coefficients per norm bucket, for ``per_unit``
+    policies one 1-D tensor of coefficients per norm bucket laid out like
+    ``ClipInputs.unit_norms``, or ``None`` (no coefficient: ``ValueClip``).
+    Stateless global policies only implement :meth:`coefficient`.
+
+    A policy may also set ``elementwise_clip_value``: the update op then
+    clamps every (unscaled, coefficient-multiplied) gradient element to
+    ``[-clip_value, clip_value]``.
     """
 
     norm_type: float = 2.0
@@ -103,6 +118,14 @@ class ClipPolicy:
     stateful: bool = False
     #: keeps state per parameter in ``ClipInputs.tensor_states``.
     has_tensor_state: bool = False
+    #: coefficients per unit (index of dim 0): ``clip`` gets ``unit_norms`` and
+    #: ``param_unit_norms`` and returns one coefficient per unit.
+    per_unit: bool = False
+    #: the update op clamps each gradient element to +-this value (None: no clamp).
+    elementwise_clip_value: float | None = None
+    #: the coefficients need the norm pass (a policy without any still gets it
+    #: when the optimizer needs the non-finite flag, nonfinite != "propagate").
+    needs_norms: bool = True
 
     def coefficient(self, total_norm: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -581,6 +604,107 @@ class AdaGC(ClipPolicy):
             f"AdaGC(beta={self.beta}, lambda_abs={self.lambda_abs}, lambda_rel={self.lambda_rel}, "
             f"warmup_steps={self.warmup_steps}, eps={self.eps})"
         )
+
+
+class ValueClip(ClipPolicy):
+    r"""Clips every gradient element to :math:`[-v, v]`, exactly as
+    :func:`torch.nn.utils.clip_grad_value_` does.
+
+    .. math::
+        g_j \leftarrow \min\big(\max(g_j, -v), v\big)
+        \quad\text{for every element } j \text{ of every gradient}
+
+    The clamp is applied by the update op as it reads each gradient (after a
+    GradScaler's unscaling, so it clips the unscaled gradient); NaN stays NaN,
+    like :func:`torch.clamp`. No coefficient is computed: ``opt.clip_stats``
+    has no ``clip_coef``, and ``grad_norm`` is the pre-clip global L2 norm
+    (measured for ``nonfinite="skip"``/``"raise"``; with ``"propagate"``
+    ValueClip needs no norm pass at all).
+
+    Args:
+        clip_value (float): :math:`v > 0`, finite: the largest magnitude a
+            gradient element may have.
+
+    References:
+        Mikolov, *Statistical Language Models Based on Neural Networks*, PhD
+        thesis, Brno University of Technology, 2012 (clipping gradient values).
+        Pascanu, Mikolov & Bengio, *On the difficulty of training recurrent
+        neural networks*, ICML 2013.
+    """
+
+    needs_norms = False
+
+    def __init__(self, clip_value: float) -> None:
+        self.clip_value = _positive(clip_value, "clip_value", "ValueClip")
+        self.elementwise_clip_value = self.clip_value
+
+    def clip(self, inputs: ClipInputs) -> None:
+        return None
+
+    def __repr__(self) -> str:
+        return f"ValueClip(clip_value={self.clip_value})"
+
+
+# The floor timm's adaptive_clip_grad puts under a unit's gradient norm.
+AGC_GRAD_NORM_FLOOR = 1e-6
+
+
+class AGC(ClipPolicy):
+    r"""Adaptive gradient clipping (AGC): each unit's gradient is clipped
+    relative to the norm of its weights, as timm's ``adaptive_clip_grad``
+    (``timm/utils/agc.py``) does.
+
+    A unit is one index of dim 0 of a parameter (an output row of a linear
+    weight, an output channel of a convolution: the norm is taken over all
+    other dims); a 0-d or 1-d parameter (a bias, a gain) is one unit. For every
+    unit :math:`i` with weights :math:`W_i` and gradient :math:`G_i`:
+
+    .. math::
+        \begin{aligned}
+            &m_i = \lambda \max(\lVert W_i \rVert_2, \epsilon), \qquad
+                c_i = \begin{cases} 1 & \lVert G_i \rVert_2 < m_i \\
+                    m_i / \max(\lVert G_i \rVert_2, 10^{-6}) & \text{otherwise}
+                \end{cases}                                                     \\
+            &G_i \leftarrow c_i\, G_i
+        \end{aligned}
+
+    that is :math:`c_i = \min(1, \lambda \max(\lVert W_i\rVert, \epsilon) /
+    \max(\lVert G_i\rVert, 10^{-6}))` (they differ only when :math:`m_i <
+    10^{-6}` and the gradient is smaller still, where timm, and this policy,
+    leave it alone). The norms of all units come from the norm pass: one read of
+    every gradient (which also gives the global norm and the non-finite flag)
+    and one of every parameter, before the update. ``opt.clip_stats["clip_coef"]``
+    holds the coefficients of all units, gradient after gradient.
+
+    The paper exempts the final linear layer; ``clip=`` covers a whole
+    optimizer, so give that layer its own optimizer without AGC to do the same.
+
+    Args:
+        clip_factor (float, optional): :math:`\lambda > 0`, finite (default: 0.01)
+        eps (float, optional): :math:`\epsilon \ge 0`, finite: the smallest weight
+            norm used, so zero-initialised units can move (default: 1e-3)
+
+    References:
+        Brock, De, Smith & Simonyan, *High-Performance Large-Scale Image
+        Recognition Without Normalization*, ICML 2021 (arXiv:2102.06171).
+    """
+
+    per_unit = True
+
+    def __init__(self, clip_factor: float = 0.01, eps: float = 1e-3) -> None:
+        self.clip_factor = _positive(clip_factor, "clip_factor", "AGC")
+        self.eps = _positive(eps, "eps", "AGC", allow_zero=True)
+
+    def clip(self, inputs: ClipInputs) -> list[Tensor]:
+        coefs = []
+        for grad_norms, param_norms in zip(inputs.unit_norms, inputs.param_unit_norms):
+            max_norm = torch.clamp(param_norms, min=self.eps) * self.clip_factor
+            scaled = max_norm / torch.clamp(grad_norms, min=AGC_GRAD_NORM_FLOOR)
+            coefs.append(torch.where(grad_norms < max_norm, torch.ones_like(scaled), scaled))
+        return coefs
+
+    def __repr__(self) -> str:
+        return f"AGC(clip_factor={self.clip_factor}, eps={self.eps})"
 
 
 def as_policy(clip) -> ClipPolicy | None:

@@ -49,17 +49,50 @@ def _multi_tensor_norm_fake(tensors, norm_type):
     )
 
 
+def multi_tensor_unit_norm(tensors: list[torch.Tensor], norm_type: float = 2.0):
+    """Per-unit norms, per-tensor norms, the global norm and a non-finite flag,
+    in one read of every tensor.
+
+    A unit is one index of dim 0 (the norm over all other dims, as timm's
+    ``unitwise_norm``), and the whole tensor for 0-d and 1-d tensors. Returns
+    ``(unit_norms, tensor_norms, total_norm, nonfinite)``: ``unit_norms`` is one
+    1-D tensor with the units of all tensors, tensor by tensor (``size(0)``
+    norms each, or 1 for ndim <= 1: see :func:`unit_counts`; ``split`` gives
+    one tensor per input), the rest as :func:`multi_tensor_norm` returns them.
+    """
+    if len(tensors) == 0:
+        if float(norm_type) not in (2.0, float("inf")):
+            raise RuntimeError(f"fusedclip: norm_type must be 2.0 or inf, got {float(norm_type)}")
+        return torch.zeros(0), torch.zeros(0), torch.zeros(()), torch.zeros(())
+    return _ops.multi_tensor_unit_norm(tensors, float(norm_type))
+
+
+def unit_counts(tensors: list[torch.Tensor]) -> list[int]:
+    """Units of each tensor: ``size(0)``, or 1 for 0-d and 1-d tensors."""
+    return [t.shape[0] if t.dim() > 1 else 1 for t in tensors]
+
+
+@torch.library.register_fake("fusedclip::multi_tensor_unit_norm")
+def _multi_tensor_unit_norm_fake(tensors, norm_type):
+    norms, total, flag = _multi_tensor_norm_fake(tensors, norm_type)
+    units = sum(unit_counts(tensors))
+    return torch.empty(units, dtype=norms.dtype, device=norms.device), norms, total, flag
+
+
 def adam_(
     params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
     lr: float, lr_tensor: torch.Tensor | None, beta1: float, beta2: float, eps: float,
     weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
     clip_coef: torch.Tensor | None, grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
+    found_inf: torch.Tensor | None, clip_value: float | None = None,
+    unit_coefs: list[torch.Tensor] | None = None,
 ) -> None:
     """Adam/AdamW over many tensors in place (see csrc/ops.cpp for the schema).
 
-    The gradient used is ``grad * clip_coef / grad_scale`` (negated when
-    ``maximize``); where ``found_inf`` is non-zero nothing changes, step
+    The gradient used is ``clamp(grad * clip_coef * unit_coef / grad_scale,
+    -clip_value, clip_value)`` (negated when ``maximize``), with ``unit_coefs``
+    one tensor per parameter holding a coefficient per index of dim 0 (one for
+    0-d and 1-d parameters); where ``found_inf`` is non-zero nothing changes, step
     counters included. Each ``steps[i]`` is incremented before its bias
     corrections are computed.
     """
@@ -69,13 +102,15 @@ def adam_(
         weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
         decoupled_weight_decay=decoupled_weight_decay, clip_coef=clip_coef,
         grad_scale=grad_scale, found_inf=found_inf,
+        clip_value=None if clip_value is None else float(clip_value), unit_coefs=unit_coefs,
     )
 
 
 @torch.library.register_fake("fusedclip::adam_")
 def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
                lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-               decoupled_weight_decay, clip_coef, grad_scale, found_inf):
+               decoupled_weight_decay, clip_coef, grad_scale, found_inf, clip_value=None,
+               unit_coefs=None):
     return None
 
 
@@ -84,7 +119,8 @@ def sgd_(
     lr: float, lr_tensor: torch.Tensor | None, momentum: float, dampening: float,
     weight_decay: float, nesterov: bool, maximize: bool,
     clip_coef: torch.Tensor | None, grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None,
+    found_inf: torch.Tensor | None, clip_value: float | None = None,
+    unit_coefs: list[torch.Tensor] | None = None,
 ) -> None:
     """SGD (momentum, dampening, Nesterov) over many tensors in place (see
     csrc/ops.cpp for the schema).
@@ -92,8 +128,9 @@ def sgd_(
     Without momentum, ``momentum_buffers`` and ``buffer_steps`` are empty.
     ``buffer_steps[i]`` counts the steps buffer i has taken: where it is 0 the
     gradient is copied into the buffer (torch.optim.SGD's first step), after
-    which it is incremented. The gradient used is ``grad * clip_coef /
-    grad_scale`` (negated when ``maximize``); where ``found_inf`` is non-zero
+    which it is incremented. The gradient used is, as for :func:`adam_`,
+    ``clamp(grad * clip_coef * unit_coef / grad_scale, -clip_value,
+    clip_value)`` (negated when ``maximize``); where ``found_inf`` is non-zero
     nothing changes, ``buffer_steps`` included.
     """
     _ops.sgd_(
@@ -101,12 +138,14 @@ def sgd_(
         lr=lr, lr_tensor=lr_tensor, momentum=momentum, dampening=dampening,
         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
         clip_coef=clip_coef, grad_scale=grad_scale, found_inf=found_inf,
+        clip_value=None if clip_value is None else float(clip_value), unit_coefs=unit_coefs,
     )
 
 
 @torch.library.register_fake("fusedclip::sgd_")
 def _sgd_fake(params, grads, momentum_buffers, buffer_steps, *, lr, lr_tensor, momentum,
-              dampening, weight_decay, nesterov, maximize, clip_coef, grad_scale, found_inf):
+              dampening, weight_decay, nesterov, maximize, clip_coef, grad_scale, found_inf,
+              clip_value=None, unit_coefs=None):
     return None
 
 
@@ -115,21 +154,25 @@ def adagrad_(
     lr: float, lr_tensor: torch.Tensor | None, lr_decay: float, weight_decay: float,
     eps: float, maximize: bool, clip_coef: torch.Tensor | None,
     grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+    clip_value: float | None = None, unit_coefs: list[torch.Tensor] | None = None,
 ) -> None:
     """Adagrad over many tensors in place (see csrc/ops.cpp for the schema).
 
     Each ``steps[i]`` is incremented before the decayed learning rate
-    ``lr / (1 + (step - 1) * lr_decay)`` is computed. Gradient, ``found_inf``
-    and ``lr_tensor`` as for :func:`adam_`.
+    ``lr / (1 + (step - 1) * lr_decay)`` is computed. Gradient (``clip_coef``,
+    ``grad_scale``, ``clip_value``, ``unit_coefs``), ``found_inf`` and
+    ``lr_tensor`` as for :func:`adam_`.
     """
     _ops.adagrad_(
         params, grads, state_sums, steps,
         lr=lr, lr_tensor=lr_tensor, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
         maximize=maximize, clip_coef=clip_coef, grad_scale=grad_scale, found_inf=found_inf,
+        clip_value=None if clip_value is None else float(clip_value), unit_coefs=unit_coefs,
     )
 
 
 @torch.library.register_fake("fusedclip::adagrad_")
 def _adagrad_fake(params, grads, state_sums, steps, *, lr, lr_tensor, lr_decay, weight_decay,
-                  eps, maximize, clip_coef, grad_scale, found_inf):
+                  eps, maximize, clip_coef, grad_scale, found_inf, clip_value=None,
+                  unit_coefs=None):
     return None

@@ -153,13 +153,14 @@ class ReferenceOptimizer:
                 return
             if self.nonfinite == "raise":
                 raise RuntimeError("non-finite gradients")
-        coefs = None
+        clipped = None
         if isinstance(self.clip, ReferencePolicy):
             keys = [(gi, pi) for gi, group in enumerate(self.groups)
                     for pi in range(len(group["params"]))]
-            coefs = iter(self.clip.coefficients(
-                present, [k for k, g in zip(keys, grads) if g is not None]))
-        coef = 1.0 if self.clip is None or coefs is not None else global_norm_coefficient(total, self.clip)
+            present_params = [p for p, g in zip(self.params(), grads) if g is not None]
+            clipped = iter(self.clip.clip_grads(
+                present, [k for k, g in zip(keys, grads) if g is not None], present_params))
+        coef = 1.0 if self.clip is None or clipped is not None else global_norm_coefficient(total, self.clip)
         index = 0
         for gi, group in enumerate(self.groups):
             for pi, p in enumerate(group["params"]):
@@ -167,8 +168,8 @@ class ReferenceOptimizer:
                 index += 1
                 if g is None:
                     continue
-                if coefs is not None:
-                    coef = next(coefs)
+                if clipped is not None:
+                    g = next(clipped)
                 state = self.states.setdefault((gi, pi), self.new_state(p, group))
                 self.update(p, g * coef, state, group)
                 p.copy_(self._round(p))
@@ -238,10 +239,17 @@ class ReferenceAdagrad(ReferenceOptimizer):
 # their sources state them. ``coefficients(grads, keys)`` gets the float64 gradients that
 # are present in a step (never a skipped step: ReferenceOptimizer skips before it asks) and a
 # key per gradient (its (group, index)), and returns one coefficient per gradient.
+# ``clip_grads(grads, keys, params)`` returns the clipped gradients themselves (by default
+# each gradient times its coefficient); policies that are not one coefficient per gradient
+# (element-wise, per unit) override it. ``params`` are the float64 parameters of the
+# gradients, before this step's update.
 # =========================================================================================
 class ReferencePolicy:
     def coefficients(self, grads: list[Tensor], keys: list) -> list[Tensor]:  # pragma: no cover
         raise NotImplementedError
+
+    def clip_grads(self, grads: list[Tensor], keys: list, params: list[Tensor]) -> list[Tensor]:
+        return [g * c for g, c in zip(grads, self.coefficients(grads, keys))]
 
 
 def tensor_norm(grad: Tensor, norm_type: float = 2.0) -> Tensor:
@@ -416,4 +424,48 @@ class RefAdaGC(ReferencePolicy):
                                 / torch.clamp(tensor_norm(g), min=self.eps), max=1.0)
                 self.gamma[key] = gamma + (1 - self.beta) * (tensor_norm(g * h) - gamma)
                 out.append(h)
+        return out
+
+
+class RefValueClip(ReferencePolicy):
+    """torch.nn.utils.clip_grad_value_: every element clamped to [-v, v]."""
+
+    def __init__(self, clip_value: float) -> None:
+        self.clip_value = clip_value
+
+    def clip_grads(self, grads, keys, params):
+        return [torch.clamp(g, -self.clip_value, self.clip_value) for g in grads]
+
+
+def unitwise_norm(x: Tensor) -> Tensor:
+    """The L2 norm of every unit of x, in float64: one per index of dim 0 (over
+    all other dims), a single one for 0-d and 1-d x; always 1-D."""
+    x = x.to(torch.float64)
+    if x.dim() <= 1:
+        return x.norm(2).reshape(1)
+    return x.reshape(x.shape[0], -1).norm(2, dim=1)
+
+
+class RefAGC(ReferencePolicy):
+    """Brock, De, Smith & Simonyan 2021, adaptive gradient clipping, as timm's
+    adaptive_clip_grad computes it, per unit i (index of dim 0; the whole tensor
+    for ndim <= 1): m_i = clip_factor * max(||W_i||, eps); the gradient of the
+    unit is kept where ||G_i|| < m_i, else scaled by m_i / max(||G_i||, 1e-6).
+    That is c_i = min(1, clip_factor max(||W_i||, eps) / max(||G_i||, 1e-6))
+    except where m_i < 1e-6. ``last`` keeps the coefficients of the last call,
+    one 1-D tensor per gradient."""
+
+    def __init__(self, clip_factor: float = 0.01, eps: float = 1e-3) -> None:
+        self.clip_factor, self.eps = clip_factor, eps
+        self.last: list[Tensor] = []
+
+    def clip_grads(self, grads, keys, params):
+        out, self.last = [], []
+        for g, p in zip(grads, params):
+            max_norm = torch.clamp(unitwise_norm(p), min=self.eps) * self.clip_factor
+            g_norm = unitwise_norm(g)
+            c = torch.where(g_norm < max_norm, torch.ones_like(g_norm),
+                            max_norm / torch.clamp(g_norm, min=1e-6))
+            self.last.append(c)
+            out.append(g * c.reshape((-1,) + (1,) * (g.dim() - 1)) if g.dim() > 1 else g * c[0])
         return out

@@ -71,7 +71,9 @@ ODD_SIZES = [0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 127, 129, 511, 512, 
 # Launch limits of csrc/cuda/multi_tensor_apply.cuh.
 CHUNK = 65536
 BLOCKS_PER_LAUNCH = 320
-TENSORS_PER_LAUNCH = {"norm": 111, "adam": 42, "adam_amsgrad": 37}
+# adam_ lists: param, grad, exp_avg, exp_avg_sq, step, unit coefficients, unit
+# length (depth 7), and max_exp_avg_sq with amsgrad (depth 8).
+TENSORS_PER_LAUNCH = {"norm": 111, "adam": 32, "adam_amsgrad": 29}
 
 
 # -- moving to the device, and back for the comparisons ---------------------------------------

@@ -8,10 +8,12 @@ not run yet. What they check:
   kernels (CUDA_VS_CPU) and the float64 reference (REFERENCE), over random
   configurations of every argument and dtype;
 - torch.library.opcheck of both ops on CUDA tensors;
-- more tensors than one launch takes (50 at depth 4, 79 at depth 2), more
+- more tensors than one launch takes (37 at depth 6, 50 at depth 4), more
   chunks than one launch takes, odd sizes, misaligned views;
 - the momentum buffer's first step after skipped ones, read from the device
-  counter with no host sync; CUDA-graph capture and replay of opt.step().
+  counter with no host sync; CUDA-graph capture and replay of opt.step();
+- ValueClip and AGC (clip_value, unit_coefs: the shared gradient transform)
+  against the CPU kernels, and opcheck of those arguments.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ pytestmark = [
 DEV = "cuda"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 # Launch limits of csrc/cuda/multi_tensor_apply.cuh: tensors per launch at
-# depth 4 (param, grad, buffer or sum, counter) and depth 2 (plain SGD).
-TENSORS_PER_LAUNCH = {4: 50, 2: 79}
+# depth 6 (param, grad, unit coefficients, unit length, buffer or sum, counter)
+# and depth 4 (plain SGD).
+TENSORS_PER_LAUNCH = {6: 37, 4: 50}
 ODD_SIZES = [0, 1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 33, 127, 129, 511, 512, 513, 4097,
              65535, 65536, 65537, 131073]
 
@@ -136,7 +139,7 @@ KINDS = {
 }
 
 
-def _pair(kind, specs, dtype, *, seed=0, misaligned=None):
+def _pair(kind, specs, dtype, *, seed=0, misaligned=None, clip=1.0):
     cls, kwargs = KINDS[kind]
     gen = torch.Generator().manual_seed(seed)
     cpu = [make_tensor(s, lay, gen, dtype) for s, lay in specs]
@@ -149,7 +152,7 @@ def _pair(kind, specs, dtype, *, seed=0, misaligned=None):
     out = []
     for tensors, device in ((cpu, "cpu"), (cuda, DEV)):
         params = [torch.nn.Parameter(t) for t in tensors]
-        out.append((params, cls(params, lr=torch.tensor(0.01, device=device), clip=1.0, **kwargs)))
+        out.append((params, cls(params, lr=torch.tensor(0.01, device=device), clip=clip, **kwargs)))
     if misaligned is not None:
         assert out[1][0][misaligned].data_ptr() % 16 != 0
     return out
@@ -183,7 +186,7 @@ def test_odd_sizes(kind, dtype):
 def test_more_tensors_than_one_launch(kind):
     small = [((0,), "contiguous"), ((), "contiguous"), ((1,), "contiguous"),
              ((3, 5), "transposed"), ((17,), "contiguous"), ((4097,), "contiguous")]
-    specs = [small[i % len(small)] for i in range(3 * TENSORS_PER_LAUNCH[2] + 7)]
+    specs = [small[i % len(small)] for i in range(3 * TENSORS_PER_LAUNCH[4] + 7)]
     _run_pair(kind, _pair(kind, specs, torch.float32), 3, torch.float32)
 
 
@@ -287,3 +290,39 @@ def test_cuda_graph_capture_and_replay(kind):
             for key in eager.state[a]:
                 assert bitwise_equal(eager.state[a][key], graphed.state[b][key]), (step, key)
     assert int(graphed.clip_stats["skipped"]) == 1
+
+
+# -- ValueClip and AGC: the shared gradient transform ------------------------------------------
+def _transform_cuda_samples():
+    from test_family_ops import _transform_opcheck_samples
+
+    yield from _transform_opcheck_samples()
+
+
+def _on_device(v):
+    if isinstance(v, torch.Tensor):
+        return to_device(v)
+    if isinstance(v, list):
+        return [to_device(t) for t in v]
+    return v
+
+
+@pytest.mark.parametrize("fn,args,kwargs", list(_transform_cuda_samples()))
+def test_opcheck_grad_transform_cuda(fn, args, kwargs):
+    args = tuple([to_device(t) for t in group] for group in args)
+    torch.library.opcheck(fn, args, {k: _on_device(v) for k, v in kwargs.items()})
+
+
+TRANSFORM_SPECS = [((5, 7), "contiguous"), ((3, 20000), "contiguous"), ((6, 4), "transposed"),
+                   ((4, 6), "slice"), ((97,), "contiguous"), ((), "contiguous"), ((0,), "contiguous")]
+
+
+@pytest.mark.parametrize("policy", ["ValueClip(0.05)", "AGC(0.3)"])
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_grad_transform_cuda_vs_cpu(kind, dtype, policy):
+    """Units that span chunks (3 x 20000), non-contiguous parameters (row-major
+    stand-ins), a skipped step; the CPU kernels are the oracle."""
+    clip = fusedclip.ValueClip(0.05) if policy.startswith("Value") else fusedclip.AGC(0.3)
+    pair = _pair(kind, TRANSFORM_SPECS, dtype, seed=3, clip=clip)
+    _run_pair(kind, pair, 5, dtype, poison_step=2)

@@ -6,6 +6,7 @@ and the public surface of FusedClipSGD / FusedClipAdagrad."""
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -217,6 +218,167 @@ def test_float64_and_mixed_counters(op):
     _assert_equal(a[:3], b[:3], "counter dtypes")
     assert [float(x) for x in a[3]] == [float(x) for x in b[3]]
     assert [c.dtype for c in b[3]] == [c.dtype for c in mixed[3]]
+
+
+# -- clip_value and unit_coefs (the shared gradient transform) -----------------------------
+def _transform_sample(op, dtype, layout="transposed", coef_dtype=torch.float32, seed=7,
+                      **options):
+    """A sample without a clip coefficient, with units that span CPU chunks and
+    chunks that start inside a unit, and one coefficient per unit."""
+    fn, sample = OPS[op]
+    args, kwargs = sample(dtype, layout=layout, clip="none", seed=seed, **options)
+    args = tuple(list(group) for group in args)
+    g = _gen(seed + 1)
+    for shape in [(3, 20000), (9000, 3)]:
+        args[0].append(make_tensor(shape, "contiguous", g, dtype))
+        args[1].append(make_tensor(shape, "contiguous", g, dtype))
+        if args[2]:  # not for SGD without momentum
+            args[2].append(make_tensor(shape, "contiguous", g, dtype, 0.1).abs())
+            args[3].append(torch.tensor(2.0, dtype=args[3][0].dtype))
+    coefs = [torch.rand(ops.unit_counts([p])[0], generator=g, dtype=torch.float64).to(coef_dtype)
+             for p in args[0]]
+    return args, kwargs, coefs
+
+
+def _times_units(grads, coefs):
+    """Each gradient times its unit coefficients, in the gradient's dtype."""
+    out = []
+    for grad, c in zip(grads, coefs):
+        c = c.to(grad.dtype)
+        out.append(grad * (c.reshape((-1,) + (1,) * (grad.dim() - 1)) if grad.dim() > 1 else c[0]))
+    return out
+
+
+def _with_grads(args, grads):
+    return (args[0], grads) + tuple(args[2:])
+
+
+TRANSFORM_SAMPLES = [
+    pytest.param("sgd", dict(), id="sgd-momentum"),
+    pytest.param("sgd", dict(nesterov=True, started=False), id="sgd-nesterov-first"),
+    pytest.param("adagrad", dict(), id="adagrad"),
+]
+
+
+@pytest.mark.parametrize("op,options", TRANSFORM_SAMPLES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dname)
+def test_unit_coefs_scale_each_unit(op, options, dtype):
+    """unit_coefs: the update of gradients pre-multiplied unit by unit, bit for
+    bit (float32 coefficients and no clip_coef: the multiplier is the
+    coefficient itself), across chunk boundaries inside units, for a
+    transposed parameter updated in its own storage."""
+    args, kwargs, coefs = _transform_sample(op, dtype, **options)
+    param = args[0][1]
+    ptr, stride = param.data_ptr(), param.stride()
+    expected = _run(op, _with_grads(args, _times_units(args[1], coefs)), kwargs)
+    got = _run(op, args, dict(kwargs, unit_coefs=coefs))
+    _assert_equal(got[:1] + got[2:], expected[:1] + expected[2:], f"{op} unit_coefs")
+    assert not _run(op, args, kwargs)[0][0].equal(got[0][0])  # the coefficients matter
+    grads_before = _clone(args)[1]
+    getattr(ops, f"{op}_")(*args, **dict(kwargs, unit_coefs=coefs))
+    assert param.data_ptr() == ptr and param.stride() == stride
+    _assert_equal((args[1],), (grads_before,), "grads written")
+    _assert_equal(args[:1], got[:1], "in place")
+
+
+@pytest.mark.parametrize("op,options", TRANSFORM_SAMPLES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+def test_clip_value_clamps_each_element(op, options, dtype):
+    """clip_value: the update of pre-clamped gradients, bit for bit (adagrad_'s
+    sample maximizes: the clamp commutes with the sign); with grad_scale the
+    unscaled gradient is clamped. 0.375 is exact in every dtype."""
+    args, kwargs, _ = _transform_sample(op, dtype, **options)
+    clamped = [g.clamp(-0.375, 0.375) for g in args[1]]
+    expected = _run(op, _with_grads(args, clamped), kwargs)
+    got = _run(op, args, dict(kwargs, clip_value=0.375))
+    _assert_equal(got[:1] + got[2:], expected[:1] + expected[2:], f"{op} clip_value")
+    assert not _run(op, args, kwargs)[0][0].equal(got[0][0])  # the clamp matters
+    scaled = _with_grads(args, [g * 16 for g in args[1]])
+    got = _run(op, scaled, dict(kwargs, clip_value=0.375, grad_scale=torch.tensor(16.0)))
+    _assert_equal(got[:1], expected[:1], f"{op} clip_value with grad_scale")
+
+
+@pytest.mark.parametrize("op", ["sgd", "adagrad"])
+def test_clip_value_propagates_nan_and_clamps_inf(op):
+    args, kwargs, _ = _transform_sample(op, torch.float32, layout="contiguous")
+    grad = args[1][0]
+    grad[0], grad[1], grad[2] = math.inf, -math.inf, math.nan
+    expected = _run(op, _with_grads(args, [g.clamp(-0.375, 0.375) for g in args[1]]), kwargs)
+    got = _run(op, args, dict(kwargs, clip_value=0.375))
+    _assert_equal(got[:1] + got[2:], expected[:1] + expected[2:], f"{op} non-finite")
+    assert math.isnan(float(got[0][0][2])) and math.isfinite(float(got[0][0][0]))
+
+
+@pytest.mark.parametrize("op", ["sgd", "adagrad"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+def test_unit_coefs_with_clip_coef_and_scale(op, dtype):
+    """unit_coefs (float64), a per-tensor clip_coef and grad_scale multiply:
+    against the float64 reference step on the so-scaled gradients."""
+    from fusedclip import reference as ref
+    from tolerances import REFERENCE
+    from conftest import assert_close
+    args, kwargs, coefs = _transform_sample(op, dtype, coef_dtype=torch.float64)
+    n = len(args[0])
+    clip = torch.linspace(0.3, 1.0, n, dtype=torch.float64)
+    kwargs = dict(kwargs, clip_coef=clip, grad_scale=torch.tensor(8.0), unit_coefs=coefs)
+    before = _clone(args)
+    getattr(ops, f"{op}_")(*args, **kwargs)
+    for i in range(n):
+        p = before[0][i].double()
+        grad = _times_units([before[1][i].double()], [coefs[i]])[0] * clip[i] / 8.0
+        if op == "sgd":
+            state = {"momentum_buffer": before[2][i].double() if float(before[3][i]) else None}
+            ref.sgd_step(p, grad, state, lr=kwargs["lr"], momentum=kwargs["momentum"],
+                         dampening=kwargs["dampening"], weight_decay=kwargs["weight_decay"],
+                         nesterov=kwargs["nesterov"], maximize=kwargs["maximize"])
+            key, expected = "momentum_buffer", state["momentum_buffer"]
+        else:
+            state = {"step": float(before[3][i]), "sum": before[2][i].double()}
+            ref.adagrad_step(p, grad, state, lr=kwargs["lr"], lr_decay=kwargs["lr_decay"],
+                             weight_decay=kwargs["weight_decay"], eps=kwargs["eps"],
+                             maximize=kwargs["maximize"])
+            key, expected = "sum", state["sum"]
+        assert_close(args[0][i], p.to(dtype), REFERENCE[dtype], f"{op} param {i}")
+        assert_close(args[2][i], expected.to(dtype), REFERENCE[dtype], f"{op} {key} {i}")
+
+
+def _transform_opcheck_samples():
+    for k, dtype in enumerate(DTYPES):
+        for op, options in [("sgd", dict(nesterov=bool(k % 2), started=bool(k % 2))),
+                            ("adagrad", dict())]:
+            args, kwargs, coefs = _transform_sample(op, dtype, seed=k, **options)
+            yield pytest.param(OPS[op][0], args, dict(kwargs, unit_coefs=coefs, clip_value=0.5),
+                               id=f"{op}-{_dname(dtype)}-units-value")
+    args, kwargs, coefs = _transform_sample("sgd", torch.float32, coef_dtype=torch.float64,
+                                            momentum=0.0)
+    yield pytest.param(OPS["sgd"][0], args, dict(kwargs, unit_coefs=coefs), id="sgd-plain-f64coefs")
+    args, kwargs, _ = _transform_sample("adagrad", torch.float32, layout="slice")
+    yield pytest.param(OPS["adagrad"][0], args, dict(kwargs, clip_value=0.25,
+                                                     found_inf=torch.tensor(1.0)),
+                       id="adagrad-value-found1")
+
+
+@pytest.mark.parametrize("fn,args,kwargs", list(_transform_opcheck_samples()))
+def test_opcheck_grad_transform(fn, args, kwargs):
+    torch.library.opcheck(fn, args, kwargs)
+
+
+@pytest.mark.parametrize("op", ["sgd", "adagrad"])
+@pytest.mark.parametrize("change,match", [
+    (dict(unit_coefs=lambda c: c[:-1]), "unit_coefs has"),
+    (dict(unit_coefs=lambda c: c[:1] + [torch.ones(5)] + c[2:]), "one element per index of dim 0"),
+    (dict(unit_coefs=lambda c: [c[0].double()] + c[1:]), "one dtype"),
+    (dict(clip_value=lambda c: -1.0), "clip_value must be >= 0"),
+    (dict(clip_value=lambda c: math.nan), "clip_value must be >= 0"),
+], ids=["count", "numel", "mixed", "negative", "nan"])
+def test_bad_transform_args(op, change, match):
+    """The shared check_grad_transform_args refuses before anything changes."""
+    args, kwargs, coefs = _transform_sample(op, torch.float32)
+    kwargs = dict(kwargs, **{k: f(coefs) for k, f in change.items()})
+    before = _clone(args)
+    with pytest.raises(RuntimeError, match=match):
+        getattr(ops, f"{op}_")(*args, **kwargs)
+    _assert_equal(args, before, "refused call")
 
 
 # -- the ops' own checks --------------------------------------------------------------------

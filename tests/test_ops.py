@@ -317,3 +317,220 @@ def test_adam_float64_step_counters(dtype):
     for x, y in zip(a[0], b[0]):
         assert bitwise_equal(x, y)
     assert all(s.dtype == torch.float64 for s in a[5])
+
+
+# -- multi_tensor_unit_norm: per-unit norms in the same read ----------------------------------
+def _unit_norm_samples():
+    g = _gen(3)
+    for dtype in DTYPES:
+        tensors = [
+            make_tensor((5,), "contiguous", g, dtype), make_tensor((4, 3), "transposed", g, dtype),
+            make_tensor((3, 4), "slice", g, dtype), make_tensor((), "contiguous", g, dtype),
+            make_tensor((0,), "contiguous", g, dtype), make_tensor((2, 3, 4, 5), "channels_last", g, dtype),
+            torch.zeros((4, 0), dtype=dtype), torch.zeros((0, 3), dtype=dtype),
+            make_tensor((3, 20000), "contiguous", g, dtype), make_tensor((40000, 3), "contiguous", g, dtype),
+        ]
+        for norm_type in (2.0, math.inf):
+            yield pytest.param(tensors, norm_type, id=f"{_dname(dtype)}-{norm_type}")
+    yield pytest.param([make_tensor((0,), "contiguous", g, torch.float32)], 2.0, id="only-empty")
+
+
+def _exact_unit_norms(t: torch.Tensor, norm_type: float) -> torch.Tensor:
+    """timm's unitwise_norm in float64, as one 1-D tensor (0 for empty units)."""
+    x = t.double()
+    if x.dim() <= 1:
+        x = x.reshape(1, -1)
+    x = x.flatten(1)
+    if x.shape[1] == 0:
+        return torch.zeros(x.shape[0], dtype=torch.float64)
+    return torch.linalg.vector_norm(x, norm_type, dim=1)
+
+
+@pytest.mark.parametrize("tensors,norm_type", list(_unit_norm_samples()))
+def test_opcheck_multi_tensor_unit_norm(tensors, norm_type):
+    torch.library.opcheck(torch.ops.fusedclip.multi_tensor_unit_norm.default, (tensors, norm_type))
+
+
+@pytest.mark.parametrize("tensors,norm_type", list(_unit_norm_samples()))
+def test_unit_norms_are_unitwise_norms(tensors, norm_type):
+    """Every unit (index of dim 0; the whole tensor for ndim <= 1) of tensors of
+    every layout, units that span CPU chunks (3 x 20000) and chunks that start
+    inside a unit (40000 x 3): against the float64 norm; the per-tensor and
+    global norms and the flag as multi_tensor_norm gives them."""
+    dtype = tensors[0].dtype
+    units, norms, total, flag = ops.multi_tensor_unit_norm(tensors, norm_type)
+    counts = ops.unit_counts(tensors)
+    assert units.shape == (sum(counts),) and units.dtype == NORM_OUT_DTYPE[dtype]
+    for i, (u, t) in enumerate(zip(units.split(counts), tensors)):
+        assert_close(u, _exact_unit_norms(t, norm_type).to(u.dtype), NORM[dtype],
+                     f"units of tensor {i} {tuple(t.shape)}")
+    n2, total2, flag2 = ops.multi_tensor_norm(tensors, norm_type)
+    assert_close(norms, n2, NORM[dtype], "tensor norms")
+    assert_close(total, total2, NORM[dtype], "global norm")
+    assert bitwise_equal(flag, flag2)
+
+
+def test_unit_norm_nonfinite_flag_and_threads():
+    x = torch.randn(300, 70)
+    x[123, 5] = math.inf
+    units, _, total, flag = ops.multi_tensor_unit_norm([torch.randn(7), x], 2.0)
+    assert float(flag) == 1.0 and math.isinf(float(total))
+    assert math.isinf(float(units[1 + 123])) and bool(torch.isfinite(units[1:1 + 123]).all())
+    y = torch.randn(50000, 5)  # multi-threaded: the result does not depend on the threads
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            results.append(ops.multi_tensor_unit_norm([y, torch.randn(3)[:0]], 2.0))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results):
+        assert bitwise_equal(a, b)
+
+
+def test_unit_norm_of_no_tensors():
+    units, norms, total, flag = ops.multi_tensor_unit_norm([], 2.0)
+    assert units.shape == (0,) and norms.shape == (0,) and float(total) == 0 and float(flag) == 0
+
+
+# -- adam_: clip_value and unit_coefs (the shared gradient transform) ------------------------
+def _unit_coef_sample(dtype, layout="contiguous", coef_dtype=torch.float32, seed=7):
+    args, kwargs = _adam_sample(dtype, amsgrad=True, layout=layout, clip="none", seed=seed)
+    g = _gen(seed + 1)
+    # add units that span CPU chunks and chunks that start inside a unit
+    for shape in [(3, 20000), (9000, 3)]:
+        for k, group in enumerate(args):
+            if k == 5:
+                group.append(torch.tensor(2.0))
+            elif k == 3 or k == 4:
+                group.append(make_tensor(shape, "contiguous", g, dtype, 0.1).abs())
+            else:
+                group.append(make_tensor(shape, "contiguous", g, dtype))
+    coefs = [torch.rand(ops.unit_counts([p])[0], generator=g, dtype=torch.float64).to(coef_dtype)
+             for p in args[0]]
+    return args, kwargs, coefs
+
+
+def _assert_updated_equal(a, b, what: str):
+    """Params, states and steps bit for bit (the gradients differ on purpose)."""
+    _assert_args_equal(a[:1] + a[2:], b[:1] + b[2:], what)
+
+
+def _times_units(grads, coefs):
+    """Each gradient times its unit coefficients, in the gradient's dtype."""
+    out = []
+    for grad, c in zip(grads, coefs):
+        c = c.to(grad.dtype)
+        out.append(grad * (c.reshape((-1,) + (1,) * (grad.dim() - 1)) if grad.dim() > 1 else c[0]))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "slice"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dname)
+def test_adam_unit_coefs_scale_each_unit(dtype, layout):
+    """unit_coefs: the update of gradients pre-multiplied unit by unit, bit for
+    bit (float32 coefficients: the multiplier rounds to the coefficient itself),
+    across chunk boundaries inside units and for every layout (row-major
+    stand-ins, updated in the parameter's own storage)."""
+    args, kwargs, coefs = _unit_coef_sample(dtype, layout)
+    param = args[0][1]
+    ptr, stride = param.data_ptr(), param.stride()
+    expected = _run_adam(tuple(g if k != 1 else _times_units(g, coefs) for k, g in enumerate(args)),
+                         kwargs)
+    grads_before = [clone_layout(t) for t in args[1]]
+    ops.adam_(*args, **dict(kwargs, unit_coefs=coefs))
+    assert param.data_ptr() == ptr and param.stride() == stride
+    _assert_updated_equal(args, expected, f"unit_coefs {layout}")
+    assert all(bitwise_equal(a, b) for a, b in zip(args[1], grads_before)), "grads written"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+def test_adam_unit_coefs_with_clip_coef_and_scale(dtype):
+    """unit_coefs, a per-tensor clip_coef and grad_scale multiply: against the
+    reference Adam step on the so-scaled float64 gradients."""
+    from fusedclip import reference as ref
+    from tolerances import REFERENCE
+    args, kwargs, coefs = _unit_coef_sample(dtype, coef_dtype=torch.float64)
+    n = len(args[0])
+    clip = torch.linspace(0.3, 1.0, n, dtype=torch.float64)
+    kwargs = dict(kwargs, clip_coef=clip, grad_scale=torch.tensor(8.0), unit_coefs=coefs)
+    before = _clone_args(args)
+    ops.adam_(*args, **kwargs)
+    for i in range(n):
+        p = before[0][i].double()
+        state = {"step": float(before[5][i]), "exp_avg": before[2][i].double(),
+                 "exp_avg_sq": before[3][i].double(), "max_exp_avg_sq": before[4][i].double()}
+        grad = _times_units([before[1][i].double()], [coefs[i]])[0] * clip[i] / 8.0
+        ref.adam_step(p, grad, state, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05,
+                      amsgrad=True, maximize=False, decoupled_weight_decay=True)
+        assert_close(args[0][i], p.to(dtype), REFERENCE[dtype], f"param {i}")
+        assert_close(args[2][i], state["exp_avg"].to(dtype), REFERENCE[dtype], f"exp_avg {i}")
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dname)
+def test_adam_clip_value_clamps_each_element(dtype, maximize):
+    """clip_value: the update of pre-clamped gradients, bit for bit (the clamp
+    is exact and commutes with the sign of maximize); with grad_scale the
+    unscaled gradient is clamped. 0.375 is exact in every dtype (the kernel
+    clamps in the math type, float32 for half and bfloat16)."""
+    args, kwargs, _ = _unit_coef_sample(dtype)
+    kwargs = dict(kwargs, maximize=maximize)
+    clamped = [g.clamp(-0.375, 0.375) for g in args[1]]
+    expected = _run_adam(tuple(g if k != 1 else clamped for k, g in enumerate(args)), kwargs)
+    got = _run_adam(args, dict(kwargs, clip_value=0.375))
+    _assert_updated_equal(got, expected, "clip_value")
+    scaled = tuple(g if k != 1 else [x * 16 for x in g] for k, g in enumerate(args))
+    got = _run_adam(scaled, dict(kwargs, clip_value=0.375, grad_scale=torch.tensor(16.0)))
+    _assert_args_equal(got[:1], expected[:1], "clip_value with grad_scale")
+
+
+def test_adam_clip_value_propagates_nan_and_clamps_inf():
+    """Like torch.clamp: inf becomes +-clip_value, NaN stays NaN."""
+    args, kwargs, _ = _unit_coef_sample(torch.float32)
+    grad = args[1][0]
+    grad[0], grad[1], grad[2] = math.inf, -math.inf, math.nan
+    clamped = [g.clamp(-0.375, 0.375) for g in args[1]]
+    assert math.isnan(float(clamped[0][2]))
+    expected = _run_adam(tuple(g if k != 1 else clamped for k, g in enumerate(args)), kwargs)
+    got = _run_adam(args, dict(kwargs, clip_value=0.375))
+    _assert_updated_equal(got, expected, "non-finite")
+    assert math.isnan(float(got[0][0][2])) and math.isfinite(float(got[0][0][0]))
+
+
+def _unit_coef_opcheck_samples():
+    for dtype in DTYPES:
+        args, kwargs, coefs = _unit_coef_sample(dtype, layout="transposed")
+        yield pytest.param(args, dict(kwargs, unit_coefs=coefs, clip_value=0.5),
+                           id=f"{_dname(dtype)}-units-value")
+    args, kwargs, coefs = _unit_coef_sample(torch.float32, coef_dtype=torch.float64)
+    yield pytest.param(args, dict(kwargs, unit_coefs=coefs), id="float64-coefs")
+
+
+@pytest.mark.parametrize("args,kwargs", list(_unit_coef_opcheck_samples()))
+def test_opcheck_adam_grad_transform(args, kwargs):
+    torch.library.opcheck(torch.ops.fusedclip.adam_.default, args, kwargs)
+
+
+@pytest.mark.parametrize("change,match", [
+    (lambda c: c[:-1], "unit_coefs has"),
+    (lambda c: c[:1] + [torch.ones(5)] + c[2:], "one element per index of dim 0"),
+    (lambda c: [c[0].to(torch.int64)] + c[1:], "float32 or float64"),
+    (lambda c: [c[0].double()] + c[1:], "one dtype"),
+    (lambda c: [c[0].reshape(1, -1)] + c[1:], "0-d or 1-d"),
+], ids=["count", "numel", "dtype", "mixed", "dim"])
+def test_adam_bad_unit_coefs(change, match):
+    args, kwargs, coefs = _unit_coef_sample(torch.float32)
+    before = _clone_args(args)
+    with pytest.raises(RuntimeError, match=match):
+        ops.adam_(*args, **dict(kwargs, unit_coefs=change(coefs)))
+    _assert_args_equal(args, before, "refused call")
+
+
+def test_adam_bad_clip_value():
+    args, kwargs, _ = _unit_coef_sample(torch.float32)
+    with pytest.raises(RuntimeError, match="clip_value must be >= 0"):
+        ops.adam_(*args, **dict(kwargs, clip_value=-1.0))
+    with pytest.raises(RuntimeError, match="clip_value must be >= 0"):
+        ops.adam_(*args, **dict(kwargs, clip_value=math.nan))

@@ -1,8 +1,10 @@
-"""The clip policies of fusedclip.clipping with FusedClipAdam/AdamW: against the
+"""The clip policies of fusedclip.clipping with FusedClipAdam/AdamW (and, for
+ValueClip and AGC, FusedClipSGD/FusedClipAdagrad at the end): against the
 float64 reference (fusedclip/reference.py) step for step, against the behaviour
-each one is named after (torch's clip_grad_norm_, the AutoClip paper's code,
-zclip 1.0.0, pytorch_optimizer 4.1.0's AdaGC), the skip paths, state_dict round
-trips, argument checks and property checks."""
+each one is named after (torch's clip_grad_norm_ and clip_grad_value_, the
+AutoClip paper's code, zclip 1.0.0, pytorch_optimizer 4.1.0's AdaGC, timm's
+adaptive_clip_grad), the skip paths, state_dict round trips, argument checks and
+property checks."""
 
 from __future__ import annotations
 
@@ -48,11 +50,15 @@ POLICIES = {
                                              max_norm=50.0)),
     "AdaGC(warm4)": ("AdaGC", dict(beta=0.9, lambda_abs=3.0, warmup_steps=4)),
     "AdaGC(default-ish)": ("AdaGC", dict(lambda_abs=0.5, lambda_rel=1.0, warmup_steps=1)),
+    "ValueClip(0.3)": ("ValueClip", dict(clip_value=0.3)),
+    "AGC": ("AGC", dict()),
+    "AGC(0.3)": ("AGC", dict(clip_factor=0.3)),
+    "AGC(0.5,eps3)": ("AGC", dict(clip_factor=0.5, eps=3.0)),
 }
 REFERENCES = {
     "PerTensorNorm": ref.RefPerTensorNorm, "SmoothClip": ref.RefSmoothClip,
     "Normalize": ref.RefNormalize, "AutoClip": ref.RefAutoClip, "ZClip": ref.RefZClip,
-    "AdaGC": ref.RefAdaGC,
+    "AdaGC": ref.RefAdaGC, "ValueClip": ref.RefValueClip, "AGC": ref.RefAGC,
 }
 STATEFUL = ["AutoClip(60,hist5)", "ZClip(warm3)", "ZClip(pct,nomax,skipspike)", "AdaGC(warm4)"]
 
@@ -150,6 +156,7 @@ def _run_against_reference(name, dtype, kind="Adam", skip_steps=(), scaler_skip_
     rgroups = problem.reference_groups(problem.params(), torch_defaults(kind))
     reference = ref.ReferenceAdam(rgroups, clip=rpolicy)
     fflat = flat(fparams)
+    seen = []  # AGC's coefficients
     for step in range(STEPS):
         grads = _grads(problem, step)
         if step in skip_steps or step in scaler_skip_steps:
@@ -167,9 +174,17 @@ def _run_against_reference(name, dtype, kind="Adam", skip_steps=(), scaler_skip_
         set_grads(fflat, grads)
         fopt.step()
         reference.step(grads)
-        coef = fopt.clip_stats["clip_coef"]
-        expected = torch.stack(last) if coef.dim() else last[0]
-        assert_close(coef.double(), expected.double(), tol, f"{name} step {step} clip_coef")
+        cls = POLICIES[name][0]
+        coef = fopt.clip_stats.get("clip_coef")
+        if cls == "ValueClip":
+            assert coef is None
+        else:
+            if cls == "AGC":  # per unit, gradient after gradient
+                expected = torch.cat(rpolicy.last)
+                seen.append(expected)
+            else:
+                expected = torch.stack(last) if coef.dim() else last[0]
+            assert_close(coef.double(), expected.double(), tol, f"{name} step {step} clip_coef")
         if "tensor_norms" in fopt.clip_stats:
             present = [g for g in grads if g is not None]
             norms = torch.stack([ref.tensor_norm(g, fopt.clip_policy.norm_type) for g in present])
@@ -177,6 +192,10 @@ def _run_against_reference(name, dtype, kind="Adam", skip_steps=(), scaler_skip_
             assert_close(got, norms.to(got.dtype), NORM[dtype], f"{name} step {step} tensor_norms")
         _assert_policy_state_matches(name, fopt, fflat, rpolicy, tol, f"{name} step {step}")
         assert_matches_reference(fopt, fflat, reference, problem, tol, f"{name} step {step}")
+    if POLICIES[name][0] == "AGC" and name != "AGC":
+        # Both cases of the rule: units clipped and units left alone.
+        seen = torch.cat(seen)
+        assert bool((seen < 1).any()) and bool((seen == 1).any()), name
     return fopt
 
 
@@ -196,7 +215,8 @@ def test_skipped_steps_change_no_policy_state(name):
     assert int(opt.clip_stats["skipped"]) == 4
 
 
-@pytest.mark.parametrize("name", ["PerTensorNorm(0.4)", "AdaGC(warm4)", "ZClip(warm3)"])
+@pytest.mark.parametrize("name", ["PerTensorNorm(0.4)", "AdaGC(warm4)", "ZClip(warm3)",
+                                  "AGC(0.3)", "ValueClip(0.3)"])
 def test_grad_scaler_unscales_the_norms(name):
     """Under a GradScaler (grad_scale set, gradients scaled), every policy sees
     the norms of the unscaled gradients."""
@@ -212,17 +232,18 @@ def test_grad_scaler_unscales_the_norms(name):
         sopt.grad_scale, sopt.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
         sopt.step()
         del sopt.grad_scale, sopt.found_inf
-        assert_close(sopt.clip_stats["clip_coef"], popt.clip_stats["clip_coef"],
-                     REFERENCE[torch.float64], f"step {step}")
+        if "clip_coef" in popt.clip_stats or "clip_coef" in sopt.clip_stats:
+            assert_close(sopt.clip_stats["clip_coef"], popt.clip_stats["clip_coef"],
+                         REFERENCE[torch.float64], f"step {step}")
     assert_states_close(sopt, popt, flat(scaled), flat(plain), REFERENCE[torch.float64], name)
 
 
 # -- against the behaviour each policy is named after ------------------------------------------
-def _torch_run(problem, clip_fn, fused, dtype, norm_type=2.0):
+def _torch_run(problem, clip_fn, fused, dtype, norm_type=2.0, kind="Adam", defaults=None):
     """torch.optim.Adam after ``clip_fn(params)`` against FusedClipAdam(clip=fused)."""
     tparams, fparams = problem.params(), problem.params()
-    topt = make_torch_opt("Adam", problem, tparams, {})
-    fopt = make_fused_opt("Adam", problem, fparams, {}, clip=fused)
+    topt = make_torch_opt(kind, problem, tparams, defaults or {})
+    fopt = make_fused_opt(kind, problem, fparams, defaults or {}, clip=fused)
     tflat, fflat = flat(tparams), flat(fparams)
     for step in range(STEPS):
         grads = _grads(problem, step)
@@ -498,6 +519,122 @@ def test_stateless_policies_add_nothing_to_the_state_dict():
         assert set(opt.state_dict()) == {"state", "param_groups"}
 
 
+@pytest.mark.parametrize("kind,defaults", [("Adam", {}), ("AdamW", dict(maximize=True))],
+                         ids=["Adam", "AdamW-maximize"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_value_clip_is_clip_grad_value_(dtype, kind, defaults):
+    _torch_run(_problem(dtype), lambda params: torch.nn.utils.clip_grad_value_(params, 0.3),
+               fusedclip.ValueClip(0.3), dtype, kind=kind, defaults=defaults)
+
+
+def test_value_clip_propagates_like_torch():
+    """nonfinite="propagate": clip_grad_value_ turns inf into +-clip_value and
+    keeps NaN, and so does ValueClip; no norm pass is needed then."""
+    problem = _problem(torch.float32)
+    tparams, fparams = problem.params(), problem.params()
+    topt = make_torch_opt("Adam", problem, tparams, {})
+    fopt = make_fused_opt("Adam", problem, fparams, {}, clip=fusedclip.ValueClip(0.3),
+                          nonfinite="propagate")
+    tflat, fflat = flat(tparams), flat(fparams)
+    for step in range(4):
+        grads = _grads(problem, step)
+        if step == 1:
+            grads = _poison(grads, math.inf)
+        if step == 2:
+            grads = _poison(grads, math.nan)
+        set_grads(tflat, grads)
+        set_grads(fflat, grads)
+        torch.nn.utils.clip_grad_value_([p for p in tflat if p.grad is not None], 0.3)
+        topt.step()
+        fopt.step()
+        assert "grad_norm" not in fopt.clip_stats
+        assert_states_close(fopt, topt, fflat, tflat, TORCH_PARITY[torch.float32], f"step {step}",
+                            equal_nan=True)
+    assert bool(fflat[0].isnan().any())
+
+
+def timm_adaptive_clip_grad(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0):
+    """timm.utils.agc.adaptive_clip_grad (huggingface/pytorch-image-models,
+    timm/utils/agc.py), literally."""
+    def unitwise_norm(x, norm_type=2.0):
+        if x.ndim <= 1:
+            return x.norm(norm_type)
+        else:
+            return x.norm(norm_type, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    for p in parameters:
+        if p.grad is None:
+            continue
+        p_data = p.detach()
+        g_data = p.grad.detach()
+        max_norm = unitwise_norm(p_data, norm_type=norm_type).clamp_(min=eps).mul_(clip_factor)
+        grad_norm = unitwise_norm(g_data, norm_type=norm_type)
+        clipped_grad = g_data * (max_norm / grad_norm.clamp(min=1e-6))
+        new_grads = torch.where(grad_norm < max_norm, g_data, clipped_grad)
+        p.grad.detach().copy_(new_grads)
+
+
+AGC_SPECS = [((5, 7), "contiguous"), ((4, 3, 2, 2), "channels_last"), ((6, 4), "transposed"),
+             ((3, 8), "slice"), ((97,), "contiguous"), ((), "contiguous"), ((0,), "contiguous"),
+             ((2, 20000), "contiguous"), ((7000, 3), "contiguous")]
+
+
+@pytest.mark.parametrize("kind,defaults", [("Adam", {}), ("AdamW", dict(maximize=True))],
+                         ids=["Adam", "AdamW-maximize"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("kwargs", [dict(), dict(clip_factor=0.3), dict(clip_factor=0.5, eps=3.0)],
+                         ids=["default", "0.3", "0.5-eps3"])
+def test_agc_is_timms_adaptive_clip_grad(kwargs, dtype, kind, defaults):
+    """timm's adaptive_clip_grad then torch.optim.Adam/AdamW, against
+    FusedClipAdam(clip=AGC(...)): every layout (stand-ins for units), units
+    that span CPU chunks (2 x 20000) and chunks that start inside a unit."""
+    problem = Problem(groups=[{"specs": AGC_SPECS[:4], "lr": 0.01},
+                              {"specs": AGC_SPECS[4:], "lr": 0.003, "amsgrad": True}],
+                      dtype=dtype, grad_std=0.5, seed=11)
+    _torch_run(problem, lambda params: timm_adaptive_clip_grad(params, **kwargs),
+               fusedclip.AGC(**kwargs), dtype, kind=kind, defaults=defaults)
+
+
+def test_agc_unit_norms_come_from_one_read_of_grads_and_params(monkeypatch):
+    """The norm pass: one multi_tensor_unit_norm over the gradients (global
+    norm, flag, unit norms) and one over the parameters per bucket, and no
+    other norm op; the update op gets one coefficient per unit."""
+    problem = _problem(torch.float32)
+    params = problem.params()
+    opt = make_fused_opt("Adam", problem, params, {}, clip=fusedclip.AGC(0.3))
+    calls = []
+    for name in ("multi_tensor_norm", "multi_tensor_unit_norm", "adam_"):
+        inner = getattr(fusedclip.ops, name)
+
+        def spy(*args, _inner=inner, _name=name, **kwargs):
+            calls.append((_name, args, kwargs))
+            return _inner(*args, **kwargs)
+        monkeypatch.setattr(fusedclip.ops, name, spy)
+    set_grads(flat(params), _grads(problem, 0))
+    opt.step()
+    present = [p for p in flat(params) if p.grad is not None]
+    norm_calls = [c for c in calls if c[0] != "adam_"]
+    assert [c[0] for c in norm_calls] == ["multi_tensor_unit_norm"] * 2
+    assert all(a is b.grad for a, b in zip(norm_calls[0][1][0], present))
+    assert all(a is b for a, b in zip(norm_calls[1][1][0], present))
+    for name, args, kwargs in calls:
+        if name == "adam_":
+            assert kwargs["clip_coef"] is None and kwargs["clip_value"] is None
+            assert [c.numel() for c in kwargs["unit_coefs"]] == fusedclip.ops.unit_counts(args[0])
+
+
+def test_policies_need_an_optimizer_that_passes_the_transform():
+    class NoTransform(fusedclip.FusedClipAdam):
+        _supports_grad_transform = False
+    params = [torch.nn.Parameter(torch.randn(3))]
+    for policy in (fusedclip.ValueClip(1.0), fusedclip.AGC()):
+        with pytest.raises(ValueError, match="does not support the clip policy"):
+            NoTransform(params, clip=policy)
+    NoTransform(params, clip=fusedclip.PerTensorNorm(1.0))
+
+
 # -- no host sync ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_step_reads_no_device_value(name, monkeypatch):
@@ -550,6 +687,16 @@ BAD = [
     (fusedclip.AdaGC, dict(lambda_rel=-1.0), ValueError, "lambda_rel"),
     (fusedclip.AdaGC, dict(warmup_steps=-1), ValueError, "warmup_steps"),
     (fusedclip.AdaGC, dict(eps=-1e-8), ValueError, "eps"),
+    (fusedclip.ValueClip, dict(clip_value=0.0), ValueError, "clip_value"),
+    (fusedclip.ValueClip, dict(clip_value=-0.5), ValueError, "clip_value"),
+    (fusedclip.ValueClip, dict(clip_value=math.inf), ValueError, "clip_value"),
+    (fusedclip.ValueClip, dict(clip_value=math.nan), ValueError, "clip_value"),
+    (fusedclip.ValueClip, dict(clip_value="1"), TypeError, "clip_value"),
+    (fusedclip.AGC, dict(clip_factor=0.0), ValueError, "clip_factor"),
+    (fusedclip.AGC, dict(clip_factor=-0.01), ValueError, "clip_factor"),
+    (fusedclip.AGC, dict(clip_factor=math.inf), ValueError, "clip_factor"),
+    (fusedclip.AGC, dict(eps=-1e-3), ValueError, "eps"),
+    (fusedclip.AGC, dict(eps=math.nan), ValueError, "eps"),
 ]
 
 
@@ -567,6 +714,8 @@ def test_good_arguments_and_repr():
     assert fusedclip.ZClip(mode="Percentile").mode == "percentile"
     assert fusedclip.PerTensorNorm(1, norm_type="inf").norm_type == math.inf
     assert fusedclip.AdaGC(warmup_steps=0).warmup_steps == 0
+    assert fusedclip.AGC(eps=0).eps == 0.0
+    assert fusedclip.ValueClip(2).elementwise_clip_value == 2.0
 
 
 # -- properties of GlobalNorm and PerTensorNorm ---------------------------------------------------
@@ -624,3 +773,177 @@ def test_clipping_twice_changes_nothing(cls, norm_type):
             nonzero = a != 0
             ratio = b[nonzero] / a[nonzero]
             assert bool(((ratio <= 1.0) & (ratio >= 1.0 - 2e-6 / max_norm)).all()), seed
+
+
+def test_agc_with_mixed_dtypes_is_timms():
+    """Parameters of two dtypes: two norm buckets, each with its own unit norms
+    and coefficients; clip_stats["clip_coef"] lists the units in parameter order."""
+    torch.manual_seed(3)
+    shapes = [((6, 5), torch.float32), ((4,), torch.float64), ((3, 2, 2), torch.float32),
+              ((5, 3), torch.float64)]
+    init = [torch.randn(s, dtype=d) for s, d in shapes]
+    tparams = [torch.nn.Parameter(x.clone()) for x in init]
+    fparams = [torch.nn.Parameter(x.clone()) for x in init]
+    topt = torch.optim.Adam(tparams, lr=0.01)
+    fopt = fusedclip.FusedClipAdam(fparams, lr=0.01, clip=fusedclip.AGC(0.3))
+    for step in range(6):
+        grads = [torch.randn_like(x) * (0.5 + step) for x in init]
+        for t, f, g in zip(tparams, fparams, grads):
+            t.grad, f.grad = g.clone(), g.clone()
+        expected = []
+        for t in tparams:
+            before = t.grad.clone()
+            timm_adaptive_clip_grad([t], clip_factor=0.3)
+            unit = before if before.dim() <= 1 else before.flatten(1)
+            after = t.grad if t.grad.dim() <= 1 else t.grad.flatten(1)
+            ratio = (after / unit).reshape(unit.shape[0], -1)[:, 0] if unit.dim() > 1 else (after / unit)[:1]
+            expected.append(ratio.double())
+        topt.step()
+        fopt.step()
+        for t, f in zip(tparams, fparams):
+            assert_close(f.detach(), t.detach(), TORCH_PARITY[t.dtype], f"step {step}")
+        coef = fopt.clip_stats["clip_coef"]
+        assert coef.shape == (6 + 1 + 3 + 5,)
+        assert_close(coef.double(), torch.cat(expected), TORCH_PARITY[torch.float32], f"coef {step}")
+
+
+# -- ValueClip and AGC with FusedClipSGD and FusedClipAdagrad ----------------------------------
+# Every policy works with all four optimizer families; the per-tensor and global
+# policies reach SGD and Adagrad through clip_coef like Adam (test_sgd.py,
+# test_adagrad.py), ValueClip and AGC through the shared gradient transform.
+# Configurations as data: id -> (kind, hyperparameters).
+FAMILY_CONFIGS = {
+    "SGD-momentum": ("SGD", dict(momentum=0.9, dampening=0.1, weight_decay=0.01)),
+    "SGD-nesterov-max": ("SGD", dict(momentum=0.8, nesterov=True, maximize=True)),
+    "Adagrad": ("Adagrad", dict(lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
+}
+FAMILY_POLICIES = ["ValueClip(0.3)", "AGC(0.3)", "AGC(0.5,eps3)"]
+# Steps of the reference run skipped by non-finite gradients (step 0: the first
+# step, so SGD's buffers start later) and by a GradScaler's found_inf, and one
+# under a GradScaler that is not skipped (scaled gradients, unscaled norms).
+FAMILY_NONFINITE_SKIPS, FAMILY_SCALER_SKIPS, FAMILY_SCALED = (0, 6), (3,), (9,)
+
+
+def _family_problem(dtype, specs=SPECS, seed=5) -> Problem:
+    return Problem(groups=[{"specs": specs[:4], "lr": 0.01}, {"specs": specs[4:], "lr": 0.003}],
+                   dtype=dtype, grad_std=0.5, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("config", list(FAMILY_CONFIGS))
+@pytest.mark.parametrize("name", FAMILY_POLICIES)
+def test_family_matches_reference(name, config, dtype):
+    """FusedClipSGD / FusedClipAdagrad with ValueClip and AGC against the
+    float64 reference step for step, with skipped steps (non-finite gradients,
+    a GradScaler's found_inf) that change nothing and that the reference never
+    sees, and a GradScaler step whose gradients are scaled."""
+    import family
+    from conftest import assert_unchanged, snapshot
+    kind, defaults = FAMILY_CONFIGS[config]
+    problem = _family_problem(dtype)
+    tol = REFERENCE[dtype]
+    fparams = problem.params()
+    fopt = family.make_fused_opt(kind, problem, fparams, defaults, clip=fused_policy(name))
+    rpolicy = reference_policy(name)
+    reference = family.REFERENCE[kind](
+        problem.reference_groups(problem.params(), {**family.torch_defaults(kind), **defaults}),
+        clip=rpolicy)
+    fflat = flat(fparams)
+    agc = POLICIES[name][0] == "AGC"
+    seen = []
+    for step in range(STEPS):
+        grads = _grads(problem, step)
+        if step in FAMILY_NONFINITE_SKIPS or step in FAMILY_SCALER_SKIPS:
+            before = snapshot(fopt, fflat)
+            if step in FAMILY_NONFINITE_SKIPS:
+                set_grads(fflat, _poison(grads, math.nan if step else math.inf))
+                fopt.step()
+            else:
+                set_grads(fflat, [None if g is None else g * 8 for g in grads])
+                fopt.grad_scale, fopt.found_inf = torch.tensor(8.0), torch.tensor(1.0)
+                fopt.step()
+                del fopt.grad_scale, fopt.found_inf
+            what = f"{name} {config} skipped step {step}"
+            if kind == "SGD" and step == 0:
+                # SGD's buffers are made for the first step, and stay zero
+                for p, b in zip(fflat, before["params"]):
+                    assert bitwise_equal(p.detach(), b), what
+                    assert not fopt.state[p]["momentum_buffer"].any(), what
+            else:
+                assert_unchanged(fopt, fflat, before, what)
+            continue
+        if step in FAMILY_SCALED:
+            set_grads(fflat, [None if g is None else g * 1024 for g in grads])
+            fopt.grad_scale, fopt.found_inf = torch.tensor(1024.0), torch.tensor(0.0)
+            fopt.step()
+            del fopt.grad_scale, fopt.found_inf
+        else:
+            set_grads(fflat, grads)
+            fopt.step()
+        reference.step(grads)
+        coef = fopt.clip_stats.get("clip_coef")
+        if agc:
+            expected = torch.cat(rpolicy.last)
+            seen.append(expected)
+            assert_close(coef.double(), expected, tol, f"{name} {config} step {step} clip_coef")
+        else:
+            assert coef is None
+        family.assert_matches_reference(kind, fopt, fflat, reference, problem, tol,
+                                        f"{name} {config} step {step}")
+    n_skipped = len(FAMILY_NONFINITE_SKIPS) + len(FAMILY_SCALER_SKIPS)
+    assert int(fopt.clip_stats["skipped"]) == n_skipped and reference.skipped == 0
+    if agc:  # both cases of the rule: units clipped and units left alone
+        seen = torch.cat(seen)
+        assert bool((seen < 1).any()) and bool((seen == 1).any()), name
+    else:  # the clamp mattered: elements beyond the clip value in every step
+        assert all(any(bool((g.abs() > 0.3).any()) for g in _grads(problem, s) if g is not None)
+                   for s in range(STEPS))
+
+
+def _family_torch_run(config, problem, clip_fn, fused, dtype, skip_steps=(2, 7)):
+    """torch.optim.SGD/Adagrad after ``clip_fn(params)`` against the fused class
+    with clip=fused. In skip_steps the gradients hold inf: the fused step skips
+    (nonfinite="skip") and torch does not step at all, as under a GradScaler."""
+    import family
+    kind, defaults = FAMILY_CONFIGS[config]
+    tparams, fparams = problem.params(), problem.params()
+    topt = family.make_torch_opt(kind, problem, tparams, defaults)
+    fopt = family.make_fused_opt(kind, problem, fparams, defaults, clip=fused)
+    tflat, fflat = flat(tparams), flat(fparams)
+    for step in range(STEPS):
+        grads = _grads(problem, step)
+        if step in skip_steps:
+            set_grads(fflat, _poison(grads))
+            fopt.step()
+        else:
+            set_grads(tflat, grads)
+            set_grads(fflat, grads)
+            clip_fn([p for p in tflat if p.grad is not None])
+            topt.step()
+            fopt.step()
+        family.assert_states_close(kind, fopt, topt, fflat, tflat, TORCH_PARITY[dtype],
+                                   f"{config} step {step}")
+    assert int(fopt.clip_stats["skipped"]) == len(skip_steps)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("config", list(FAMILY_CONFIGS))
+def test_family_value_clip_is_clip_grad_value_(config, dtype):
+    _family_torch_run(config, _family_problem(dtype),
+                      lambda params: torch.nn.utils.clip_grad_value_(params, 0.3),
+                      fusedclip.ValueClip(0.3), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("config", list(FAMILY_CONFIGS))
+@pytest.mark.parametrize("kwargs", [dict(clip_factor=0.3), dict(clip_factor=0.5, eps=3.0)],
+                         ids=["0.3", "0.5-eps3"])
+def test_family_agc_is_timms_adaptive_clip_grad(kwargs, config, dtype):
+    """timm's adaptive_clip_grad then torch.optim.SGD/Adagrad, against the fused
+    class with clip=AGC(...): every layout, units that span CPU chunks and
+    chunks that start inside a unit."""
+    problem = Problem(groups=[{"specs": AGC_SPECS[:4], "lr": 0.01},
+                              {"specs": AGC_SPECS[4:], "lr": 0.003}],
+                      dtype=dtype, grad_std=0.5, seed=11)
+    _family_torch_run(config, problem, lambda params: timm_adaptive_clip_grad(params, **kwargs),
+                      fusedclip.AGC(**kwargs), dtype)

@@ -60,10 +60,11 @@ FLAGS=(
   --compiler-options -fPIC,-Wall
   # Register spills and local-memory use show up here without a GPU (a copy of
   # the kernel argument struct to local memory would be a big slowdown).
-  # Known: ptxas spills a few bytes in the float64 + L2 + amsgrad Adam kernel
-  # on sm_90, a register-allocation choice in a rarely used variant.
-  # Likewise 8 bytes in the float64 Adagrad kernels (the float64 division
-  # p -= clr * g / (sqrt(sum) + eps) takes nvcc's slow path).
+  # Known (CUDA 13.0): ptxas may spill a few bytes in the float64 + L2 + amsgrad
+  # Adam kernel on sm_90, a register-allocation choice in a rarely used variant
+  # that moves with small code changes; likewise 8 bytes in the float64 Adagrad
+  # kernels (the float64 division p -= clr * g / (sqrt(sum) + eps) takes nvcc's
+  # slow path).
   -Xptxas -warn-spills,-warn-lmem-usage
   -I"$ROOT/csrc/include" -I"$ROOT/csrc"
   "${TORCH_FLAGS[@]}"

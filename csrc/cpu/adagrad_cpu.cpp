@@ -1,7 +1,8 @@
 // CPU kernel of fusedclip::adagrad_: one parallel region over chunks of all
 // tensors; each chunk loads, calls the shared rule of fusedclip/adagrad.h on
-// SIMD vectors, and stores. Per-tensor scalars (clip coefficient, the decayed
-// learning rate) are folded once per tensor before the element loop.
+// SIMD vectors, and stores. Per-tensor scalars (the decayed learning rate, the
+// gradient transform of grad_transform_cpu.h) are folded once per tensor
+// before the element loop.
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -10,6 +11,8 @@
 
 #include "../checks.h"
 #include "fusedclip/adagrad.h"
+#include "fusedclip/grad_transform.h"
+#include "grad_transform_cpu.h"
 #include "host_scalars.h"
 #include "lanes.h"
 #include "multi_tensor.h"
@@ -24,13 +27,19 @@ struct AdagradPointers {
   void* sum;
 };
 
+// The per-tensor numbers of one tensor: Adagrad's scalars and the gradient
+// transform (grad_transform_cpu.h).
+struct TensorScalars {
+  AdagradScalars<double> adagrad;
+  TensorTransform transform;
+};
+
 template <typename scalar_t, bool WD>
-void adagrad_chunk(const AdagradPointers& ptrs, int64_t begin, int64_t end,
-                   const AdagradScalars<double>& scalars) {
+void adagrad_run(const AdagradPointers& ptrs, int64_t begin, int64_t end,
+                 const AdagradScalars<typename Lanes<scalar_t>::OpVec>& s,
+                 const GradTransform<typename Lanes<scalar_t>::OpVec>& transform) {
   using L = Lanes<scalar_t>;
   using OpVec = typename L::OpVec;
-  using opmath_t = typename L::opmath_t;
-  const AdagradScalars<OpVec> s = scalars.as<opmath_t>().template as<OpVec>();
   auto* param = static_cast<scalar_t*>(ptrs.param) + begin;
   auto* grad = static_cast<const scalar_t*>(ptrs.grad) + begin;
   auto* sum = static_cast<scalar_t*>(ptrs.sum) + begin;
@@ -43,11 +52,27 @@ void adagrad_chunk(const AdagradPointers& ptrs, int64_t begin, int64_t end,
     L::load(grad + i, count, g);
     L::load(sum + i, count, v);
     for (int k = 0; k < L::kParts; ++k) {
-      adagrad_update<WD>(p[k], g[k], v[k], s);
+      adagrad_update<WD>(p[k], transform(g[k]), v[k], s);
     }
     L::store(param + i, count, p);
     L::store(sum + i, count, v);
   }
+}
+
+// One chunk, as runs that share one gradient multiplier (the whole chunk
+// without unit coefficients).
+template <typename scalar_t, bool WD>
+void adagrad_chunk(const AdagradPointers& ptrs, int64_t begin, int64_t end,
+                   const TensorScalars& scalars) {
+  using L = Lanes<scalar_t>;
+  using OpVec = typename L::OpVec;
+  using opmath_t = typename L::opmath_t;
+  const AdagradScalars<OpVec> s = scalars.adagrad.as<opmath_t>().template as<OpVec>();
+  for_each_unit_run(begin, end, scalars.transform,
+                    [&](int64_t b, int64_t e, const GradTransform<double>& t) {
+                      adagrad_run<scalar_t, WD>(ptrs, b, e, s,
+                                                t.as<opmath_t>().template as<OpVec>());
+                    });
 }
 
 void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList state_sums,
@@ -55,9 +80,11 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
                  double lr_decay, double weight_decay, double eps, bool maximize,
                  const std::optional<at::Tensor>& clip_coef,
                  const std::optional<at::Tensor>& grad_scale,
-                 const std::optional<at::Tensor>& found_inf) {
+                 const std::optional<at::Tensor>& found_inf,
+                 std::optional<double> clip_value,
+                 std::optional<at::TensorList> unit_coefs) {
   check_adagrad_args(params, grads, state_sums, steps, lr, lr_tensor, lr_decay, weight_decay,
-                     eps, clip_coef, grad_scale, found_inf);
+                     eps, clip_coef, grad_scale, found_inf, clip_value, unit_coefs);
   if (params.empty()) return;
   // A skipped step changes nothing, not even the step counters.
   const HostScalars host = HostScalars::read(lr, lr_tensor, clip_coef, grad_scale, found_inf);
@@ -66,17 +93,20 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
   const size_t n = params.size();
   FlatTensors flat_tensors;
   std::vector<AdagradPointers> pointers(n);
-  std::vector<AdagradScalars<double>> scalars(n);
+  std::vector<TensorScalars> scalars(n);
   std::vector<int64_t> numels(n);
   std::vector<at::Tensor> keep_alive;  // contiguous stand-ins live until copied home
   int64_t total_numel = 0;
   for (size_t i = 0; i < n; ++i) {
+    // Per-unit coefficients need row-major runs.
     std::vector<at::Tensor> flat = flat_tensors.take({params[i], grads[i], state_sums[i]},
-                                                     {true, false, true});
+                                                     {true, false, true}, unit_coefs.has_value());
     pointers[i] = {flat[0].data_ptr(), flat[1].const_data_ptr(), flat[2].data_ptr()};
     keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());
-    scalars[i] = adagrad_scalars(host.lr, lr_decay, weight_decay, eps,
-                                 increment_step(steps[i]), host.grad_mult(i, maximize));
+    scalars[i].adagrad = adagrad_scalars(host.lr, lr_decay, weight_decay, eps,
+                                         increment_step(steps[i]));
+    scalars[i].transform = tensor_transform(host.grad_mult(i, maximize), clip_value,
+                                            unit_coefs, i, params[i]);
     numels[i] = params[i].numel();
     total_numel += numels[i];
   }

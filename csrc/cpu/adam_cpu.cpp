@@ -10,6 +10,8 @@
 
 #include "../checks.h"
 #include "fusedclip/adam.h"
+#include "fusedclip/grad_transform.h"
+#include "grad_transform_cpu.h"
 #include "host_scalars.h"
 #include "lanes.h"
 #include "multi_tensor.h"
@@ -26,13 +28,19 @@ struct AdamPointers {
   void* max_exp_avg_sq;  // null without amsgrad
 };
 
+// The per-tensor numbers of one tensor: Adam's scalars and the gradient
+// transform (grad_transform_cpu.h).
+struct TensorScalars {
+  AdamScalars<double> adam;
+  TensorTransform transform;
+};
+
 template <typename scalar_t, WeightDecay WD, bool AMSGRAD>
-void adam_chunk(const AdamPointers& ptrs, int64_t begin, int64_t end,
-                const AdamScalars<double>& scalars) {
+void adam_run(const AdamPointers& ptrs, int64_t begin, int64_t end,
+              const AdamScalars<typename Lanes<scalar_t>::OpVec>& s,
+              const GradTransform<typename Lanes<scalar_t>::OpVec>& transform) {
   using L = Lanes<scalar_t>;
   using OpVec = typename L::OpVec;
-  using opmath_t = typename L::opmath_t;
-  const AdamScalars<OpVec> s = scalars.as<opmath_t>().template as<OpVec>();
   auto* param = static_cast<scalar_t*>(ptrs.param) + begin;
   auto* grad = static_cast<const scalar_t*>(ptrs.grad) + begin;
   auto* exp_avg = static_cast<scalar_t*>(ptrs.exp_avg) + begin;
@@ -50,7 +58,7 @@ void adam_chunk(const AdamPointers& ptrs, int64_t begin, int64_t end,
     L::load(exp_avg_sq + i, count, v);
     if constexpr (AMSGRAD) L::load(max_exp_avg_sq + i, count, vmax);
     for (int k = 0; k < L::kParts; ++k) {
-      adam_update<WD, AMSGRAD>(p[k], g[k], m[k], v[k], vmax[k], s);
+      adam_update<WD, AMSGRAD>(p[k], transform(g[k]), m[k], v[k], vmax[k], s);
     }
     L::store(param + i, count, p);
     L::store(exp_avg + i, count, m);
@@ -59,8 +67,24 @@ void adam_chunk(const AdamPointers& ptrs, int64_t begin, int64_t end,
   }
 }
 
+// One chunk, as runs that share one gradient multiplier (the whole chunk
+// without unit coefficients).
+template <typename scalar_t, WeightDecay WD, bool AMSGRAD>
+void adam_chunk(const AdamPointers& ptrs, int64_t begin, int64_t end,
+                const TensorScalars& scalars) {
+  using L = Lanes<scalar_t>;
+  using OpVec = typename L::OpVec;
+  using opmath_t = typename L::opmath_t;
+  const AdamScalars<OpVec> s = scalars.adam.as<opmath_t>().template as<OpVec>();
+  for_each_unit_run(begin, end, scalars.transform,
+                    [&](int64_t b, int64_t e, const GradTransform<double>& t) {
+                      adam_run<scalar_t, WD, AMSGRAD>(ptrs, b, e, s,
+                                                      t.as<opmath_t>().template as<OpVec>());
+                    });
+}
+
 using AdamChunkFn = void (*)(const AdamPointers&, int64_t, int64_t,
-                             const AdamScalars<double>&);
+                             const TensorScalars&);
 
 // The variant is chosen once per call, never inside the element loop.
 template <typename scalar_t>
@@ -87,10 +111,12 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
               bool maximize, bool decoupled_weight_decay,
               const std::optional<at::Tensor>& clip_coef,
               const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf) {
+              const std::optional<at::Tensor>& found_inf,
+              std::optional<double> clip_value,
+              std::optional<at::TensorList> unit_coefs) {
   check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
                   lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad,
-                  clip_coef, grad_scale, found_inf);
+                  clip_coef, grad_scale, found_inf, clip_value, unit_coefs);
   if (params.empty()) return;
   // A skipped step changes nothing, not even the step counters.
   const HostScalars host = HostScalars::read(lr, lr_tensor, clip_coef, grad_scale, found_inf);
@@ -102,7 +128,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
   const size_t n = params.size();
   FlatTensors flat_tensors;
   std::vector<AdamPointers> pointers(n);
-  std::vector<AdamScalars<double>> scalars(n);
+  std::vector<TensorScalars> scalars(n);
   std::vector<int64_t> numels(n);
   std::vector<at::Tensor> keep_alive;  // contiguous stand-ins live until copied home
   int64_t total_numel = 0;
@@ -113,13 +139,17 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
       group.push_back(max_exp_avg_sqs[i]);
       written.push_back(true);
     }
-    std::vector<at::Tensor> flat = flat_tensors.take(std::move(group), written);
+    // Per-unit coefficients need row-major runs.
+    std::vector<at::Tensor> flat =
+        flat_tensors.take(std::move(group), written, unit_coefs.has_value());
     pointers[i] = {flat[0].data_ptr(), flat[1].const_data_ptr(), flat[2].data_ptr(),
                    flat[3].data_ptr(), amsgrad ? flat[4].data_ptr() : nullptr};
     keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());
 
-    scalars[i] = adam_scalars(host.lr, beta1, beta2, eps, weight_decay,
-                              increment_step(steps[i]), host.grad_mult(i, maximize));
+    const double grad_mult = host.grad_mult(i, maximize);
+    scalars[i].adam = adam_scalars(host.lr, beta1, beta2, eps, weight_decay,
+                                   increment_step(steps[i]), grad_mult);
+    scalars[i].transform = tensor_transform(grad_mult, clip_value, unit_coefs, i, params[i]);
     numels[i] = params[i].numel();
     total_numel += numels[i];
   }

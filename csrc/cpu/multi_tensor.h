@@ -65,11 +65,21 @@ inline bool share_dense_layout(const std::vector<at::Tensor>& tensors) {
 // Where they do not share a dense layout, contiguous copies stand in, and the
 // copies of written tensors are queued in `write_back` to be copied home after
 // the kernel: the parameter is always updated in its own storage.
+// `row_major` asks for the contiguous (row-major) layout itself, where a unit
+// (an index of dim 0) is a run of numel / size(0) elements: per-unit
+// coefficients need it, and other dense layouts then get stand-ins too.
 class FlatTensors {
  public:
   std::vector<at::Tensor> take(std::vector<at::Tensor> tensors,
-                               const std::vector<bool>& written) {
-    if (share_dense_layout(tensors)) return tensors;
+                               const std::vector<bool>& written,
+                               bool row_major = false) {
+    if (row_major) {
+      bool all_contiguous = true;
+      for (const at::Tensor& t : tensors) all_contiguous = all_contiguous && t.is_contiguous();
+      if (all_contiguous) return tensors;
+    } else if (share_dense_layout(tensors)) {
+      return tensors;
+    }
     std::vector<at::Tensor> flat;
     flat.reserve(tensors.size());
     for (size_t i = 0; i < tensors.size(); ++i) {

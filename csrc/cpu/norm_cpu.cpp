@@ -141,10 +141,126 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_tensor_norm_cpu(
   return {tensor_norms, total_norm, nonfinite};
 }
 
+// A short run (a unit of a few elements) is summed one element at a time:
+// reduce_chunk's vector accumulators and their lane sums would cost more.
+template <typename scalar_t>
+double reduce_run(const scalar_t* x, int64_t n, bool max_abs) {
+  using L = Lanes<scalar_t>;
+  if (n >= 4 * L::kWidth) {
+    return max_abs ? reduce_chunk<scalar_t, true>(x, n) : reduce_chunk<scalar_t, false>(x, n);
+  }
+  using opmath_t = typename L::opmath_t;
+  opmath_t acc = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const opmath_t v = static_cast<opmath_t>(x[i]);
+    if (max_abs) {
+      const opmath_t a = std::abs(v);
+      acc = (std::isnan(a) || a > acc) ? a : acc;
+    } else {
+      acc += v * v;
+    }
+  }
+  return static_cast<double>(acc);
+}
+
+// multi_tensor_unit_norm: one read of every tensor gives the norm of each unit
+// (an index of dim 0: a row-major run of numel / size(0) elements; the whole
+// tensor for ndim <= 1), of each tensor and of all, and the non-finite flag.
+// Each chunk is split at unit boundaries; a chunk writes one partial per unit
+// it touches into its own slots, and the partials are combined afterwards in
+// chunk order, so the result does not depend on the number of threads.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_unit_norm_cpu(
+    at::TensorList tensors, double norm_type) {
+  check_norm_args(tensors, norm_type);
+  const bool max_abs = std::isinf(norm_type);
+  const auto out_dtype = (!tensors.empty() && tensors[0].scalar_type() == at::kDouble)
+                             ? at::kDouble : at::kFloat;
+  const int64_t n = static_cast<int64_t>(tensors.size());
+
+  std::vector<at::Tensor> flat;
+  std::vector<int64_t> numels, unit_len, unit_offset;  // unit_offset: first unit of each tensor
+  int64_t total_numel = 0, total_units = 0;
+  for (const at::Tensor& t : tensors) {
+    flat.push_back(t.contiguous());  // units are row-major runs
+    numels.push_back(t.numel());
+    unit_len.push_back(unit_length(t));
+    unit_offset.push_back(total_units);
+    total_numel += t.numel();
+    total_units += num_units(t);
+  }
+  const std::vector<Chunk> chunks = make_chunks(numels);
+  // Slots of each chunk: one per unit it touches.
+  std::vector<int64_t> slot(chunks.size() + 1, 0);
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    const Chunk& ch = chunks[c];
+    const int64_t len = unit_len[ch.tensor];
+    slot[c + 1] = slot[c] + (ch.end - 1) / len - ch.begin / len + 1;
+  }
+  std::vector<double> partial(slot.back(), 0.0);
+
+  if (n > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "multi_tensor_unit_norm_cpu",
+        [&] {
+          for_each_chunk(chunks, total_numel, [&](int64_t c) {
+            const Chunk& ch = chunks[c];
+            const scalar_t* x = flat[ch.tensor].const_data_ptr<scalar_t>();
+            const int64_t len = unit_len[ch.tensor];
+            int64_t k = slot[c];
+            for (int64_t run = ch.begin; run < ch.end; ++k) {
+              const int64_t run_end = std::min(ch.end, (run / len + 1) * len);
+              partial[k] = reduce_run<scalar_t>(x + run, run_end - run, max_abs);
+              run = run_end;
+            }
+          });
+        });
+  }
+
+  auto combine = [max_abs](double acc, double value) {
+    if (max_abs) return (std::isnan(value) || value > acc) ? value : acc;
+    return acc + value;
+  };
+  // Units in chunk order: a fixed combination order.
+  std::vector<double> per_unit(total_units, 0.0);
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    const Chunk& ch = chunks[c];
+    const int64_t first = unit_offset[ch.tensor] + ch.begin / unit_len[ch.tensor];
+    for (int64_t k = slot[c]; k < slot[c + 1]; ++k) {
+      double& acc = per_unit[first + (k - slot[c])];
+      acc = combine(acc, partial[k]);
+    }
+  }
+  std::vector<double> per_tensor(n, 0.0);
+  double total = 0.0;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t end = t + 1 < n ? unit_offset[t + 1] : total_units;
+    for (int64_t u = unit_offset[t]; u < end; ++u) per_tensor[t] = combine(per_tensor[t], per_unit[u]);
+    total = combine(total, per_tensor[t]);
+  }
+  auto finish = [max_abs](double value) { return max_abs ? value : std::sqrt(value); };
+  total = finish(total);
+
+  auto options = at::TensorOptions().dtype(out_dtype).device(at::kCPU);
+  at::Tensor unit_norms = at::empty({total_units}, options);
+  at::Tensor tensor_norms = at::empty({n}, options);
+  AT_DISPATCH_FLOATING_TYPES(out_dtype, "multi_tensor_unit_norm_cpu_out", [&] {
+    scalar_t* out = unit_norms.data_ptr<scalar_t>();
+    for (int64_t u = 0; u < total_units; ++u) out[u] = static_cast<scalar_t>(finish(per_unit[u]));
+    out = tensor_norms.data_ptr<scalar_t>();
+    for (int64_t t = 0; t < n; ++t) out[t] = static_cast<scalar_t>(finish(per_tensor[t]));
+  });
+  at::Tensor total_norm = at::scalar_tensor(total, options);
+  const double returned = total_norm.item<double>();
+  at::Tensor nonfinite = at::scalar_tensor(std::isfinite(returned) ? 0.0 : 1.0,
+                                           options.dtype(at::kFloat));
+  return {unit_norms, tensor_norms, total_norm, nonfinite};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
   m.impl("multi_tensor_norm", &multi_tensor_norm_cpu);
+  m.impl("multi_tensor_unit_norm", &multi_tensor_unit_norm_cpu);
 }
 
 }  // namespace fusedclip::cpu

@@ -3,6 +3,8 @@
 // vectors, and stores. Whether a tensor's momentum buffer takes its first step
 // is read from its buffer_steps counter (CPU memory: no sync) once per tensor,
 // and picks the variant of the chunk loop; the element loop never branches.
+// The gradient goes through the shared GradTransform (grad_transform_cpu.h)
+// as it is loaded.
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -10,7 +12,9 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "fusedclip/grad_transform.h"
 #include "fusedclip/sgd.h"
+#include "grad_transform_cpu.h"
 #include "host_scalars.h"
 #include "lanes.h"
 #include "multi_tensor.h"
@@ -25,14 +29,20 @@ struct SgdPointers {
   void* buf;  // null without momentum
 };
 
+// The per-tensor numbers of one tensor: SGD's scalars and the gradient
+// transform (grad_transform_cpu.h).
+struct TensorScalars {
+  SgdScalars<double> sgd;
+  TensorTransform transform;
+};
+
 template <typename scalar_t, bool WD, Momentum M, bool FIRST>
-void sgd_chunk(const SgdPointers& ptrs, int64_t begin, int64_t end,
-               const SgdScalars<double>& scalars) {
+void sgd_run(const SgdPointers& ptrs, int64_t begin, int64_t end,
+             const SgdScalars<typename Lanes<scalar_t>::OpVec>& s,
+             const GradTransform<typename Lanes<scalar_t>::OpVec>& transform) {
   using L = Lanes<scalar_t>;
   using OpVec = typename L::OpVec;
-  using opmath_t = typename L::opmath_t;
   constexpr bool kBuf = M != Momentum::None;
-  const SgdScalars<OpVec> s = scalars.as<opmath_t>().template as<OpVec>();
   auto* param = static_cast<scalar_t*>(ptrs.param) + begin;
   auto* grad = static_cast<const scalar_t*>(ptrs.grad) + begin;
   auto* buf = static_cast<scalar_t*>(ptrs.buf);
@@ -47,14 +57,30 @@ void sgd_chunk(const SgdPointers& ptrs, int64_t begin, int64_t end,
     // The first step overwrites the buffer without reading it.
     if constexpr (kBuf && !FIRST) L::load(buf + i, count, b);
     for (int k = 0; k < L::kParts; ++k) {
-      sgd_update<WD, M, FIRST>(p[k], g[k], b[k], s);
+      sgd_update<WD, M, FIRST>(p[k], transform(g[k]), b[k], s);
     }
     L::store(param + i, count, p);
     if constexpr (kBuf) L::store(buf + i, count, b);
   }
 }
 
-using SgdChunkFn = void (*)(const SgdPointers&, int64_t, int64_t, const SgdScalars<double>&);
+// One chunk, as runs that share one gradient multiplier (the whole chunk
+// without unit coefficients).
+template <typename scalar_t, bool WD, Momentum M, bool FIRST>
+void sgd_chunk(const SgdPointers& ptrs, int64_t begin, int64_t end,
+               const TensorScalars& scalars) {
+  using L = Lanes<scalar_t>;
+  using OpVec = typename L::OpVec;
+  using opmath_t = typename L::opmath_t;
+  const SgdScalars<OpVec> s = scalars.sgd.as<opmath_t>().template as<OpVec>();
+  for_each_unit_run(begin, end, scalars.transform,
+                    [&](int64_t b, int64_t e, const GradTransform<double>& t) {
+                      sgd_run<scalar_t, WD, M, FIRST>(ptrs, b, e, s,
+                                                      t.as<opmath_t>().template as<OpVec>());
+                    });
+}
+
+using SgdChunkFn = void (*)(const SgdPointers&, int64_t, int64_t, const TensorScalars&);
 
 template <typename scalar_t, bool WD>
 SgdChunkFn select_sgd_chunk_wd(Momentum m, bool first) {
@@ -83,9 +109,11 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
              double momentum, double dampening, double weight_decay, bool nesterov,
              bool maximize, const std::optional<at::Tensor>& clip_coef,
              const std::optional<at::Tensor>& grad_scale,
-             const std::optional<at::Tensor>& found_inf) {
+             const std::optional<at::Tensor>& found_inf, std::optional<double> clip_value,
+             std::optional<at::TensorList> unit_coefs) {
   check_sgd_args(params, grads, momentum_buffers, buffer_steps, lr, lr_tensor, momentum,
-                 dampening, weight_decay, nesterov, clip_coef, grad_scale, found_inf);
+                 dampening, weight_decay, nesterov, clip_coef, grad_scale, found_inf,
+                 clip_value, unit_coefs);
   if (params.empty()) return;
   // A skipped step changes nothing, buffer_steps included: the next step is
   // then a buffer's first step if this one was to be.
@@ -99,7 +127,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   const size_t n = params.size();
   FlatTensors flat_tensors;
   std::vector<SgdPointers> pointers(n);
-  std::vector<SgdScalars<double>> scalars(n);
+  std::vector<TensorScalars> scalars(n);
   std::vector<bool> first(n, false);
   std::vector<int64_t> numels(n);
   std::vector<at::Tensor> keep_alive;  // contiguous stand-ins live until copied home
@@ -111,13 +139,16 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
       group.push_back(momentum_buffers[i]);
       written.push_back(true);
     }
-    std::vector<at::Tensor> flat = flat_tensors.take(std::move(group), written);
+    // Per-unit coefficients need row-major runs.
+    std::vector<at::Tensor> flat =
+        flat_tensors.take(std::move(group), written, unit_coefs.has_value());
     pointers[i] = {flat[0].data_ptr(), flat[1].const_data_ptr(),
                    has_buf ? flat[2].data_ptr() : nullptr};
     keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());
     if (has_buf) first[i] = increment_step(buffer_steps[i]) == 1.0;
-    scalars[i] = sgd_scalars(host.lr, momentum, dampening, weight_decay,
-                             host.grad_mult(i, maximize));
+    scalars[i].sgd = sgd_scalars(host.lr, momentum, dampening, weight_decay);
+    scalars[i].transform = tensor_transform(host.grad_mult(i, maximize), clip_value,
+                                            unit_coefs, i, params[i]);
     numels[i] = params[i].numel();
     total_numel += numels[i];
   }

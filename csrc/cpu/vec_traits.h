@@ -13,6 +13,10 @@ struct MathTraits<at::vec::Vectorized<S>> {
   using V = at::vec::Vectorized<S>;
   static V sqrt(const V& x) { return x.sqrt(); }
   static V maximum(const V& a, const V& b) { return at::vec::maximum(a, b); }
+  // at::vec::maximum/minimum propagate NaN, so the clamp does too.
+  static V clamp(const V& x, const V& lo, const V& hi) {
+    return at::vec::minimum(at::vec::maximum(x, lo), hi);
+  }
 };
 
 }  // namespace fusedclip

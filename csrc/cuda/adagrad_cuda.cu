@@ -7,7 +7,8 @@
 //      with adagrad_scalars() (the decayed learning rate needs the step count
 //      after this step's increment, read as counter + 1) and applies
 //      adagrad_update() (include/fusedclip/adagrad.h, the function the CPU
-//      kernel calls) to every element;
+//      kernel calls) to every element's gradient after the shared transform
+//      (grad_transform.cuh);
 //   2. the step increment (device_scalars.cuh).
 // Where found_inf is non-zero both launches leave everything as it was.
 #include <array>
@@ -23,6 +24,8 @@
 #include "../cpu/multi_tensor.h"  // FlatTensors: the layout handling of the CPU kernel
 #include "device_scalars.cuh"
 #include "fusedclip/adagrad.h"
+#include "fusedclip/grad_transform.h"
+#include "grad_transform.cuh"
 #include "multi_tensor_apply.cuh"
 
 namespace fusedclip::cuda {
@@ -32,14 +35,17 @@ struct AdagradArgs {
   double lr_decay, weight_decay, eps;
   bool step_is_double;  // all counters of the call have one dtype (StepCounters)
   CallScalars call;
+  TransformArgs transform;  // clip_value, unit_coefs (kUnitCoef, kUnitLen lists)
 };
 
-enum AdagradList { kParam, kGrad, kSum, kStep };
+// Lists of the update launch, in metadata order; kUnitCoef and kUnitLen as for
+// adam_ (grad_transform.cuh).
+enum AdagradList { kParam, kGrad, kSum, kStep, kUnitCoef, kUnitLen };
 
 template <typename scalar_t, bool WD>
 struct AdagradFunctor {
   using opmath_t = at::opmath_type<scalar_t>;
-  static constexpr int kDepth = 4;
+  static constexpr int kDepth = 6;
   // param, grad, sum; the gradient is not written.
   static constexpr int kArrays = 3;
   static constexpr unsigned kWriteMask = 0b101u;
@@ -52,27 +58,31 @@ struct AdagradFunctor {
     if (args.call.skip()) return;
 
     __shared__ AdagradScalars<opmath_t> shared_scalars;
+    __shared__ GradTransform<double> shared_transform;
     if (threadIdx.x == 0) {
       const double step = next_step(meta.addresses[kStep][c.slot], args.step_is_double);
       shared_scalars = adagrad_scalars(args.call.learning_rate(), args.lr_decay,
-                                       args.weight_decay, args.eps, step,
-                                       args.call.grad_mult(c.tensor))
+                                       args.weight_decay, args.eps, step)
                            .template as<opmath_t>();
+      shared_transform = grad_transform(args.call.grad_mult(c.tensor), args.transform.clip_value);
     }
     __syncthreads();
     const AdagradScalars<opmath_t> s = shared_scalars;
+    const ChunkTransform<opmath_t> transform(args.transform, shared_transform,
+                                             meta.addresses[kUnitCoef][c.slot],
+                                             meta.addresses[kUnitLen][c.slot], c.begin);
 
     scalar_t* ptrs[kArrays];
     ptrs[0] = static_cast<scalar_t*>(meta.addresses[kParam][c.slot]) + c.begin;
     ptrs[1] = static_cast<scalar_t*>(meta.addresses[kGrad][c.slot]) + c.begin;
     ptrs[2] = static_cast<scalar_t*>(meta.addresses[kSum][c.slot]) + c.begin;
-    chunk_foreach<scalar_t, kArrays, kWriteMask>(ptrs, c.size, [&](opmath_t(&x)[kArrays]) {
-      adagrad_update<WD>(x[0], x[1], x[2], s);
+    chunk_foreach<scalar_t, kArrays, kWriteMask>(ptrs, c.size, [&](opmath_t(&x)[kArrays], int i) {
+      adagrad_update<WD>(x[0], transform(x[1], i), x[2], s);
     });
   }
 };
 
-using AdagradPointers = std::array<void*, 4>;
+using AdagradPointers = std::array<void*, 6>;
 
 template <typename scalar_t, bool WD>
 void launch_adagrad(const std::vector<AdagradPointers>& pointers,
@@ -91,9 +101,11 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
                   double lr_decay, double weight_decay, double eps, bool maximize,
                   const std::optional<at::Tensor>& clip_coef,
                   const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf) {
+                  const std::optional<at::Tensor>& found_inf,
+                  std::optional<double> clip_value,
+                  std::optional<at::TensorList> unit_coefs) {
   check_adagrad_args(params, grads, state_sums, steps, lr, lr_tensor, lr_decay, weight_decay,
-                     eps, clip_coef, grad_scale, found_inf);
+                     eps, clip_coef, grad_scale, found_inf, clip_value, unit_coefs);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const size_t n = params.size();
@@ -105,16 +117,20 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
   args.eps = eps;
   args.step_is_double = counters.is_double();
   args.call = CallScalars::of(lr, maximize, lr_tensor, clip_coef, grad_scale, found_inf);
+  const UnitCoefLists unit_lists(clip_value, unit_coefs);
+  args.transform = unit_lists.args();
 
   cpu::FlatTensors flat_tensors;
   std::vector<at::Tensor> keep_alive;  // stand-ins live until copied home
   std::vector<AdagradPointers> pointers(n);
   std::vector<int64_t> numels(n);
   for (size_t i = 0; i < n; ++i) {
-    std::vector<at::Tensor> flat =
-        flat_tensors.take({params[i], grads[i], state_sums[i]}, {true, false, true});
+    // Per-unit coefficients need row-major runs.
+    std::vector<at::Tensor> flat = flat_tensors.take(
+        {params[i], grads[i], state_sums[i]}, {true, false, true}, args.transform.unit_coefs);
     pointers[i] = {flat[0].data_ptr(), const_cast<void*>(flat[1].const_data_ptr()),
-                   flat[2].data_ptr(), counters.ptr(i)};
+                   flat[2].data_ptr(), counters.ptr(i), unit_lists.coef_ptr(i),
+                   UnitCoefLists::len_bits(params[i])};
     numels[i] = params[i].numel();
     keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());
   }

@@ -25,6 +25,8 @@
 #include "../cpu/multi_tensor.h"  // FlatTensors: the layout handling of the CPU kernel
 #include "device_scalars.cuh"
 #include "fusedclip/adam.h"
+#include "fusedclip/grad_transform.h"
+#include "grad_transform.cuh"
 #include "multi_tensor_apply.cuh"
 
 namespace fusedclip::cuda {
@@ -35,17 +37,21 @@ struct AdamArgs {
   double beta1, beta2, eps, weight_decay;
   bool step_is_double;  // all counters of the call have one dtype (StepCounters)
   CallScalars call;
+  TransformArgs transform;  // clip_value, unit_coefs (kUnitCoef, kUnitLen lists)
 };
 
 // Lists of the update launch, in metadata order. The step counter is a list
-// of its own whose pointer is read at element 0; max_exp_avg_sq comes last so
-// that it is simply absent without amsgrad.
-enum AdamList { kParam, kGrad, kExpAvg, kExpAvgSq, kStep, kMaxExpAvgSq };
+// of its own whose pointer is read at element 0; kUnitCoef points at the
+// tensor's per-unit coefficients (contiguous; null without unit_coefs) and
+// kUnitLen is not a pointer but the tensor's unit length (elements per index
+// of dim 0) stored in the pointer's bits; max_exp_avg_sq comes last so that it
+// is simply absent without amsgrad.
+enum AdamList { kParam, kGrad, kExpAvg, kExpAvgSq, kStep, kUnitCoef, kUnitLen, kMaxExpAvgSq };
 
 template <typename scalar_t, WeightDecay WD, bool AMSGRAD>
 struct AdamFunctor {
   using opmath_t = at::opmath_type<scalar_t>;
-  static constexpr int kDepth = AMSGRAD ? 6 : 5;
+  static constexpr int kDepth = AMSGRAD ? 8 : 7;
   // Element arrays handed to the rule: param, grad, exp_avg, exp_avg_sq and,
   // with amsgrad, max_exp_avg_sq. All but the gradient are written.
   static constexpr int kArrays = AMSGRAD ? 5 : 4;
@@ -62,17 +68,22 @@ struct AdamFunctor {
     // The per-tensor scalars, folded once per block by one thread, exactly
     // as the CPU kernel folds them (in double, then rounded to the math type).
     __shared__ AdamScalars<opmath_t> shared_scalars;
+    __shared__ GradTransform<double> shared_transform;
     if (threadIdx.x == 0) {
       // The count after this step's increment; the counter itself is written
       // by the increment launch that follows.
       const double step = next_step(meta.addresses[kStep][c.slot], args.step_is_double);
+      const double grad_mult = args.call.grad_mult(c.tensor);
       shared_scalars = adam_scalars(args.call.learning_rate(), args.beta1, args.beta2,
-                                    args.eps, args.weight_decay, step,
-                                    args.call.grad_mult(c.tensor))
+                                    args.eps, args.weight_decay, step, grad_mult)
                            .template as<opmath_t>();
+      shared_transform = grad_transform(grad_mult, args.transform.clip_value);
     }
     __syncthreads();
     const AdamScalars<opmath_t> s = shared_scalars;
+    const ChunkTransform<opmath_t> transform(args.transform, shared_transform,
+                                             meta.addresses[kUnitCoef][c.slot],
+                                             meta.addresses[kUnitLen][c.slot], c.begin);
 
     scalar_t* ptrs[kArrays];
     ptrs[0] = static_cast<scalar_t*>(meta.addresses[kParam][c.slot]) + c.begin;
@@ -82,12 +93,13 @@ struct AdamFunctor {
     if constexpr (AMSGRAD) {
       ptrs[4] = static_cast<scalar_t*>(meta.addresses[kMaxExpAvgSq][c.slot]) + c.begin;
     }
-    chunk_foreach<scalar_t, kArrays, kWriteMask>(ptrs, c.size, [&](opmath_t(&x)[kArrays]) {
+    chunk_foreach<scalar_t, kArrays, kWriteMask>(ptrs, c.size, [&](opmath_t(&x)[kArrays], int i) {
+      const opmath_t grad = transform(x[1], i);
       if constexpr (AMSGRAD) {
-        adam_update<WD, true>(x[0], x[1], x[2], x[3], x[4], s);
+        adam_update<WD, true>(x[0], grad, x[2], x[3], x[4], s);
       } else {
         opmath_t unused = 0;
-        adam_update<WD, false>(x[0], x[1], x[2], x[3], unused, s);
+        adam_update<WD, false>(x[0], grad, x[2], x[3], unused, s);
       }
     });
   }
@@ -95,7 +107,7 @@ struct AdamFunctor {
 
 // The pointers of one parameter, in AdamList order (kMaxExpAvgSq null without
 // amsgrad).
-using AdamPointers = std::array<void*, 6>;
+using AdamPointers = std::array<void*, 8>;
 
 template <typename scalar_t, WeightDecay WD, bool AMSGRAD>
 void launch_adam(const std::vector<AdamPointers>& pointers,
@@ -136,9 +148,12 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                bool maximize, bool decoupled_weight_decay,
                const std::optional<at::Tensor>& clip_coef,
                const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf) {
+               const std::optional<at::Tensor>& found_inf,
+               std::optional<double> clip_value,
+               std::optional<at::TensorList> unit_coefs) {
   check_adam_args(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, lr_tensor,
-                  beta1, beta2, eps, weight_decay, amsgrad, clip_coef, grad_scale, found_inf);
+                  beta1, beta2, eps, weight_decay, amsgrad, clip_coef, grad_scale, found_inf,
+                  clip_value, unit_coefs);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const WeightDecay wd = weight_decay == 0.0 ? WeightDecay::None
@@ -154,6 +169,8 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   args.weight_decay = weight_decay;
   args.step_is_double = counters.is_double();
   args.call = CallScalars::of(lr, maximize, lr_tensor, clip_coef, grad_scale, found_inf);
+  const UnitCoefLists unit_lists(clip_value, unit_coefs);
+  args.transform = unit_lists.args();
 
   // Parameters whose param, grad and states do not share one dense layout are
   // updated through contiguous copies, copied home after the kernel, as on CPU.
@@ -168,10 +185,13 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
       group.push_back(max_exp_avg_sqs[i]);
       written.push_back(true);
     }
-    std::vector<at::Tensor> flat = flat_tensors.take(std::move(group), written);
+    // Per-unit coefficients need row-major runs.
+    std::vector<at::Tensor> flat =
+        flat_tensors.take(std::move(group), written, args.transform.unit_coefs);
     pointers[i] = {flat[0].data_ptr(), const_cast<void*>(flat[1].const_data_ptr()),
                    flat[2].data_ptr(), flat[3].data_ptr(),
                    counters.ptr(i),
+                   unit_lists.coef_ptr(i), UnitCoefLists::len_bits(params[i]),
                    amsgrad ? flat[4].data_ptr() : nullptr};
     numels[i] = params[i].numel();
     keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());

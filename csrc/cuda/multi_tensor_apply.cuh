@@ -187,7 +187,8 @@ __device__ __forceinline__ bool is_aligned16(const T* p) {
 // Visits every element of one chunk of N arrays of scalar_t (pointers already
 // at the chunk's first element; n elements each). op gets the N elements of
 // one index, converted to the math type (float for half and bfloat16), by
-// reference; the arrays whose bit is set in WRITE_MASK are stored back.
+// reference, and that index (within the chunk); the arrays whose bit is set in
+// WRITE_MASK are stored back.
 //
 // When all N pointers are 16-byte aligned, each thread moves whole 16-byte
 // vectors and only the last n % W elements go one by one; otherwise the whole
@@ -213,7 +214,7 @@ __device__ __forceinline__ void chunk_foreach(scalar_t* const (&ptr)[N], int n, 
       opmath_t x[N];
 #pragma unroll
       for (int d = 0; d < N; ++d) x[d] = static_cast<opmath_t>(pack[d].v[k]);
-      op(x);
+      op(x, i + k);
 #pragma unroll
       for (int d = 0; d < N; ++d) {
         if ((WRITE_MASK >> d) & 1u) pack[d].v[k] = static_cast<scalar_t>(x[d]);
@@ -229,7 +230,7 @@ __device__ __forceinline__ void chunk_foreach(scalar_t* const (&ptr)[N], int n, 
     opmath_t x[N];
 #pragma unroll
     for (int d = 0; d < N; ++d) x[d] = static_cast<opmath_t>(ptr[d][i]);
-    op(x);
+    op(x, i);
 #pragma unroll
     for (int d = 0; d < N; ++d) {
       if ((WRITE_MASK >> d) & 1u) ptr[d][i] = static_cast<scalar_t>(x[d]);

@@ -83,7 +83,7 @@ struct NormPartialFunctor {
                                              const ChunkRef& c) const {
     scalar_t* const x[1] = {static_cast<scalar_t*>(meta.addresses[0][c.slot]) + c.begin};
     opmath_t acc = 0;
-    chunk_foreach<scalar_t, 1, 0u>(x, c.size, [&](opmath_t(&v)[1]) {
+    chunk_foreach<scalar_t, 1, 0u>(x, c.size, [&](opmath_t(&v)[1], int) {
       if constexpr (MAX_ABS) {
         acc = fc_maximum(acc, magnitude(v[0]));
       } else {
@@ -216,10 +216,159 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_tensor_norm_cuda(
   return {tensor_norms, total_norm, nonfinite};
 }
 
+// ---------------------------------------------------------------------------
+// multi_tensor_unit_norm: the same three stages, with units in place of chunks.
+// A unit is a row of a contiguous tensor (unit_len elements; the whole tensor
+// for ndim <= 1). Stage 1 runs over units: the launcher's "elements" are the
+// units of each tensor, a block takes kUnitsPerBlock of them and each warp sums
+// one unit (its lanes stride over the row, coalesced), writing the unit's sum
+// of squares (or max |x|) to unit_sums. Stages 2 and 3 are the kernels above,
+// reading unit sums where they read chunk partials; a last launch writes the
+// unit norms. Deterministic as the chunk version is. A unit is one warp's work,
+// so a tensor with few, very long rows is read by few warps.
+constexpr int kUnitsPerBlock = kBlockSize / 32;  // a multiple of 16, as chunks must be
+static_assert(kUnitsPerBlock % 16 == 0, "unit chunks must be a multiple of 16");
+
+enum UnitNormList { kUnitData, kUnitSums, kUnitLength };
+
+template <bool MAX_ABS>
+__device__ __forceinline__ double warp_reduce(double value) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) {
+    value = combine<MAX_ABS>(value, __shfl_down_sync(0xffffffffu, value, offset));
+  }
+  return value;
+}
+
+template <typename scalar_t, bool MAX_ABS>
+struct UnitNormFunctor {
+  using opmath_t = at::opmath_type<scalar_t>;
+  double* unit_sums_base;  // all units of the call
+  int64_t* tensor_units;   // [n][2]: first unit in unit_sums, number of units
+
+  __device__ __forceinline__ void operator()(const TensorListMetadata<3>& meta,
+                                             const ChunkRef& c) const {
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int64_t unit_len =
+        static_cast<int64_t>(reinterpret_cast<uintptr_t>(meta.addresses[kUnitLength][c.slot]));
+    double* sums = static_cast<double*>(meta.addresses[kUnitSums][c.slot]);
+    if (warp < c.size) {
+      const int64_t u = c.begin + warp;
+      const scalar_t* x = static_cast<const scalar_t*>(meta.addresses[kUnitData][c.slot]) +
+                          u * unit_len;
+      opmath_t acc = 0;
+      for (int64_t i = lane; i < unit_len; i += 32) {
+        const opmath_t v = static_cast<opmath_t>(x[i]);
+        if constexpr (MAX_ABS) {
+          acc = fc_maximum(acc, magnitude(v));
+        } else {
+          acc += v * v;
+        }
+      }
+      const double total = warp_reduce<MAX_ABS>(static_cast<double>(acc));
+      if (lane == 0) sums[u] = total;
+    }
+    if (c.chunk == 0 && threadIdx.x == 0) {
+      tensor_units[2 * c.tensor] = sums - unit_sums_base;
+      tensor_units[2 * c.tensor + 1] = meta.numel[c.slot];
+    }
+  }
+};
+
+template <bool MAX_ABS, typename out_t>
+__global__ void unit_norm_out_kernel(const double* unit_sums, int64_t units, out_t* out) {
+  for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
+       u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    out[u] = static_cast<out_t>(MAX_ABS ? unit_sums[u] : ::sqrt(unit_sums[u]));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_unit_norm_cuda(
+    at::TensorList tensors, double norm_type) {
+  check_norm_args(tensors, norm_type);
+  const bool max_abs = std::isinf(norm_type);
+  const int64_t n = static_cast<int64_t>(tensors.size());
+  if (n == 0) {
+    auto options = at::TensorOptions().dtype(at::kFloat).device(at::kCUDA);
+    return {at::zeros({0}, options), at::zeros({0}, options), at::zeros({}, options),
+            at::zeros({}, options)};
+  }
+  const c10::cuda::CUDAGuard device_guard(tensors[0].device());
+  const at::ScalarType out_dtype =
+      tensors[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto options = at::TensorOptions().device(tensors[0].device());
+
+  int64_t total_units = 0;
+  for (const at::Tensor& t : tensors) total_units += num_units(t);
+  // unit sums followed by the per-tensor values.
+  at::Tensor work = at::empty({total_units + n}, options.dtype(at::kDouble));
+  double* unit_sums = work.data_ptr<double>();
+  double* per_tensor = unit_sums + total_units;
+
+  std::vector<at::Tensor> dense;  // alive until the launches are queued
+  std::vector<TensorRef<3>> refs;
+  dense.reserve(n);
+  refs.reserve(n);
+  int64_t offset = 0;
+  for (const at::Tensor& t : tensors) {
+    dense.push_back(t.contiguous());  // units are row-major runs
+    refs.push_back({{const_cast<void*>(dense.back().const_data_ptr()), unit_sums + offset,
+                     reinterpret_cast<void*>(static_cast<uintptr_t>(unit_length(t)))},
+                    num_units(t)});
+    offset += num_units(t);
+  }
+
+  // Zeros: a tensor without units gets no block, so its row must say "none".
+  at::Tensor tensor_units = at::zeros({n, 2}, options.dtype(at::kLong));
+  at::Tensor unit_norms = at::empty({total_units}, options.dtype(out_dtype));
+  at::Tensor tensor_norms = at::empty({n}, options.dtype(out_dtype));
+  at::Tensor total_norm = at::empty({}, options.dtype(out_dtype));
+  at::Tensor nonfinite = at::empty({}, options.dtype(at::kFloat));
+  int64_t* units_ptr = tensor_units.data_ptr<int64_t>();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "multi_tensor_unit_norm_cuda", [&] {
+        if (max_abs) {
+          multi_tensor_apply<3>(refs, UnitNormFunctor<scalar_t, true>{unit_sums, units_ptr},
+                                kUnitsPerBlock);
+        } else {
+          multi_tensor_apply<3>(refs, UnitNormFunctor<scalar_t, false>{unit_sums, units_ptr},
+                                kUnitsPerBlock);
+        }
+      });
+  AT_DISPATCH_FLOATING_TYPES(out_dtype, "multi_tensor_unit_norm_cuda_out", [&] {
+    if (max_abs) {
+      launch_norm_stages_2_3<true, scalar_t>(unit_sums, units_ptr, per_tensor, n, tensor_norms,
+                                             total_norm, nonfinite);
+    } else {
+      launch_norm_stages_2_3<false, scalar_t>(unit_sums, units_ptr, per_tensor, n, tensor_norms,
+                                              total_norm, nonfinite);
+    }
+    if (total_units > 0) {
+      constexpr int kThreads = 256;
+      const int64_t blocks = std::min<int64_t>((total_units + kThreads - 1) / kThreads, 1024);
+      const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+      if (max_abs) {
+        unit_norm_out_kernel<true, scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0,
+                                               stream>>>(unit_sums, total_units,
+                                                         unit_norms.data_ptr<scalar_t>());
+      } else {
+        unit_norm_out_kernel<false, scalar_t><<<static_cast<unsigned int>(blocks), kThreads, 0,
+                                                stream>>>(unit_sums, total_units,
+                                                          unit_norms.data_ptr<scalar_t>());
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {unit_norms, tensor_norms, total_norm, nonfinite};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
   m.impl("multi_tensor_norm", &multi_tensor_norm_cuda);
+  m.impl("multi_tensor_unit_norm", &multi_tensor_unit_norm_cuda);
 }
 
 }  // namespace fusedclip::cuda

@@ -7,7 +7,9 @@
 //   1. the update: one block per chunk; the block folds its tensor's scalars
 //      with sgd_scalars(), reads whether the buffer takes its first step (its
 //      counter is 0), and applies sgd_update() (include/fusedclip/sgd.h, the
-//      function the CPU kernel calls) to every element;
+//      function the CPU kernel calls) to every element's gradient after the
+//      shared transform (grad_transform.cuh: clip coefficients, unscale,
+//      maximize, value clipping, per-unit coefficients);
 //   2. with momentum, the buffer-step increment (device_scalars.cuh).
 // Every block of a tensor reads the counter before any is incremented, so all
 // agree on whether it is the first step. Where found_inf is non-zero both
@@ -26,7 +28,9 @@
 #include "../checks.h"
 #include "../cpu/multi_tensor.h"  // FlatTensors: the layout handling of the CPU kernel
 #include "device_scalars.cuh"
+#include "fusedclip/grad_transform.h"
 #include "fusedclip/sgd.h"
+#include "grad_transform.cuh"
 #include "multi_tensor_apply.cuh"
 
 namespace fusedclip::cuda {
@@ -36,17 +40,18 @@ struct SgdArgs {
   double momentum, dampening, weight_decay;
   bool counter_is_double;  // all buffer_steps of the call have one dtype (StepCounters)
   CallScalars call;
+  TransformArgs transform;  // clip_value, unit_coefs (kUnitCoef, kUnitLen lists)
 };
 
 // Lists of the update launch, in metadata order; without momentum only the
-// first two.
-enum SgdList { kParam, kGrad, kBuf, kBufStep };
+// first four. kUnitCoef and kUnitLen as for adam_ (grad_transform.cuh).
+enum SgdList { kParam, kGrad, kUnitCoef, kUnitLen, kBuf, kBufStep };
 
 template <typename scalar_t, bool WD, Momentum M>
 struct SgdFunctor {
   using opmath_t = at::opmath_type<scalar_t>;
   static constexpr bool kHasBuf = M != Momentum::None;
-  static constexpr int kDepth = kHasBuf ? 4 : 2;
+  static constexpr int kDepth = kHasBuf ? 6 : 4;
   // Element arrays handed to the rule: param, grad and, with momentum, the
   // buffer. All but the gradient are written.
   static constexpr int kArrays = kHasBuf ? 3 : 2;
@@ -56,13 +61,15 @@ struct SgdFunctor {
 
   template <bool FIRST>
   __device__ __forceinline__ void run(scalar_t* const (&ptrs)[kArrays], int n,
-                                      const SgdScalars<opmath_t>& s) const {
-    chunk_foreach<scalar_t, kArrays, kWriteMask>(ptrs, n, [&](opmath_t(&x)[kArrays]) {
+                                      const SgdScalars<opmath_t>& s,
+                                      const ChunkTransform<opmath_t>& transform) const {
+    chunk_foreach<scalar_t, kArrays, kWriteMask>(ptrs, n, [&](opmath_t(&x)[kArrays], int i) {
+      const opmath_t grad = transform(x[1], i);
       if constexpr (kHasBuf) {
-        sgd_update<WD, M, FIRST>(x[0], x[1], x[2], s);
+        sgd_update<WD, M, FIRST>(x[0], grad, x[2], s);
       } else {
         opmath_t unused = 0;
-        sgd_update<WD, M, false>(x[0], x[1], unused, s);
+        sgd_update<WD, M, false>(x[0], grad, unused, s);
       }
     });
   }
@@ -76,11 +83,13 @@ struct SgdFunctor {
     // Folded once per block by one thread, exactly as the CPU kernel folds
     // them (in double, then rounded to the math type).
     __shared__ SgdScalars<opmath_t> shared_scalars;
+    __shared__ GradTransform<double> shared_transform;
     __shared__ bool shared_first;
     if (threadIdx.x == 0) {
       shared_scalars = sgd_scalars(args.call.learning_rate(), args.momentum, args.dampening,
-                                   args.weight_decay, args.call.grad_mult(c.tensor))
+                                   args.weight_decay)
                            .template as<opmath_t>();
+      shared_transform = grad_transform(args.call.grad_mult(c.tensor), args.transform.clip_value);
       if constexpr (kHasBuf) {
         shared_first = next_step(meta.addresses[kBufStep][c.slot], args.counter_is_double) == 1.0;
       } else {
@@ -89,6 +98,9 @@ struct SgdFunctor {
     }
     __syncthreads();
     const SgdScalars<opmath_t> s = shared_scalars;
+    const ChunkTransform<opmath_t> transform(args.transform, shared_transform,
+                                             meta.addresses[kUnitCoef][c.slot],
+                                             meta.addresses[kUnitLen][c.slot], c.begin);
 
     scalar_t* ptrs[kArrays];
     ptrs[0] = static_cast<scalar_t*>(meta.addresses[kParam][c.slot]) + c.begin;
@@ -98,16 +110,16 @@ struct SgdFunctor {
     }
     // Uniform per block: the branch never diverges within a warp.
     if (shared_first) {
-      run<true>(ptrs, c.size, s);
+      run<true>(ptrs, c.size, s, transform);
     } else {
-      run<false>(ptrs, c.size, s);
+      run<false>(ptrs, c.size, s, transform);
     }
   }
 };
 
 // The pointers of one parameter, in SgdList order (the last two null without
 // momentum).
-using SgdPointers = std::array<void*, 4>;
+using SgdPointers = std::array<void*, 6>;
 
 template <typename scalar_t, bool WD, Momentum M>
 void launch_sgd(const std::vector<SgdPointers>& pointers, const std::vector<int64_t>& numels,
@@ -144,9 +156,11 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
               double momentum, double dampening, double weight_decay, bool nesterov,
               bool maximize, const std::optional<at::Tensor>& clip_coef,
               const std::optional<at::Tensor>& grad_scale,
-              const std::optional<at::Tensor>& found_inf) {
+              const std::optional<at::Tensor>& found_inf, std::optional<double> clip_value,
+              std::optional<at::TensorList> unit_coefs) {
   check_sgd_args(params, grads, momentum_buffers, buffer_steps, lr, lr_tensor, momentum,
-                 dampening, weight_decay, nesterov, clip_coef, grad_scale, found_inf);
+                 dampening, weight_decay, nesterov, clip_coef, grad_scale, found_inf,
+                 clip_value, unit_coefs);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
   const Momentum mode = momentum == 0.0 ? Momentum::None
@@ -162,6 +176,8 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   args.weight_decay = weight_decay;
   args.counter_is_double = counters.is_double();
   args.call = CallScalars::of(lr, maximize, lr_tensor, clip_coef, grad_scale, found_inf);
+  const UnitCoefLists unit_lists(clip_value, unit_coefs);
+  args.transform = unit_lists.args();
 
   // Parameters whose param, grad and buffer do not share one dense layout are
   // updated through contiguous copies, copied home after the kernel, as on CPU.
@@ -176,8 +192,11 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
       group.push_back(momentum_buffers[i]);
       written.push_back(true);
     }
-    std::vector<at::Tensor> flat = flat_tensors.take(std::move(group), written);
+    // Per-unit coefficients need row-major runs.
+    std::vector<at::Tensor> flat =
+        flat_tensors.take(std::move(group), written, args.transform.unit_coefs);
     pointers[i] = {flat[0].data_ptr(), const_cast<void*>(flat[1].const_data_ptr()),
+                   unit_lists.coef_ptr(i), UnitCoefLists::len_bits(params[i]),
                    has_buf ? flat[2].data_ptr() : nullptr,
                    has_buf ? counters.ptr(i) : nullptr};
     numels[i] = params[i].numel();

@@ -54,8 +54,10 @@ class FusedClipAdagrad(FusedClipOptimizer):
         clip (None, float or ClipPolicy, optional): gradient clipping fused into
             the step: ``None`` for none, a float for the global L2 norm with that
             ``max_norm`` (exactly ``clip_grad_norm_``), or a policy such as
-            ``fusedclip.GlobalNorm(max_norm, norm_type=inf)``. One global norm
-            covers all parameter groups. (default: None)
+            ``fusedclip.GlobalNorm(max_norm, norm_type=inf)``,
+            ``fusedclip.ValueClip(clip_value)`` (``clip_grad_value_``) or
+            ``fusedclip.AGC(clip_factor)`` (per-unit adaptive clipping). One
+            global norm covers all parameter groups. (default: None)
         nonfinite (str, optional): what a step whose gradients hold inf or nan
             does: ``"skip"`` changes no parameter and no state (step counts
             included) and counts it in ``clip_stats["skipped"]``; ``"raise"``
@@ -129,7 +131,10 @@ class FusedClipAdagrad(FusedClipOptimizer):
         state["sum"] = torch.full_like(param, group["initial_accumulator_value"],
                                        memory_format=torch.preserve_format)
 
-    def _update(self, group, params, *, device, clip_coef, grad_scale, found_inf) -> None:
+    _supports_grad_transform = True
+
+    def _update(self, group, params, *, device, clip_coef, grad_scale, found_inf,
+                clip_value=None, unit_coefs=None) -> None:
         states = [self.state[p] for p in params]
         lr, lr_tensor = lr_args(group["lr"], device)
         ops.adagrad_(
@@ -138,5 +143,5 @@ class FusedClipAdagrad(FusedClipOptimizer):
             lr=lr, lr_tensor=lr_tensor, lr_decay=float(group["lr_decay"]),
             weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
             maximize=bool(group["maximize"]), clip_coef=clip_coef, grad_scale=grad_scale,
-            found_inf=found_inf,
+            found_inf=found_inf, clip_value=clip_value, unit_coefs=unit_coefs,
         )

@@ -12,9 +12,14 @@ One ``step()``:
    (a skipped step must not change the policy's state), the policy's state
    dict and, per parameter, its per-tensor state dict; it returns one 0-d
    coefficient, or one 1-D tensor of coefficients per norm bucket;
+   Per-unit policies (AGC) get, from the same single read of every gradient,
+   the norm of every unit (``multi_tensor_unit_norm``), and the unit norms of
+   the parameters from one read of every parameter; they return one
+   coefficient per unit;
 4. update pass: the subclass's fused op per group and (device, dtype), which
-   applies coefficient, ``grad_scale`` and the skip flag as it reads each
-   gradient. The gradients of one such call are a contiguous run of their
+   applies coefficient (global, per tensor, or per unit as ``unit_coefs``),
+   ``grad_scale``, the element-wise clamp of ``ValueClip`` (``clip_value``) and
+   the skip flag as it reads each gradient. The gradients of one such call are a contiguous run of their
    norm bucket (buckets list the gradients group by group), so a per-tensor
    coefficient is a slice (a view) of the bucket's coefficients.
 
@@ -111,9 +116,17 @@ class FusedClipOptimizer(Optimizer):
     # torch.amp.GradScaler hands this optimizer grad_scale and found_inf
     # instead of unscaling the gradients itself.
     _step_supports_amp_scaling = True
+    # The subclass's op takes clip_value and unit_coefs (the shared gradient
+    # transform of csrc/include/fusedclip/grad_transform.h), and its _update
+    # passes them: ValueClip and AGC need it.
+    _supports_grad_transform = False
 
     def __init__(self, params, defaults: dict, *, clip=None, nonfinite: str = "skip") -> None:
         self.clip_policy = as_policy(clip)
+        policy = self.clip_policy
+        if policy is not None and not self._supports_grad_transform and (
+                policy.per_unit or policy.elementwise_clip_value is not None):
+            raise ValueError(f"{type(self).__name__} does not support the clip policy {policy!r}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(
                 f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}"
@@ -137,7 +150,11 @@ class FusedClipOptimizer(Optimizer):
 
     def _update(self, group: dict, params: list[Tensor], *, device: torch.device,
                 clip_coef: Tensor | None, grad_scale: Tensor | None,
-                found_inf: Tensor | None) -> None:
+                found_inf: Tensor | None, clip_value: float | None = None,
+                unit_coefs: list[Tensor] | None = None) -> None:
+        """One fused op call. ``clip_value`` and ``unit_coefs`` (one 1-D tensor
+        of per-unit coefficients per parameter) come only to subclasses with
+        ``_supports_grad_transform``, and go to their op unchanged."""
         raise NotImplementedError
 
     # -- the step ---------------------------------------------------------------
@@ -167,32 +184,53 @@ class FusedClipOptimizer(Optimizer):
             per_group.append(params)
         return per_group
 
-    def _norm_pass(self, grads: list[Tensor], norm_type: float):
+    def _norm_pass(self, grads: list[Tensor], norm_type: float,
+                   params: list[Tensor] | None = None):
         """Global norm and non-finite flag of all gradients, on the first
         gradient's device, and the per-tensor norms of each norm bucket.
 
-        Returns ``(total_norm, nonfinite, buckets, tensor_norms)``: ``buckets``
-        lists the indices (into ``grads``) of each (device, dtype) bucket in
-        increasing order, ``tensor_norms`` one 1-D tensor per bucket."""
+        Returns ``(total_norm, nonfinite, buckets, tensor_norms, unit_norms,
+        param_unit_norms)``: ``buckets`` lists the indices (into ``grads``) of
+        each (device, dtype) bucket in increasing order, ``tensor_norms`` one
+        1-D tensor per bucket. With ``params`` (per-unit policies), the same
+        single read of the gradients also gives ``unit_norms``, the norms of
+        all units of each bucket (one 1-D tensor per bucket), and one read of
+        the parameters gives ``param_unit_norms``; otherwise both are None."""
         buckets = list(bucket_by_device_and_dtype(grads).values())
         totals, flags, tensor_norms = [], [], []
+        unit_norms = param_unit_norms = None
+        if params is not None:
+            unit_norms, param_unit_norms = [], []
         for indices in buckets:
-            norms, total, flag = ops.multi_tensor_norm([grads[i] for i in indices], norm_type)
+            if params is None:
+                norms, total, flag = ops.multi_tensor_norm([grads[i] for i in indices], norm_type)
+            else:
+                units, norms, total, flag = ops.multi_tensor_unit_norm(
+                    [grads[i] for i in indices], norm_type)
+                unit_norms.append(units)
+                param_unit_norms.append(ops.multi_tensor_unit_norm(
+                    [params[i] for i in indices], norm_type)[0])
             tensor_norms.append(norms)
             totals.append(total)
             flags.append(flag)
+        total, flag = self._combine(totals, flags, norm_type)
+        return total, flag, buckets, tensor_norms, unit_norms, param_unit_norms
+
+    @staticmethod
+    def _combine(totals: list[Tensor], flags: list[Tensor], norm_type: float):
+        """The global norm and flag from those of the buckets."""
         if len(totals) == 1:
-            return totals[0], flags[0], buckets, tensor_norms
+            return totals[0], flags[0]
         device = totals[0].device
         totals = torch.stack([t.to(device, non_blocking=True) for t in totals])
         flags = torch.stack([f.to(device, non_blocking=True) for f in flags])
         if math.isinf(norm_type):
-            return totals.max(), flags.max(), buckets, tensor_norms  # max propagates NaN
-        return torch.linalg.vector_norm(totals), flags.max(), buckets, tensor_norms
+            return totals.max(), flags.max()  # max propagates NaN
+        return torch.linalg.vector_norm(totals), flags.max()
 
     def _policy_coefficients(self, policy, params: list[Tensor], total_norm: Tensor,
                              buckets: list[list[int]], tensor_norms: list[Tensor],
-                             skip: Tensor | None):
+                             skip: Tensor | None, unit_norms=None, param_unit_norms=None):
         """The policy's coefficient(s): a 0-d tensor, or one 1-D tensor per
         norm bucket for per-tensor policies. `params` are the parameters of
         the gradients, in the norm pass's order."""
@@ -211,6 +249,7 @@ class FusedClipOptimizer(Optimizer):
             total_norm=total_norm,
             tensor_norms=tensor_norms if policy.per_tensor else None,
             skip=skip, state=state, tensor_states=tensor_states,
+            unit_norms=unit_norms, param_unit_norms=param_unit_norms,
         ))
 
     @torch.no_grad()
@@ -238,16 +277,24 @@ class FusedClipOptimizer(Optimizer):
 
         policy = self.clip_policy
         per_tensor = policy is not None and policy.per_tensor
+        per_unit = policy is not None and policy.per_unit
+        clip_value = None if policy is None else policy.elementwise_clip_value
         total_norm = nonfinite = clip_coef = tensor_norms = buckets = None
-        if policy is not None or self.nonfinite != "propagate":
+        unit_norms = param_unit_norms = None
+        flat_params = [p for params in per_group for p in params]
+        if (policy is not None and policy.needs_norms) or self.nonfinite != "propagate":
             norm_type = policy.norm_type if policy is not None else 2.0
-            total_norm, nonfinite, buckets, tensor_norms = self._norm_pass(grads, norm_type)
+            total_norm, nonfinite, buckets, tensor_norms, unit_norms, param_unit_norms = (
+                self._norm_pass(grads, norm_type, flat_params if per_unit else None))
             if grad_scale is not None:
                 # The norm of the unscaled gradients, without an unscale pass.
                 total_norm = total_norm / grad_scale.to(total_norm.device, non_blocking=True)
                 if per_tensor:
                     tensor_norms = [n / grad_scale.to(n.device, non_blocking=True)
                                     for n in tensor_norms]
+                if per_unit:
+                    unit_norms = [n / grad_scale.to(n.device, non_blocking=True)
+                                  for n in unit_norms]
             if self.nonfinite == "raise" and scaler_found_inf is None:
                 if bool(nonfinite):  # sync-ok: "raise" has to know
                     raise RuntimeError(
@@ -261,14 +308,20 @@ class FusedClipOptimizer(Optimizer):
             inf = scaler_found_inf.to(grads[0].device, non_blocking=True)
             skip = inf if skip is None else torch.maximum(skip, inf)
 
-        flat_params = [p for params in per_group for p in params]
         if policy is not None:
             clip_coef = self._policy_coefficients(
-                policy, flat_params, total_norm, buckets, tensor_norms, skip)
+                policy, flat_params, total_norm, buckets, tensor_norms, skip,
+                unit_norms, param_unit_norms)
+        # Per-unit coefficients: one view per gradient of its bucket's coefficients.
+        unit_coefs = None
+        if per_unit:
+            unit_coefs = [list(c.split(ops.unit_counts([grads[i] for i in indices])))
+                          for c, indices in zip(clip_coef, buckets)]
 
-        # Where each gradient sits in its norm bucket, for per-tensor coefficients.
+        # Where each gradient sits in its norm bucket, for per-tensor and
+        # per-unit coefficients.
         where: list[tuple[int, int]] = []
-        if per_tensor:
+        if per_tensor or per_unit:
             where = [(0, 0)] * len(grads)
             for b, indices in enumerate(buckets):
                 for k, i in enumerate(indices):
@@ -282,23 +335,32 @@ class FusedClipOptimizer(Optimizer):
                 if len(state) == 0:
                     self._init_state(p, group, state)
             for (device, _), indices in bucket_by_device_and_dtype(params).items():
-                if per_tensor:
+                coef = units = None
+                if per_tensor or per_unit:
                     b, start = where[offset + indices[0]]
                     # The call's gradients are a contiguous run of bucket b.
                     assert where[offset + indices[-1]] == (b, start + len(indices) - 1)
-                    coef = clip_coef[b][start:start + len(indices)]
+                    if per_tensor:
+                        coef = clip_coef[b][start:start + len(indices)]
+                    else:
+                        units = unit_coefs[b][start:start + len(indices)]
                 else:
                     coef = coef_on.on(device)
+                extra = {}
+                if clip_value is not None or units is not None:
+                    extra = dict(clip_value=clip_value, unit_coefs=units)
                 self._update(
                     group, [params[i] for i in indices], device=device,
                     clip_coef=coef, grad_scale=scale_on.on(device),
-                    found_inf=skip_on.on(device),
+                    found_inf=skip_on.on(device), **extra,
                 )
             offset += len(params)
 
         if per_tensor:
             tensor_norms = self._in_param_order(tensor_norms, buckets, len(grads))
             clip_coef = self._in_param_order(clip_coef, buckets, len(grads))
+        if per_unit:
+            clip_coef = self._units_in_param_order(unit_coefs, buckets, len(grads))
         self._record_stats(total_norm, clip_coef, skip, grads[0].device,
                            tensor_norms if per_tensor else None)
         return loss
@@ -314,6 +376,19 @@ class FusedClipOptimizer(Optimizer):
         for k, i in enumerate(i for indices in buckets for i in indices):
             position[i] = k
         return joined[torch.tensor(position, device=device)]
+
+    @staticmethod
+    def _units_in_param_order(per_bucket: list[list[Tensor]], buckets: list[list[int]],
+                              n: int) -> Tensor:
+        """All unit coefficients in one 1-D tensor, gradient after gradient."""
+        if len(per_bucket) == 1:
+            return torch.cat(per_bucket[0])
+        ordered: list[Tensor | None] = [None] * n
+        for tensors, indices in zip(per_bucket, buckets):
+            for t, i in zip(tensors, indices):
+                ordered[i] = t
+        device = ordered[0].device
+        return torch.cat([t.to(device, non_blocking=True) for t in ordered])
 
     def _record_stats(self, total_norm, clip_coef, skip, device, tensor_norms=None) -> None:
         # The dict is filled in place and the skipped counter kept in it rather

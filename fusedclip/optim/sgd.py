@@ -66,8 +66,10 @@ class FusedClipSGD(FusedClipOptimizer):
         clip (None, float or ClipPolicy, optional): gradient clipping fused into
             the step: ``None`` for none, a float for the global L2 norm with that
             ``max_norm`` (exactly ``clip_grad_norm_``), or a policy such as
-            ``fusedclip.GlobalNorm(max_norm, norm_type=inf)``. One global norm
-            covers all parameter groups. (default: None)
+            ``fusedclip.GlobalNorm(max_norm, norm_type=inf)``,
+            ``fusedclip.ValueClip(clip_value)`` (``clip_grad_value_``) or
+            ``fusedclip.AGC(clip_factor)`` (per-unit adaptive clipping). One
+            global norm covers all parameter groups. (default: None)
         nonfinite (str, optional): what a step whose gradients hold inf or nan
             does: ``"skip"`` changes no parameter and no state and counts it in
             ``clip_stats["skipped"]`` (a skipped first step leaves the next one
@@ -166,7 +168,10 @@ class FusedClipSGD(FusedClipOptimizer):
             counters.append(entry[1])
         return buffers, counters
 
-    def _update(self, group, params, *, device, clip_coef, grad_scale, found_inf) -> None:
+    _supports_grad_transform = True
+
+    def _update(self, group, params, *, device, clip_coef, grad_scale, found_inf,
+                clip_value=None, unit_coefs=None) -> None:
         momentum = float(group["momentum"])
         buffers, counters = self._buffers(params) if momentum != 0 else ([], [])
         lr, lr_tensor = lr_args(group["lr"], device)
@@ -176,4 +181,5 @@ class FusedClipSGD(FusedClipOptimizer):
             dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
             nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
             clip_coef=clip_coef, grad_scale=grad_scale, found_inf=found_inf,
+            clip_value=clip_value, unit_coefs=unit_coefs,
         )

@@ -19,7 +19,8 @@ enum class WeightDecay { None, L2, Decoupled };
 
 template <typename T>
 struct AdamScalars {
-  T grad_mult;              // clip_coef / grad_scale, negated for maximize
+  T grad_mult;              // clip_coef / grad_scale, negated for maximize: the
+                            // per-tensor part of GradTransform's mult
   T one_minus_beta1;
   T beta2;
   T one_minus_beta2;
@@ -55,14 +56,16 @@ FC_HOST_DEVICE AdamScalars<double> adam_scalars(
   return s;
 }
 
-// One Adam step on one element (or one vector of elements), in place.
+// One Adam step on one element (or one vector of elements), in place. `grad`
+// is the gradient the rule uses: already through GradTransform
+// (grad_transform.h), which applies clip coefficients, unscaling, maximize and
+// value clipping.
 // The order of operations follows torch.optim.Adam so that results agree to
 // rounding: m lerps towards g, v = beta2 v + (1 - beta2) g^2,
 // p -= step_size * m / (sqrt(v) / sqrt(bias_correction2) + eps).
 template <WeightDecay WD, bool AMSGRAD, typename T>
 FC_HOST_DEVICE void adam_update(T& param, T grad, T& exp_avg, T& exp_avg_sq,
                                 T& max_exp_avg_sq, const AdamScalars<T>& s) {
-  grad = grad * s.grad_mult;
   if constexpr (WD == WeightDecay::L2) {
     grad = grad + s.weight_decay * param;
   } else if constexpr (WD == WeightDecay::Decoupled) {

@@ -19,6 +19,10 @@ struct MathTraits<float> {
   static FC_HOST_DEVICE float maximum(float a, float b) {
     return (a != a || a > b) ? a : b;
   }
+  // NaN-propagating clamp to [lo, hi], like torch.clamp.
+  static FC_HOST_DEVICE float clamp(float x, float lo, float hi) {
+    return x != x ? x : (x < lo ? lo : (x > hi ? hi : x));
+  }
 };
 
 template <>
@@ -27,6 +31,9 @@ struct MathTraits<double> {
   static FC_HOST_DEVICE double maximum(double a, double b) {
     return (a != a || a > b) ? a : b;
   }
+  static FC_HOST_DEVICE double clamp(double x, double lo, double hi) {
+    return x != x ? x : (x < lo ? lo : (x > hi ? hi : x));
+  }
 };
 
 template <typename T>
@@ -34,5 +41,8 @@ FC_HOST_DEVICE T fc_sqrt(T x) { return MathTraits<T>::sqrt(x); }
 
 template <typename T>
 FC_HOST_DEVICE T fc_maximum(T a, T b) { return MathTraits<T>::maximum(a, b); }
+
+template <typename T>
+FC_HOST_DEVICE T fc_clamp(T x, T lo, T hi) { return MathTraits<T>::clamp(x, lo, hi); }
 
 }  // namespace fusedclip

@@ -1,9 +1,10 @@
 // The SGD update rule (plain, heavy-ball momentum, Nesterov momentum), written
 // once for every backend.
 //
-// sgd_scalars() folds the per-tensor quantities (clip coefficient, gradient
-// unscale, maximize sign, learning rate) into a few numbers once per tensor;
-// sgd_update() is the element-wise rule. T is a scalar (float or double, host
+// sgd_scalars() folds the per-tensor quantities (learning rate, momentum,
+// dampening, weight decay) into a few numbers once per tensor; sgd_update() is
+// the element-wise rule, on the gradient after GradTransform (grad_transform.h:
+// clip coefficients, unscale, maximize sign, value clipping). T is a scalar (float or double, host
 // or device) or a CPU SIMD vector.
 #pragma once
 
@@ -19,7 +20,6 @@ enum class Momentum { None, Heavy, Nesterov };
 
 template <typename T>
 struct SgdScalars {
-  T grad_mult;            // clip_coef / grad_scale, negated for maximize
   T weight_decay;         // L2 factor added to the gradient
   T momentum;
   T one_minus_dampening;
@@ -27,14 +27,13 @@ struct SgdScalars {
 
   template <typename U>
   FC_HOST_DEVICE SgdScalars<U> as() const {
-    return {U(grad_mult), U(weight_decay), U(momentum), U(one_minus_dampening), U(lr)};
+    return {U(weight_decay), U(momentum), U(one_minus_dampening), U(lr)};
   }
 };
 
 FC_HOST_DEVICE SgdScalars<double> sgd_scalars(double lr, double momentum, double dampening,
-                                              double weight_decay, double grad_mult) {
+                                              double weight_decay) {
   SgdScalars<double> s;
-  s.grad_mult = grad_mult;
   s.weight_decay = weight_decay;
   s.momentum = momentum;
   s.one_minus_dampening = 1.0 - dampening;
@@ -42,14 +41,14 @@ FC_HOST_DEVICE SgdScalars<double> sgd_scalars(double lr, double momentum, double
   return s;
 }
 
-// One SGD step on one element (or one vector of elements), in place. FIRST is
+// One SGD step on one element (or one vector of elements), in place. `grad` is
+// the gradient the rule uses: already through GradTransform. FIRST is
 // the buffer's first step, on which torch.optim.SGD copies the gradient into
 // the buffer instead of blending it in (dampening does not apply). The order
 // of operations follows torch.optim.SGD so that results agree to rounding.
 // `buf` is not touched with Momentum::None.
 template <bool WEIGHT_DECAY, Momentum M, bool FIRST, typename T>
 FC_HOST_DEVICE void sgd_update(T& param, T grad, T& buf, const SgdScalars<T>& s) {
-  grad = grad * s.grad_mult;
   if constexpr (WEIGHT_DECAY) {
     grad = grad + s.weight_decay * param;
   }
