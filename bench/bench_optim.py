@@ -118,7 +118,11 @@ def policy_variants(params) -> tuple[dict, dict]:
             policies[f"{name}()"] = policy
     variants = {name: fusedclip.FusedClipAdamW(params, clip=policy, **hyper).step
                 for name, policy in policies.items()}
-    return variants, {name: FAMILIES["adamw"].update_elements + 1 for name in variants}
+    # Every policy's norm pass reads the gradients once; AGC's also reads the
+    # parameters (their unit norms).
+    elements = {name: FAMILIES["adamw"].update_elements + (2 if name == "AGC()" else 1)
+                for name in variants}
+    return variants, elements
 
 
 def run_case(title: str, shapes, dtype, rounds: int, bandwidth: float, variants_of,
