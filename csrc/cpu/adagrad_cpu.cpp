@@ -94,30 +94,22 @@ void adagrad_cpu(at::TensorList params, at::TensorList grads, at::TensorList sta
   FlatTensors flat_tensors;
   std::vector<AdagradPointers> pointers(n);
   std::vector<TensorScalars> scalars(n);
-  std::vector<int64_t> numels(n);
-  std::vector<at::Tensor> keep_alive;  // contiguous stand-ins live until copied home
-  int64_t total_numel = 0;
   for (size_t i = 0; i < n; ++i) {
     // Per-unit coefficients need row-major runs.
     std::vector<at::Tensor> flat = flat_tensors.take({params[i], grads[i], state_sums[i]},
                                                      {true, false, true}, unit_coefs.has_value());
     pointers[i] = {flat[0].data_ptr(), flat[1].const_data_ptr(), flat[2].data_ptr()};
-    keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());
     scalars[i].adagrad = adagrad_scalars(host.lr, lr_decay, weight_decay, eps,
                                          increment_step(steps[i]));
     scalars[i].transform = tensor_transform(host.grad_mult(i, maximize), clip_value,
                                             unit_coefs, i, params[i]);
-    numels[i] = params[i].numel();
-    total_numel += numels[i];
   }
 
-  const std::vector<Chunk> chunks = make_chunks(numels);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adagrad_cpu", [&] {
     const auto chunk_fn = weight_decay != 0.0 ? adagrad_chunk<scalar_t, true>
                                               : adagrad_chunk<scalar_t, false>;
-    for_each_chunk(chunks, total_numel, [&](int64_t c) {
-      const Chunk& ch = chunks[c];
-      chunk_fn(pointers[ch.tensor], ch.begin, ch.end, scalars[ch.tensor]);
+    for_each_tensor_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
+      chunk_fn(pointers[t], begin, end, scalars[t]);
     });
   });
   flat_tensors.copy_home();

@@ -129,9 +129,6 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
   FlatTensors flat_tensors;
   std::vector<AdamPointers> pointers(n);
   std::vector<TensorScalars> scalars(n);
-  std::vector<int64_t> numels(n);
-  std::vector<at::Tensor> keep_alive;  // contiguous stand-ins live until copied home
-  int64_t total_numel = 0;
   for (size_t i = 0; i < n; ++i) {
     std::vector<at::Tensor> group = {params[i], grads[i], exp_avgs[i], exp_avg_sqs[i]};
     std::vector<bool> written = {true, false, true, true};
@@ -144,22 +141,17 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
         flat_tensors.take(std::move(group), written, unit_coefs.has_value());
     pointers[i] = {flat[0].data_ptr(), flat[1].const_data_ptr(), flat[2].data_ptr(),
                    flat[3].data_ptr(), amsgrad ? flat[4].data_ptr() : nullptr};
-    keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());
 
     const double grad_mult = host.grad_mult(i, maximize);
     scalars[i].adam = adam_scalars(host.lr, beta1, beta2, eps, weight_decay,
                                    increment_step(steps[i]), grad_mult);
     scalars[i].transform = tensor_transform(grad_mult, clip_value, unit_coefs, i, params[i]);
-    numels[i] = params[i].numel();
-    total_numel += numels[i];
   }
 
-  const std::vector<Chunk> chunks = make_chunks(numels);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_cpu", [&] {
     const AdamChunkFn chunk_fn = select_adam_chunk<scalar_t>(wd, amsgrad);
-    for_each_chunk(chunks, total_numel, [&](int64_t c) {
-      const Chunk& ch = chunks[c];
-      chunk_fn(pointers[ch.tensor], ch.begin, ch.end, scalars[ch.tensor]);
+    for_each_tensor_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
+      chunk_fn(pointers[t], begin, end, scalars[t]);
     });
   });
   flat_tensors.copy_home();

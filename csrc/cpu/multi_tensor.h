@@ -84,8 +84,11 @@ class FlatTensors {
     flat.reserve(tensors.size());
     for (size_t i = 0; i < tensors.size(); ++i) {
       flat.push_back(tensors[i].contiguous());
-      if (written[i] && !flat.back().is_same(tensors[i])) {
+      if (flat.back().is_same(tensors[i])) continue;
+      if (written[i]) {
         write_back_.emplace_back(tensors[i], flat.back());
+      } else {
+        read_only_.push_back(flat.back());  // alive until the kernel is done
       }
     }
     return flat;
@@ -94,10 +97,31 @@ class FlatTensors {
   void copy_home() {
     for (auto& [home, copy] : write_back_) home.copy_(copy);
     write_back_.clear();
+    read_only_.clear();
   }
 
  private:
   std::vector<std::pair<at::Tensor, at::Tensor>> write_back_;
+  std::vector<at::Tensor> read_only_;
 };
+
+// The update kernels' driver: runs fn(tensor, begin, end) for every chunk of
+// `tensors` (element ranges in each tensor's memory order), in one parallel
+// region.
+template <typename F>
+void for_each_tensor_chunk(at::TensorList tensors, const F& fn) {
+  std::vector<int64_t> numels;
+  numels.reserve(tensors.size());
+  int64_t total_numel = 0;
+  for (const at::Tensor& t : tensors) {
+    numels.push_back(t.numel());
+    total_numel += t.numel();
+  }
+  const std::vector<Chunk> chunks = make_chunks(numels);
+  for_each_chunk(chunks, total_numel, [&](int64_t c) {
+    const Chunk& ch = chunks[c];
+    fn(ch.tensor, ch.begin, ch.end);
+  });
+}
 
 }  // namespace fusedclip::cpu

@@ -129,9 +129,6 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   std::vector<SgdPointers> pointers(n);
   std::vector<TensorScalars> scalars(n);
   std::vector<bool> first(n, false);
-  std::vector<int64_t> numels(n);
-  std::vector<at::Tensor> keep_alive;  // contiguous stand-ins live until copied home
-  int64_t total_numel = 0;
   for (size_t i = 0; i < n; ++i) {
     std::vector<at::Tensor> group = {params[i], grads[i]};
     std::vector<bool> written = {true, false};
@@ -144,24 +141,19 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
         flat_tensors.take(std::move(group), written, unit_coefs.has_value());
     pointers[i] = {flat[0].data_ptr(), flat[1].const_data_ptr(),
                    has_buf ? flat[2].data_ptr() : nullptr};
-    keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());
     if (has_buf) first[i] = increment_step(buffer_steps[i]) == 1.0;
     scalars[i].sgd = sgd_scalars(host.lr, momentum, dampening, weight_decay);
     scalars[i].transform = tensor_transform(host.grad_mult(i, maximize), clip_value,
                                             unit_coefs, i, params[i]);
-    numels[i] = params[i].numel();
-    total_numel += numels[i];
   }
 
-  const std::vector<Chunk> chunks = make_chunks(numels);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_cpu", [&] {
     std::vector<SgdChunkFn> chunk_fns(n);
     for (size_t i = 0; i < n; ++i) {
       chunk_fns[i] = select_sgd_chunk<scalar_t>(weight_decay != 0.0, mode, first[i]);
     }
-    for_each_chunk(chunks, total_numel, [&](int64_t c) {
-      const Chunk& ch = chunks[c];
-      chunk_fns[ch.tensor](pointers[ch.tensor], ch.begin, ch.end, scalars[ch.tensor]);
+    for_each_tensor_chunk(params, [&](int64_t t, int64_t begin, int64_t end) {
+      chunk_fns[t](pointers[t], begin, end, scalars[t]);
     });
   });
   flat_tensors.copy_home();
