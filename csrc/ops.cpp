@@ -118,6 +118,13 @@ void check_same_shapes(at::TensorList params, at::TensorList other,
   }
 }
 
+// A list that goes with the parameters (gradients, optimizer state): the
+// parameters' device and dtype, and one tensor of the same shape per parameter.
+void check_like_params(at::TensorList params, at::TensorList list, const char* name) {
+  check_tensor_list(list, name, params[0].device(), params[0].scalar_type());
+  check_same_shapes(params, list, name);
+}
+
 void check_small_tensor(const std::optional<at::Tensor>& t, const char* name,
                         const at::Device& device, int64_t allowed_numel = 1) {
   if (!t.has_value()) return;
@@ -204,7 +211,7 @@ void check_grad_transform_args(at::TensorList params,
 }
 
 void check_norm_args(at::TensorList tensors, double norm_type) {
-  TORCH_CHECK(norm_type == 2.0 || std::isinf(norm_type) && norm_type > 0,
+  TORCH_CHECK(norm_type == 2.0 || (std::isinf(norm_type) && norm_type > 0),
               "fusedclip: norm_type must be 2.0 or inf, got ", norm_type);
   if (tensors.empty()) return;
   check_tensor_list(tensors, "tensors", tensors[0].device(),
@@ -235,16 +242,10 @@ void check_adam_args(at::TensorList params, at::TensorList grads,
   const at::Device device = params[0].device();
   const at::ScalarType dtype = params[0].scalar_type();
   check_tensor_list(params, "params", device, dtype);
-  check_tensor_list(grads, "grads", device, dtype);
-  check_tensor_list(exp_avgs, "exp_avgs", device, dtype);
-  check_tensor_list(exp_avg_sqs, "exp_avg_sqs", device, dtype);
-  check_same_shapes(params, grads, "grads");
-  check_same_shapes(params, exp_avgs, "exp_avgs");
-  check_same_shapes(params, exp_avg_sqs, "exp_avg_sqs");
-  if (amsgrad) {
-    check_tensor_list(max_exp_avg_sqs, "max_exp_avg_sqs", device, dtype);
-    check_same_shapes(params, max_exp_avg_sqs, "max_exp_avg_sqs");
-  }
+  check_like_params(params, grads, "grads");
+  check_like_params(params, exp_avgs, "exp_avgs");
+  check_like_params(params, exp_avg_sqs, "exp_avg_sqs");
+  if (amsgrad) check_like_params(params, max_exp_avg_sqs, "max_exp_avg_sqs");
   check_counters(steps, "steps", params, device);
   check_call_tensors(lr_tensor, clip_coef, grad_scale, found_inf, params.size(),
                      device);
@@ -281,11 +282,9 @@ void check_sgd_args(at::TensorList params, at::TensorList grads,
   const at::Device device = params[0].device();
   const at::ScalarType dtype = params[0].scalar_type();
   check_tensor_list(params, "params", device, dtype);
-  check_tensor_list(grads, "grads", device, dtype);
-  check_same_shapes(params, grads, "grads");
+  check_like_params(params, grads, "grads");
   if (momentum != 0.0) {
-    check_tensor_list(momentum_buffers, "momentum_buffers", device, dtype);
-    check_same_shapes(params, momentum_buffers, "momentum_buffers");
+    check_like_params(params, momentum_buffers, "momentum_buffers");
     check_counters(buffer_steps, "buffer_steps", params, device);
   }
   check_call_tensors(lr_tensor, clip_coef, grad_scale, found_inf, params.size(),
@@ -313,10 +312,8 @@ void check_adagrad_args(at::TensorList params, at::TensorList grads,
   const at::Device device = params[0].device();
   const at::ScalarType dtype = params[0].scalar_type();
   check_tensor_list(params, "params", device, dtype);
-  check_tensor_list(grads, "grads", device, dtype);
-  check_tensor_list(state_sums, "state_sums", device, dtype);
-  check_same_shapes(params, grads, "grads");
-  check_same_shapes(params, state_sums, "state_sums");
+  check_like_params(params, grads, "grads");
+  check_like_params(params, state_sums, "state_sums");
   check_counters(steps, "steps", params, device);
   check_call_tensors(lr_tensor, clip_coef, grad_scale, found_inf, params.size(),
                      device);

@@ -121,7 +121,6 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
   args.transform = unit_lists.args();
 
   cpu::FlatTensors flat_tensors;
-  std::vector<at::Tensor> keep_alive;  // stand-ins live until copied home
   std::vector<AdagradPointers> pointers(n);
   std::vector<int64_t> numels(n);
   for (size_t i = 0; i < n; ++i) {
@@ -132,7 +131,6 @@ void adagrad_cuda(at::TensorList params, at::TensorList grads, at::TensorList st
                    flat[2].data_ptr(), counters.ptr(i), unit_lists.coef_ptr(i),
                    UnitCoefLists::len_bits(params[i])};
     numels[i] = params[i].numel();
-    keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());
   }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adagrad_cuda", [&] {

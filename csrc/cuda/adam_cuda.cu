@@ -175,7 +175,6 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   // Parameters whose param, grad and states do not share one dense layout are
   // updated through contiguous copies, copied home after the kernel, as on CPU.
   cpu::FlatTensors flat_tensors;
-  std::vector<at::Tensor> keep_alive;  // stand-ins live until copied home
   std::vector<AdamPointers> pointers(n);
   std::vector<int64_t> numels(n);
   for (size_t i = 0; i < n; ++i) {
@@ -194,7 +193,6 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                    unit_lists.coef_ptr(i), UnitCoefLists::len_bits(params[i]),
                    amsgrad ? flat[4].data_ptr() : nullptr};
     numels[i] = params[i].numel();
-    keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());
   }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "adam_cuda",

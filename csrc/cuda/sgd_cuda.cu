@@ -182,7 +182,6 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
   // Parameters whose param, grad and buffer do not share one dense layout are
   // updated through contiguous copies, copied home after the kernel, as on CPU.
   cpu::FlatTensors flat_tensors;
-  std::vector<at::Tensor> keep_alive;  // stand-ins live until copied home
   std::vector<SgdPointers> pointers(n);
   std::vector<int64_t> numels(n);
   for (size_t i = 0; i < n; ++i) {
@@ -200,7 +199,6 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
                    has_buf ? flat[2].data_ptr() : nullptr,
                    has_buf ? counters.ptr(i) : nullptr};
     numels[i] = params[i].numel();
-    keep_alive.insert(keep_alive.end(), flat.begin(), flat.end());
   }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "sgd_cuda", [&] {
