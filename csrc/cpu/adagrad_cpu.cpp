@@ -48,6 +48,9 @@ void adagrad_run(const AdagradPointers& ptrs, int64_t begin, int64_t end,
   OpVec p[L::kParts], g[L::kParts], v[L::kParts];
   for (int64_t i = 0; i < n; i += L::kWidth) {
     const int64_t count = std::min<int64_t>(L::kWidth, n - i);
+    prefetch_to_write(param + i);
+    prefetch_to_read(grad + i);
+    prefetch_to_write(sum + i);
     L::load(param + i, count, p);
     L::load(grad + i, count, g);
     L::load(sum + i, count, v);

@@ -3,6 +3,8 @@
 // to two float vectors (the math of low-precision tensors runs in float32).
 #pragma once
 
+#include <cstdint>
+
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -46,5 +48,25 @@ template <>
 struct Lanes<at::BFloat16> : ReducedLanes<at::BFloat16> {};
 template <>
 struct Lanes<at::Half> : ReducedLanes<at::Half> {};
+
+// Software prefetch, kPrefetchBytes ahead of the element a loop is at. The
+// hardware prefetcher alone keeps too few cache-line fetches in flight on a
+// small VM: with it, the fp32 AdamW update of GPT-2 small (2 threads) went from
+// 93 to 74 ms and the norm pass from 22 to 18 ms (bench/bench_optim.py).
+// 1, 2 and 4 KiB ahead measured the same; a prefetch never faults, so running
+// past the end of an array is harmless. The address is formed as an integer:
+// a pointer past the end of its array would be undefined behaviour.
+constexpr std::uintptr_t kPrefetchBytes = 2048;
+
+template <typename T>
+inline void prefetch_to_read(const T* p) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(p) + kPrefetchBytes), 0);
+}
+
+// For data the loop will also write: the line arrives ready to be modified.
+template <typename T>
+inline void prefetch_to_write(T* p) {
+  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(p) + kPrefetchBytes), 1);
+}
 
 }  // namespace fusedclip::cpu

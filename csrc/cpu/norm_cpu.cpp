@@ -47,6 +47,7 @@ double reduce_chunk(const scalar_t* x, int64_t n) {
   const int64_t quarter = (n / (kAccumulators * L::kWidth)) * L::kWidth;
   for (int64_t j = 0; j < quarter; j += L::kWidth) {
     for (int a = 0; a < kAccumulators; ++a) {
+      prefetch_to_read(x + a * quarter + j);
       L::load(x + a * quarter + j, L::kWidth, v);
       accumulate(acc[a]);
     }
