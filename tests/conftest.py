@@ -340,6 +340,18 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(width), b.contiguous().view(width))
 
 
+def assert_same_step(actual: list, expected: list, what: str = "") -> None:
+    """Lists of tensors (params, states, steps), tensor by tensor within
+    tolerances.TRANSFORM_PATHS of their dtype: the same step computed by two
+    element loops. A NaN matches a NaN (its payload may differ)."""
+    from tolerances import TRANSFORM_PATHS
+    for k, (xs, ys) in enumerate(zip(actual, expected)):
+        assert len(xs) == len(ys), f"{what}: list {k} has {len(xs)} tensors, expected {len(ys)}"
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            tol = TRANSFORM_PATHS.get(y.dtype, (0.0, 0.0))  # integer counters: exact
+            assert_close(x, y, tol, f"{what}: list {k} [{i}]", equal_nan=True)
+
+
 def assert_unchanged(opt, params: list[torch.Tensor], before: dict, what: str = "") -> None:
     """Parameters and every state tensor (step included) bit-identical to `before`."""
     for i, p in enumerate(params):

@@ -34,7 +34,7 @@ struct TensorScalars {
   TensorTransform transform;
 };
 
-template <typename scalar_t, bool WD>
+template <typename scalar_t, bool WD, bool CLAMP>
 void adagrad_run(const AdagradPointers& ptrs, int64_t begin, int64_t end,
                  const AdagradScalars<typename Lanes<scalar_t>::OpVec>& s,
                  const GradTransform<typename Lanes<scalar_t>::OpVec>& transform) {
@@ -55,7 +55,7 @@ void adagrad_run(const AdagradPointers& ptrs, int64_t begin, int64_t end,
     L::load(grad + i, count, g);
     L::load(sum + i, count, v);
     for (int k = 0; k < L::kParts; ++k) {
-      adagrad_update<WD>(p[k], transform(g[k]), v[k], s);
+      adagrad_update<WD>(p[k], transform.template apply<CLAMP>(g[k]), v[k], s);
     }
     L::store(param + i, count, p);
     L::store(sum + i, count, v);
@@ -72,9 +72,9 @@ void adagrad_chunk(const AdagradPointers& ptrs, int64_t begin, int64_t end,
   using opmath_t = typename L::opmath_t;
   const AdagradScalars<OpVec> s = scalars.adagrad.as<opmath_t>().template as<OpVec>();
   for_each_unit_run(begin, end, scalars.transform,
-                    [&](int64_t b, int64_t e, const GradTransform<double>& t) {
-                      adagrad_run<scalar_t, WD>(ptrs, b, e, s,
-                                                t.as<opmath_t>().template as<OpVec>());
+                    [&](int64_t b, int64_t e, const GradTransform<double>& t, auto clamp) {
+                      adagrad_run<scalar_t, WD, decltype(clamp)::value>(
+                          ptrs, b, e, s, t.as<opmath_t>().template as<OpVec>());
                     });
 }
 

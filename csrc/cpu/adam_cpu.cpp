@@ -35,7 +35,7 @@ struct TensorScalars {
   TensorTransform transform;
 };
 
-template <typename scalar_t, WeightDecay WD, bool AMSGRAD>
+template <typename scalar_t, WeightDecay WD, bool AMSGRAD, bool CLAMP>
 void adam_run(const AdamPointers& ptrs, int64_t begin, int64_t end,
               const AdamScalars<typename Lanes<scalar_t>::OpVec>& s,
               const GradTransform<typename Lanes<scalar_t>::OpVec>& transform) {
@@ -63,7 +63,7 @@ void adam_run(const AdamPointers& ptrs, int64_t begin, int64_t end,
     L::load(exp_avg_sq + i, count, v);
     if constexpr (AMSGRAD) L::load(max_exp_avg_sq + i, count, vmax);
     for (int k = 0; k < L::kParts; ++k) {
-      adam_update<WD, AMSGRAD>(p[k], transform(g[k]), m[k], v[k], vmax[k], s);
+      adam_update<WD, AMSGRAD>(p[k], transform.template apply<CLAMP>(g[k]), m[k], v[k], vmax[k], s);
     }
     L::store(param + i, count, p);
     L::store(exp_avg + i, count, m);
@@ -82,9 +82,9 @@ void adam_chunk(const AdamPointers& ptrs, int64_t begin, int64_t end,
   using opmath_t = typename L::opmath_t;
   const AdamScalars<OpVec> s = scalars.adam.as<opmath_t>().template as<OpVec>();
   for_each_unit_run(begin, end, scalars.transform,
-                    [&](int64_t b, int64_t e, const GradTransform<double>& t) {
-                      adam_run<scalar_t, WD, AMSGRAD>(ptrs, b, e, s,
-                                                      t.as<opmath_t>().template as<OpVec>());
+                    [&](int64_t b, int64_t e, const GradTransform<double>& t, auto clamp) {
+                      adam_run<scalar_t, WD, AMSGRAD, decltype(clamp)::value>(
+                          ptrs, b, e, s, t.as<opmath_t>().template as<OpVec>());
                     });
 }
 

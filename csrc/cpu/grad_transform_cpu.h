@@ -2,8 +2,10 @@
 // what every CPU update kernel needs for clip_value and unit_coefs.
 //
 //   TensorTransform tt = tensor_transform(grad_mult, clip_value, unit_coefs, i, params[i]);
-//   for_each_unit_run(begin, end, tt, [&](int64_t b, int64_t e, const GradTransform<double>& t) {
-//     ... the element loop over [b, e) with t (one multiplier for the whole run) ...
+//   for_each_unit_run(begin, end, tt,
+//                     [&](int64_t b, int64_t e, const GradTransform<double>& t, auto clamp) {
+//     ... the element loop over [b, e) with t (one multiplier for the whole run),
+//     calling t.apply<decltype(clamp)::value>(g) on each gradient ...
 //   });
 //
 // Per-unit coefficients need each unit to be a row-major run of the tensor's
@@ -12,6 +14,7 @@
 
 #include <algorithm>
 #include <optional>
+#include <type_traits>
 
 #include <ATen/ATen.h>
 
@@ -38,6 +41,7 @@ struct UnitCoefs {
 struct TensorTransform {
   GradTransform<double> transform;  // mult: clip coefficient / grad_scale, signed
   UnitCoefs units;
+  bool clamps = false;  // value clipping: the loops must call the clamp
 };
 
 // grad_mult: the per-tensor multiplier (clip_coef / grad_scale, negated for
@@ -47,6 +51,7 @@ inline TensorTransform tensor_transform(double grad_mult, std::optional<double> 
                                         size_t i, const at::Tensor& param) {
   TensorTransform tt;
   tt.transform = grad_transform(grad_mult, clip_value.value_or(-1.0));
+  tt.clamps = clip_value.has_value();
   if (unit_coefs.has_value()) {
     const at::Tensor& c = (*unit_coefs)[i];
     tt.units = {c.const_data_ptr(), c.dim() == 0 ? 0 : c.stride(0),
@@ -55,23 +60,32 @@ inline TensorTransform tensor_transform(double grad_mult, std::optional<double> 
   return tt;
 }
 
-// Calls run(b, e, transform) for the runs of [begin, end) (element offsets in
-// the tensor's row-major memory) that share one multiplier: the whole range
-// without unit coefficients, else the range split at unit boundaries, each
-// run's multiplier folded once (in double) rather than per element.
+// Calls run(b, e, transform, clamp) for the runs of [begin, end) (element
+// offsets in the tensor's row-major memory) that share one multiplier: the
+// whole range without unit coefficients, else the range split at unit
+// boundaries, each run's multiplier folded once (in double) rather than per
+// element. `clamp` is std::true_type with value clipping, else
+// std::false_type: the element loop's variant, chosen once here.
 template <typename Run>
 void for_each_unit_run(int64_t begin, int64_t end, const TensorTransform& tt, const Run& run) {
-  if (tt.units.ptr == nullptr) {
-    run(begin, end, tt.transform);
-    return;
-  }
-  GradTransform<double> t = tt.transform;
-  for (int64_t b = begin; b < end;) {
-    const int64_t u = b / tt.units.unit_len;
-    const int64_t e = std::min(end, (u + 1) * tt.units.unit_len);
-    t.mult = tt.transform.mult * tt.units[u];
-    run(b, e, t);
-    b = e;
+  auto runs = [&](auto clamp) {
+    if (tt.units.ptr == nullptr) {
+      run(begin, end, tt.transform, clamp);
+      return;
+    }
+    GradTransform<double> t = tt.transform;
+    for (int64_t b = begin; b < end;) {
+      const int64_t u = b / tt.units.unit_len;
+      const int64_t e = std::min(end, (u + 1) * tt.units.unit_len);
+      t.mult = tt.transform.mult * tt.units[u];
+      run(b, e, t, clamp);
+      b = e;
+    }
+  };
+  if (tt.clamps) {
+    runs(std::true_type{});
+  } else {
+    runs(std::false_type{});
   }
 }
 

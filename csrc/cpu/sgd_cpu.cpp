@@ -36,7 +36,7 @@ struct TensorScalars {
   TensorTransform transform;
 };
 
-template <typename scalar_t, bool WD, Momentum M, bool FIRST>
+template <typename scalar_t, bool WD, Momentum M, bool FIRST, bool CLAMP>
 void sgd_run(const SgdPointers& ptrs, int64_t begin, int64_t end,
              const SgdScalars<typename Lanes<scalar_t>::OpVec>& s,
              const GradTransform<typename Lanes<scalar_t>::OpVec>& transform) {
@@ -60,7 +60,7 @@ void sgd_run(const SgdPointers& ptrs, int64_t begin, int64_t end,
     // The first step overwrites the buffer without reading it.
     if constexpr (kBuf && !FIRST) L::load(buf + i, count, b);
     for (int k = 0; k < L::kParts; ++k) {
-      sgd_update<WD, M, FIRST>(p[k], transform(g[k]), b[k], s);
+      sgd_update<WD, M, FIRST>(p[k], transform.template apply<CLAMP>(g[k]), b[k], s);
     }
     L::store(param + i, count, p);
     if constexpr (kBuf) L::store(buf + i, count, b);
@@ -77,9 +77,9 @@ void sgd_chunk(const SgdPointers& ptrs, int64_t begin, int64_t end,
   using opmath_t = typename L::opmath_t;
   const SgdScalars<OpVec> s = scalars.sgd.as<opmath_t>().template as<OpVec>();
   for_each_unit_run(begin, end, scalars.transform,
-                    [&](int64_t b, int64_t e, const GradTransform<double>& t) {
-                      sgd_run<scalar_t, WD, M, FIRST>(ptrs, b, e, s,
-                                                      t.as<opmath_t>().template as<OpVec>());
+                    [&](int64_t b, int64_t e, const GradTransform<double>& t, auto clamp) {
+                      sgd_run<scalar_t, WD, M, FIRST, decltype(clamp)::value>(
+                          ptrs, b, e, s, t.as<opmath_t>().template as<OpVec>());
                     });
 }
 
