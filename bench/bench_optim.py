@@ -2,7 +2,7 @@
 extra cost, on the CPU.
 
     python bench/bench_optim.py [--optim adamw,sgd,adagrad] [--cases gpt2,small]
-                                [--dtype float32] [--rounds 7] [--policies]
+                                [--dtype float32] [--rounds 11] [--policies]
 
 For each optimizer family and case, times in interleaved rounds on the same
 parameters and gradients: fusedclip's clipped step (clip=1.0); the torch twin
@@ -10,7 +10,9 @@ with fused=True and with foreach=True, each with and without
 clip_grad_norm_(foreach=True); and fusedclip's two passes alone (norm pass;
 update with no clipping). Prints medians, ratios to fusedclip's step, bytes
 moved per parameter, GB/s, and the floor from a STREAM-like bandwidth measured
-in the same run; writes JSON under bench/results/. With --policies it also
+in the same run; writes JSON under bench/results/. Ratios are medians of the
+per-round ratios (common.paired_ratio), and with an odd number of rounds the
+median of a ratio's inverse is the inverse of its median. With --policies it also
 times FusedClipAdamW under every clip policy against GlobalNorm.
 """
 
@@ -138,7 +140,7 @@ def run_case(title: str, shapes, dtype, rounds: int, bandwidth: float, variants_
         bytes_per_param = elements[name] * element_size
         rows[name] = {
             "median_ms": t["median_s"] * 1e3,
-            "time_over_reference": t["median_s"] / ref,
+            "time_over_reference": common.paired_ratio(timings, name, reference),
             "bytes_per_param": bytes_per_param,
             "gb_per_s": bytes_per_param * n / t["median_s"] / 1e9,
             "samples_ms": [s * 1e3 for s in t["samples_s"]],
@@ -160,9 +162,9 @@ def print_case(result: dict, heading: str) -> None:
               f"{row['bytes_per_param']:>8d} {row['gb_per_s']:>7.1f}")
     v = result["variants"]
     if "torch fused" in v:
-        print(f"fusedclip: {v['torch fused + clip']['median_ms'] / v[ref]['median_ms']:.2f}x faster "
-              f"than torch fused + clip; {v[ref]['median_ms'] / v['torch fused']['median_ms']:.2f}x "
-              f"the time of torch fused without clipping")
+        print(f"fusedclip: {v['torch fused + clip']['time_over_reference']:.2f}x faster "
+              f"than torch fused + clip; {1 / v['torch fused']['time_over_reference']:.2f}x "
+              f"the time of torch fused without clipping (medians of per-round ratios)")
     print(f"bandwidth floor: {result['floor_ms']:.2f} ms; {ref} at "
           f"{result['reference_over_floor']:.2f}x the floor")
 
@@ -172,7 +174,7 @@ def main(argv=None) -> None:
     parser.add_argument("--optim", default="adamw,sgd,adagrad", help="comma list of: " + ", ".join(FAMILIES))
     parser.add_argument("--cases", default="gpt2,small", help="comma list of: " + ", ".join(CASES))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--policies", action="store_true",
                         help="also time FusedClipAdamW under every clip policy (GPT-2 case)")
     parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")

@@ -100,6 +100,16 @@ def interleaved_medians(variants: dict[str, Callable[[], None]], rounds: int,
             for name, s in samples.items()}
 
 
+def paired_ratio(timings: dict, numerator: str, denominator: str) -> float:
+    """The median over rounds of numerator's time over denominator's time in the
+    same round (timings from interleaved_medians). Each round times every
+    variant once, close together, so the slow swings of a shared machine's
+    bandwidth cancel in each round's ratio; a ratio of the two medians mixes
+    rounds and keeps them."""
+    pairs = zip(timings[numerator]["samples_s"], timings[denominator]["samples_s"])
+    return statistics.median(a / b for a, b in pairs)
+
+
 def stream_bandwidth(nbytes: int = 1 << 29, rounds: int = 7) -> dict[str, float]:
     """STREAM-like memory bandwidths in GB/s (bytes read + bytes written per
     second), measured with torch's own multithreaded element-wise kernels on
