@@ -81,22 +81,32 @@ def make_params(shapes, dtype=torch.float32, seed: int = 0) -> list[torch.nn.Par
 
 
 def interleaved_medians(variants: dict[str, Callable[[], None]], rounds: int,
-                        warmup: int = 2, seed: int = 0) -> dict[str, dict]:
+                        warmup: int = 2, seed: int = 0,
+                        min_sample_s: float = 0.05) -> dict[str, dict]:
     """Times every variant once per round, in a shuffled order each round, after
-    `warmup` untimed rounds. Returns the median and all samples, in seconds."""
+    `warmup` untimed rounds. A sample of a variant faster than `min_sample_s`
+    is several back-to-back calls (as many as the last warm-up call says fill
+    it), divided by their number: a 15 ms call timed alone is at the mercy of
+    every hiccup of a shared machine. Returns the median and all samples per
+    call, in seconds, and the calls per sample."""
     rng = random.Random(seed)
     names = list(variants)
     samples: dict[str, list[float]] = {name: [] for name in names}
+    calls = {name: 1 for name in names}
     for r in range(warmup + rounds):
         order = names[:]
         rng.shuffle(order)
         for name in order:
+            fn, n = variants[name], calls[name]
             start = time.perf_counter()
-            variants[name]()
-            elapsed = time.perf_counter() - start
+            for _ in range(n):
+                fn()
+            elapsed = (time.perf_counter() - start) / n
             if r >= warmup:
                 samples[name].append(elapsed)
-    return {name: {"median_s": statistics.median(s), "samples_s": s}
+            elif r == warmup - 1:
+                calls[name] = max(1, min(64, round(min_sample_s / elapsed)))
+    return {name: {"median_s": statistics.median(s), "samples_s": s, "calls_per_sample": calls[name]}
             for name, s in samples.items()}
 
 
