@@ -16,6 +16,7 @@ gradient.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from dataclasses import dataclass, field
@@ -202,6 +203,47 @@ def torch_clip(params: list[torch.Tensor], clip) -> torch.Tensor | None:
     max_norm, norm_type = args
     with_grads = [p for p in params if p.grad is not None and p.numel() > 0]
     return torch.nn.utils.clip_grad_norm_(with_grads, max_norm, norm_type=norm_type)
+
+
+# -- state dict hand-overs (test_state_dict.py, test_sgd.py, test_adagrad.py) ----------
+def train_steps(opt, params: list[torch.Tensor], problem: Problem, steps: int, start: int,
+                torch_side: bool, max_norm: float = 0.5) -> None:
+    """`steps` steps from step `start` of the problem's gradients; the torch
+    side clips them first with clip_grad_norm_(max_norm)."""
+    for step in range(start, start + steps):
+        set_grads(params, problem.grads(step))
+        if torch_side:
+            torch_clip(params, max_norm)
+        opt.step()
+
+
+def copy_params(src: list[list[torch.Tensor]], dst: list[list[torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for a, b in zip(flat(src), flat(dst)):
+            b.copy_(a)
+
+
+def assert_restores_bitwise(make_opt, problem: Problem, first: int, then: int) -> None:
+    """A fused optimizer (make_opt(params) makes it) restored from its own
+    state dict after `first` steps continues bit for bit for `then` more."""
+    params = problem.params()
+    opt = make_opt(params)
+    train_steps(opt, flat(params), problem, first, 0, torch_side=False)
+    saved = copy.deepcopy(opt.state_dict())
+    saved_params = [p.detach().clone() for p in flat(params)]
+
+    twin = problem.params()
+    copy_params(params, twin)
+    opt2 = make_opt(twin)
+    opt2.load_state_dict(saved)
+    train_steps(opt, flat(params), problem, then, first, torch_side=False)
+    train_steps(opt2, flat(twin), problem, then, first, torch_side=False)
+    for a, b, before in zip(flat(params), flat(twin), saved_params):
+        assert bitwise_equal(a.detach(), b.detach())
+        if a.numel():
+            assert not torch.equal(a.detach(), before)  # they did train
+        for key, value in opt.state[a].items():
+            assert bitwise_equal(opt2.state[b][key], value), key
 
 
 TORCH_CLASSES = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}

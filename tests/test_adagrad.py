@@ -13,7 +13,8 @@ import torch
 import fusedclip
 
 from conftest import (
-    Problem, assert_close, assert_unchanged, bitwise_equal, flat, set_grads, snapshot, torch_clip,
+    Problem, assert_close, assert_restores_bitwise, assert_unchanged, bitwise_equal, copy_params,
+    flat, set_grads, snapshot, torch_clip, train_steps,
 )
 from family import (
     assert_states_close, check_coverage, make_fused_opt, make_torch_opt, random_configs,
@@ -175,20 +176,6 @@ def _sd_problem(dtype, tensor_lr: bool) -> Problem:
     ], dtype=dtype, grad_std=0.3, seed=77)
 
 
-def _train(opt, params, problem, steps, start, torch_side):
-    for step in range(start, start + steps):
-        set_grads(params, problem.grads(step))
-        if torch_side:
-            torch_clip(params, 0.5)
-        opt.step()
-
-
-def _copy_params(src, dst):
-    with torch.no_grad():
-        for a, b in zip(flat(src), flat(dst)):
-            b.copy_(a)
-
-
 @pytest.mark.parametrize("dtype,tensor_lr", [(torch.float32, False), (torch.float64, True)])
 def test_state_dicts_both_ways(dtype, tensor_lr):
     tol = TORCH_PARITY[dtype]
@@ -197,22 +184,22 @@ def test_state_dicts_both_ways(dtype, tensor_lr):
     problem = _sd_problem(dtype, tensor_lr)
     tparams = problem.params()
     topt = make_torch_opt("Adagrad", problem, tparams, INIT)
-    _train(topt, flat(tparams), problem, 4, 0, True)
+    train_steps(topt, flat(tparams), problem, 4, 0, True)
     fparams = problem.params()
-    _copy_params(tparams, fparams)
+    copy_params(tparams, fparams)
     fopt = make_fused_opt("Adagrad", problem, fparams, INIT, clip=0.5)
     fopt.load_state_dict(copy.deepcopy(topt.state_dict()))
     assert all(fopt.state[p]["step"].device == p.device for p in flat(fparams))
-    _train(topt, flat(tparams), problem, 6, 4, True)
-    _train(fopt, flat(fparams), problem, 6, 4, False)
+    train_steps(topt, flat(tparams), problem, 6, 4, True)
+    train_steps(fopt, flat(fparams), problem, 6, 4, False)
     assert_states_close("Adagrad", fopt, topt, flat(fparams), flat(tparams), tol,
                         "torch->fused")
     t2 = problem.params()
-    _copy_params(fparams, t2)
+    copy_params(fparams, t2)
     topt2 = make_torch_opt("Adagrad", problem, t2, INIT)
     topt2.load_state_dict(copy.deepcopy(fopt.state_dict()))
-    _train(topt2, flat(t2), problem, 6, 10, True)
-    _train(fopt, flat(fparams), problem, 6, 10, False)
+    train_steps(topt2, flat(t2), problem, 6, 10, True)
+    train_steps(fopt, flat(fparams), problem, 6, 10, False)
     assert_states_close("Adagrad", fopt, topt2, flat(fparams), flat(t2), tol, "fused->torch")
 
 
@@ -250,25 +237,13 @@ def test_state_is_made_eagerly_like_torchs():
     topt3 = make_torch_opt("Adagrad", problem, t3, INIT)
     topt3.load_state_dict(copy.deepcopy(make_fused_opt("Adagrad", problem, problem.params(),
                                                        INIT).state_dict()))
-    _train(topt3, flat(t3), problem, 1, 0, True)
+    train_steps(topt3, flat(t3), problem, 1, 0, True)
 
 
 def test_state_dict_round_trip_fused_is_bitwise():
     problem = _sd_problem(torch.float32, True)
-    params = problem.params()
-    opt = make_fused_opt("Adagrad", problem, params, {}, clip=0.5)
-    _train(opt, flat(params), problem, 3, 0, False)
-    saved = copy.deepcopy(opt.state_dict())
-    twin = problem.params()
-    _copy_params(params, twin)
-    opt2 = make_fused_opt("Adagrad", problem, twin, {}, clip=0.5)
-    opt2.load_state_dict(saved)
-    _train(opt, flat(params), problem, 5, 3, False)
-    _train(opt2, flat(twin), problem, 5, 3, False)
-    for a, b in zip(flat(params), flat(twin)):
-        assert bitwise_equal(a.detach(), b.detach())
-        for key, value in opt.state[a].items():
-            assert bitwise_equal(opt2.state[b][key], value), key
+    assert_restores_bitwise(
+        lambda params: make_fused_opt("Adagrad", problem, params, {}, clip=0.5), problem, 3, 5)
 
 
 # -- bad arguments ----------------------------------------------------------------------------

@@ -13,8 +13,8 @@ import torch
 import fusedclip
 
 from conftest import (
-    Problem, assert_close, assert_unchanged, bitwise_equal, flat, set_grads, snapshot,
-    torch_clip,
+    Problem, assert_close, assert_restores_bitwise, assert_unchanged, bitwise_equal, copy_params,
+    flat, set_grads, snapshot, torch_clip, train_steps,
 )
 from family import (
     assert_states_close, check_coverage, make_fused_opt, make_torch_opt, random_configs,
@@ -205,20 +205,6 @@ def _sd_problem(dtype, tensor_lr: bool) -> Problem:
     ], dtype=dtype, grad_std=0.3, seed=77)
 
 
-def _train(opt, params, problem, steps, start, torch_side):
-    for step in range(start, start + steps):
-        set_grads(params, problem.grads(step))
-        if torch_side:
-            torch_clip(params, 0.5)
-        opt.step()
-
-
-def _copy_params(src, dst):
-    with torch.no_grad():
-        for a, b in zip(flat(src), flat(dst)):
-            b.copy_(a)
-
-
 @pytest.mark.parametrize("dtype,tensor_lr", [(torch.float32, False), (torch.float64, True)])
 def test_state_dicts_both_ways(dtype, tensor_lr):
     """torch -> fused and fused -> torch: same keys, and training continues as
@@ -228,25 +214,25 @@ def test_state_dicts_both_ways(dtype, tensor_lr):
     # torch into fused
     tparams = problem.params()
     topt = make_torch_opt("SGD", problem, tparams, {})
-    _train(topt, flat(tparams), problem, 4, 0, True)
+    train_steps(topt, flat(tparams), problem, 4, 0, True)
     fparams = problem.params()
-    _copy_params(tparams, fparams)
+    copy_params(tparams, fparams)
     fopt = make_fused_opt("SGD", problem, fparams, {}, clip=0.5)
     fopt.load_state_dict(copy.deepcopy(topt.state_dict()))
-    _train(topt, flat(tparams), problem, 6, 4, True)
-    _train(fopt, flat(fparams), problem, 6, 4, False)
+    train_steps(topt, flat(tparams), problem, 6, 4, True)
+    train_steps(fopt, flat(fparams), problem, 6, 4, False)
     assert_states_close("SGD", fopt, topt, flat(fparams), flat(tparams), tol, "torch->fused")
     # fused into torch
     t2 = problem.params()
-    _copy_params(fparams, t2)
+    copy_params(fparams, t2)
     topt2 = make_torch_opt("SGD", problem, t2, {})
     topt2.load_state_dict(copy.deepcopy(fopt.state_dict()))
     tsd, fsd = topt2.state_dict(), fopt.state_dict()
     assert tsd["state"].keys() == fsd["state"].keys()
     for index, state in tsd["state"].items():
         assert state.keys() == fsd["state"][index].keys() == {"momentum_buffer"}
-    _train(topt2, flat(t2), problem, 6, 10, True)
-    _train(fopt, flat(fparams), problem, 6, 10, False)
+    train_steps(topt2, flat(t2), problem, 6, 10, True)
+    train_steps(fopt, flat(fparams), problem, 6, 10, False)
     assert_states_close("SGD", fopt, topt2, flat(fparams), flat(t2), tol, "fused->torch")
 
 
@@ -255,8 +241,8 @@ def test_state_dict_layout_is_torchs():
     tparams, fparams = problem.params(), problem.params()
     topt = make_torch_opt("SGD", problem, tparams, {})
     fopt = make_fused_opt("SGD", problem, fparams, {}, clip=0.5)
-    _train(topt, flat(tparams), problem, 2, 0, True)
-    _train(fopt, flat(fparams), problem, 2, 0, False)
+    train_steps(topt, flat(tparams), problem, 2, 0, True)
+    train_steps(fopt, flat(fparams), problem, 2, 0, False)
     tsd, fsd = topt.state_dict(), fopt.state_dict()
     assert tsd["state"].keys() == fsd["state"].keys()
     for index, tstate in tsd["state"].items():
@@ -271,20 +257,8 @@ def test_state_dict_layout_is_torchs():
 
 def test_state_dict_round_trip_fused_is_bitwise():
     problem = _sd_problem(torch.float32, True)
-    params = problem.params()
-    opt = make_fused_opt("SGD", problem, params, {}, clip=0.5)
-    _train(opt, flat(params), problem, 3, 0, False)
-    saved = copy.deepcopy(opt.state_dict())
-    twin = problem.params()
-    _copy_params(params, twin)
-    opt2 = make_fused_opt("SGD", problem, twin, {}, clip=0.5)
-    opt2.load_state_dict(saved)
-    _train(opt, flat(params), problem, 5, 3, False)
-    _train(opt2, flat(twin), problem, 5, 3, False)
-    for a, b in zip(flat(params), flat(twin)):
-        assert bitwise_equal(a.detach(), b.detach())
-        for key, value in opt.state[a].items():
-            assert bitwise_equal(opt2.state[b][key], value), key
+    assert_restores_bitwise(
+        lambda params: make_fused_opt("SGD", problem, params, {}, clip=0.5), problem, 3, 5)
 
 
 # -- bad arguments --------------------------------------------------------------------------

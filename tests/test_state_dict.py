@@ -11,8 +11,8 @@ import torch
 import fusedclip
 
 from conftest import (
-    Problem, assert_states_close, bitwise_equal, flat, make_fused_opt, make_torch_opt,
-    set_grads, torch_clip,
+    Problem, assert_restores_bitwise, assert_states_close, copy_params, flat, make_fused_opt,
+    make_torch_opt, train_steps,
 )
 from tolerances import TORCH_PARITY
 
@@ -34,20 +34,6 @@ def _problem(dtype, amsgrad: bool, tensor_lr: bool) -> Problem:
     )
 
 
-def _train(opt, params, problem, steps, start, torch_side: bool) -> None:
-    for step in range(start, start + steps):
-        set_grads(params, problem.grads(step))
-        if torch_side:
-            torch_clip(params, CLIP)
-        opt.step()
-
-
-def _copy_params(src: list[list[torch.Tensor]], dst: list[list[torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for a, b in zip(flat(src), flat(dst)):
-            b.copy_(a)
-
-
 CASES = [
     pytest.param(kind, dtype, amsgrad, tensor_lr,
                  id=f"{kind}-{str(dtype)[6:]}{'-ams' if amsgrad else ''}{'-lrT' if tensor_lr else ''}")
@@ -63,10 +49,10 @@ def test_torch_state_dict_into_fused(kind, dtype, amsgrad, tensor_lr):
     problem = _problem(dtype, amsgrad, tensor_lr)
     tparams = problem.params()
     topt = make_torch_opt(kind, problem, tparams, {})
-    _train(topt, flat(tparams), problem, FIRST, 0, torch_side=True)
+    train_steps(topt, flat(tparams), problem, FIRST, 0, torch_side=True, max_norm=CLIP)
 
     fparams = problem.params()
-    _copy_params(tparams, fparams)
+    copy_params(tparams, fparams)
     fopt = make_fused_opt(kind, problem, fparams, {}, clip=CLIP)
     fopt.load_state_dict(copy.deepcopy(topt.state_dict()))
     assert_states_close(fopt, topt, flat(fparams), flat(tparams), TORCH_PARITY[dtype], "loaded")
@@ -74,8 +60,8 @@ def test_torch_state_dict_into_fused(kind, dtype, amsgrad, tensor_lr):
         if p in fopt.state:
             assert fopt.state[p]["step"].device == p.device
 
-    _train(topt, flat(tparams), problem, THEN, FIRST, torch_side=True)
-    _train(fopt, flat(fparams), problem, THEN, FIRST, torch_side=False)
+    train_steps(topt, flat(tparams), problem, THEN, FIRST, torch_side=True, max_norm=CLIP)
+    train_steps(fopt, flat(fparams), problem, THEN, FIRST, torch_side=False)
     assert_states_close(fopt, topt, flat(fparams), flat(tparams), TORCH_PARITY[dtype],
                         f"{THEN} steps after loading")
 
@@ -86,18 +72,18 @@ def test_fused_state_dict_into_torch(kind, dtype, amsgrad, tensor_lr):
     problem = _problem(dtype, amsgrad, tensor_lr)
     fparams = problem.params()
     fopt = make_fused_opt(kind, problem, fparams, {}, clip=CLIP)
-    _train(fopt, flat(fparams), problem, FIRST, 0, torch_side=False)
+    train_steps(fopt, flat(fparams), problem, FIRST, 0, torch_side=False)
 
     tparams = problem.params()
-    _copy_params(fparams, tparams)
+    copy_params(fparams, tparams)
     topt = make_torch_opt(kind, problem, tparams, {})
     topt.load_state_dict(copy.deepcopy(fopt.state_dict()))
     for tg, fg in zip(topt.param_groups, fopt.param_groups):
         assert tg["decoupled_weight_decay"] == fg["decoupled_weight_decay"]
         assert tg["foreach"] is None and tg["fused"] is None and not tg["capturable"]
 
-    _train(topt, flat(tparams), problem, THEN, FIRST, torch_side=True)
-    _train(fopt, flat(fparams), problem, THEN, FIRST, torch_side=False)
+    train_steps(topt, flat(tparams), problem, THEN, FIRST, torch_side=True, max_norm=CLIP)
+    train_steps(fopt, flat(fparams), problem, THEN, FIRST, torch_side=False)
     assert_states_close(fopt, topt, flat(fparams), flat(tparams), TORCH_PARITY[dtype],
                         f"{THEN} steps after loading")
 
@@ -109,8 +95,8 @@ def test_state_dict_layout_is_torchs(kind):
     tparams, fparams = problem.params(), problem.params()
     topt = make_torch_opt(kind, problem, tparams, {})
     fopt = make_fused_opt(kind, problem, fparams, {}, clip=CLIP)
-    _train(topt, flat(tparams), problem, 2, 0, torch_side=True)
-    _train(fopt, flat(fparams), problem, 2, 0, torch_side=False)
+    train_steps(topt, flat(tparams), problem, 2, 0, torch_side=True, max_norm=CLIP)
+    train_steps(fopt, flat(fparams), problem, 2, 0, torch_side=False)
     tsd, fsd = topt.state_dict(), fopt.state_dict()
     assert tsd["state"].keys() == fsd["state"].keys()
     for index, tstate in tsd["state"].items():
@@ -131,24 +117,10 @@ def test_state_dict_layout_is_torchs(kind):
 def test_state_dict_round_trip_fused():
     """A fused optimizer restored from its own state dict continues bit for bit."""
     problem = _problem(torch.float32, amsgrad=True, tensor_lr=True)
-    params = problem.params()
-    opt = make_fused_opt("Adam", problem, params, {}, clip=fusedclip.GlobalNorm(0.5, "inf"))
-    _train(opt, flat(params), problem, FIRST, 0, torch_side=False)
-    saved = copy.deepcopy(opt.state_dict())
-    saved_params = [p.detach().clone() for p in flat(params)]
-
-    twin = problem.params()
-    _copy_params(params, twin)
-    opt2 = make_fused_opt("Adam", problem, twin, {}, clip=fusedclip.GlobalNorm(0.5, "inf"))
-    opt2.load_state_dict(saved)
-    _train(opt, flat(params), problem, THEN, FIRST, torch_side=False)
-    _train(opt2, flat(twin), problem, THEN, FIRST, torch_side=False)
-    for a, b, before in zip(flat(params), flat(twin), saved_params):
-        assert bitwise_equal(a.detach(), b.detach())
-        if a.numel():
-            assert not torch.equal(a.detach(), before)  # they did train
-        for key, value in opt.state[a].items():
-            assert bitwise_equal(opt2.state[b][key], value), key
+    assert_restores_bitwise(
+        lambda params: make_fused_opt("Adam", problem, params, {},
+                                      clip=fusedclip.GlobalNorm(0.5, "inf")),
+        problem, FIRST, THEN)
 
 
 def test_old_torch_checkpoint_without_decoupled_weight_decay():
@@ -157,15 +129,15 @@ def test_old_torch_checkpoint_without_decoupled_weight_decay():
     problem = _problem(torch.float64, amsgrad=False, tensor_lr=False)
     tparams = problem.params()
     topt = make_torch_opt("Adam", problem, tparams, {})
-    _train(topt, flat(tparams), problem, FIRST, 0, torch_side=True)
+    train_steps(topt, flat(tparams), problem, FIRST, 0, torch_side=True, max_norm=CLIP)
     sd = copy.deepcopy(topt.state_dict())
     for group in sd["param_groups"]:
         del group["decoupled_weight_decay"]
     fparams = problem.params()
-    _copy_params(tparams, fparams)
+    copy_params(tparams, fparams)
     fopt = make_fused_opt("Adam", problem, fparams, {}, clip=CLIP)
     fopt.load_state_dict(sd)
-    _train(topt, flat(tparams), problem, THEN, FIRST, torch_side=True)
-    _train(fopt, flat(fparams), problem, THEN, FIRST, torch_side=False)
+    train_steps(topt, flat(tparams), problem, THEN, FIRST, torch_side=True, max_norm=CLIP)
+    train_steps(fopt, flat(fparams), problem, THEN, FIRST, torch_side=False)
     assert_states_close(fopt, topt, flat(fparams), flat(tparams), TORCH_PARITY[torch.float64],
                         "old checkpoint")
