@@ -6,13 +6,13 @@ import torch
 from torch import Tensor
 
 from fusedclip import ops
-from fusedclip.optim.base import FusedClipOptimizer, check_lr, lr_args, scalar_dtype
+from fusedclip.optim.base import CLIP_ARG_DOC, FusedClipOptimizer, check_lr, lr_args, scalar_dtype
 
 __all__ = ["FusedClipAdagrad"]
 
 
 class FusedClipAdagrad(FusedClipOptimizer):
-    r"""Implements Adagrad with gradient clipping fused into the step.
+    __doc__ = r"""Implements Adagrad with gradient clipping fused into the step.
 
     Drop-in for ``torch.optim.Adagrad`` (same arguments, defaults and state),
     plus keyword-only ``clip=`` and ``nonfinite=``. As in torch, the state of
@@ -51,14 +51,7 @@ class FusedClipAdagrad(FusedClipOptimizer):
             numerical stability (default: 1e-10)
         maximize (bool, optional): maximize the objective instead of minimizing
             (default: False)
-        clip (None, float or ClipPolicy, optional): gradient clipping fused into
-            the step: ``None`` for none, a float for the global L2 norm with that
-            ``max_norm`` (exactly ``clip_grad_norm_``), or a policy such as
-            ``fusedclip.GlobalNorm(max_norm, norm_type=inf)``,
-            ``fusedclip.ValueClip(clip_value)`` (``clip_grad_value_``) or
-            ``fusedclip.AGC(clip_factor)`` (per-unit adaptive clipping). One
-            global norm covers all parameter groups. (default: None)
-        nonfinite (str, optional): what a step whose gradients hold inf or nan
+{clip_arg}        nonfinite (str, optional): what a step whose gradients hold inf or nan
             does: ``"skip"`` changes no parameter and no state (step counts
             included) and counts it in ``clip_stats["skipped"]``; ``"raise"``
             raises before anything changes (and so reads one flag on the host);
@@ -78,7 +71,7 @@ class FusedClipAdagrad(FusedClipOptimizer):
         Learning and Stochastic Optimization*, JMLR 12, 2011.
         Pascanu, Mikolov & Bengio, *On the difficulty of training recurrent
         neural networks*, ICML 2013 (clipping by the global norm).
-    """
+    """.replace("{clip_arg}", CLIP_ARG_DOC)
 
     def __init__(
         self,

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from fusedclip import ops
-from fusedclip.optim.base import FusedClipOptimizer, check_lr, lr_args
+from fusedclip.optim.base import CLIP_ARG_DOC, FusedClipOptimizer, check_lr, lr_args
 from fusedclip.optim.base import scalar_dtype as _scalar_dtype
 
 __all__ = ["FusedClipAdam", "FusedClipAdamW"]
@@ -51,14 +51,7 @@ _ARGS = """
             (default: False)
         maximize (bool, optional): maximize the objective instead of minimizing
             (default: False){extra}
-        clip (None, float or ClipPolicy, optional): gradient clipping fused into
-            the step: ``None`` for none, a float for the global L2 norm with that
-            ``max_norm`` (exactly ``clip_grad_norm_``), or a policy such as
-            ``fusedclip.GlobalNorm(max_norm, norm_type=inf)``,
-            ``fusedclip.ValueClip(clip_value)`` (``clip_grad_value_``) or
-            ``fusedclip.AGC(clip_factor)`` (per-unit adaptive clipping). One
-            global norm covers all parameter groups. (default: None)
-        nonfinite (str, optional): what a step whose gradients hold inf or nan
+{clip_arg}        nonfinite (str, optional): what a step whose gradients hold inf or nan
             does: ``"skip"`` changes no parameter and no state (step counts
             included) and counts it in ``clip_stats["skipped"]``; ``"raise"``
             raises before anything changes (and so reads one flag on the host);
@@ -95,7 +88,7 @@ class FusedClipAdam(FusedClipOptimizer):
             r"\theta_t \leftarrow \theta_{t-1} - \gamma \lambda \theta_{t-1} "
             r"\textbf{ else } g_t \leftarrow g_t + \lambda \theta_{t-1}",
         )
-        + _ARGS.format(
+        + _ARGS.format(clip_arg=CLIP_ARG_DOC, 
             lr="1e-3", wd="0",
             extra="\n        decoupled_weight_decay (bool, optional): if True, this optimizer is\n"
             "            equivalent to AdamW (default: False)",
@@ -183,7 +176,7 @@ class FusedClipAdamW(FusedClipAdam):
         + _ALGORITHM.replace(
             "{WEIGHT_DECAY}", r"\theta_t \leftarrow \theta_{t-1} - \gamma \lambda \theta_{t-1}"
         )
-        + _ARGS.format(lr="1e-3", wd="1e-2", extra="")
+        + _ARGS.format(clip_arg=CLIP_ARG_DOC, lr="1e-3", wd="1e-2", extra="")
     )
 
     def __init__(

@@ -45,6 +45,16 @@ from fusedclip import ops
 from fusedclip.clipping import ClipInputs, as_policy
 
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
+
+# The `clip` argument, as every optimizer's docstring states it at "{clip_arg}".
+CLIP_ARG_DOC = """        clip (None, float or ClipPolicy, optional): gradient clipping fused into
+            the step: ``None`` for none, a float for the global L2 norm with that
+            ``max_norm`` (exactly ``clip_grad_norm_``), or a policy such as
+            ``fusedclip.GlobalNorm(max_norm, norm_type=inf)``,
+            ``fusedclip.ValueClip(clip_value)`` (``clip_grad_value_``) or
+            ``fusedclip.AGC(clip_factor)`` (per-unit adaptive clipping). One
+            global norm covers all parameter groups. (default: None)
+"""
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 

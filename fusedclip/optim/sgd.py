@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from fusedclip import ops
-from fusedclip.optim.base import FusedClipOptimizer, check_lr, lr_args
+from fusedclip.optim.base import CLIP_ARG_DOC, FusedClipOptimizer, check_lr, lr_args
 
 __all__ = ["FusedClipSGD"]
 
@@ -21,7 +21,7 @@ def _check_real(value, name: str, where: str = "") -> None:
 
 
 class FusedClipSGD(FusedClipOptimizer):
-    r"""Implements stochastic gradient descent (optionally with momentum) with
+    __doc__ = r"""Implements stochastic gradient descent (optionally with momentum) with
     gradient clipping fused into the step.
 
     Drop-in for ``torch.optim.SGD`` (same arguments, defaults and state),
@@ -63,14 +63,7 @@ class FusedClipSGD(FusedClipOptimizer):
             ``momentum > 0`` and ``dampening == 0`` (default: False)
         maximize (bool, optional): maximize the objective instead of minimizing
             (default: False)
-        clip (None, float or ClipPolicy, optional): gradient clipping fused into
-            the step: ``None`` for none, a float for the global L2 norm with that
-            ``max_norm`` (exactly ``clip_grad_norm_``), or a policy such as
-            ``fusedclip.GlobalNorm(max_norm, norm_type=inf)``,
-            ``fusedclip.ValueClip(clip_value)`` (``clip_grad_value_``) or
-            ``fusedclip.AGC(clip_factor)`` (per-unit adaptive clipping). One
-            global norm covers all parameter groups. (default: None)
-        nonfinite (str, optional): what a step whose gradients hold inf or nan
+{clip_arg}        nonfinite (str, optional): what a step whose gradients hold inf or nan
             does: ``"skip"`` changes no parameter and no state and counts it in
             ``clip_stats["skipped"]`` (a skipped first step leaves the next one
             a first step: the buffer is then the gradient, as in torch);
@@ -101,7 +94,7 @@ class FusedClipSGD(FusedClipOptimizer):
         momentum in this form).
         Pascanu, Mikolov & Bengio, *On the difficulty of training recurrent
         neural networks*, ICML 2013 (clipping by the global norm).
-    """
+    """.replace("{clip_arg}", CLIP_ARG_DOC)
 
     def __init__(
         self,
