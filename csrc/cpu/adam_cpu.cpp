@@ -126,9 +126,7 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
   // A skipped step changes nothing, not even the step counters.
   const HostScalars host = HostScalars::read(lr, lr_tensor, clip_coef, grad_scale, found_inf);
   if (host.skip) return;
-  const WeightDecay wd = weight_decay == 0.0 ? WeightDecay::None
-                         : decoupled_weight_decay ? WeightDecay::Decoupled
-                                                  : WeightDecay::L2;
+  const WeightDecay wd = weight_decay_mode(weight_decay, decoupled_weight_decay);
 
   const size_t n = params.size();
   FlatTensors flat_tensors;

@@ -122,9 +122,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
   // then a buffer's first step if this one was to be.
   const HostScalars host = HostScalars::read(lr, lr_tensor, clip_coef, grad_scale, found_inf);
   if (host.skip) return;
-  const Momentum mode = momentum == 0.0 ? Momentum::None
-                        : nesterov      ? Momentum::Nesterov
-                                        : Momentum::Heavy;
+  const Momentum mode = momentum_mode(momentum, nesterov);
   const bool has_buf = mode != Momentum::None;
 
   const size_t n = params.size();

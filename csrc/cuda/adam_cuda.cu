@@ -156,9 +156,7 @@ void adam_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                   clip_value, unit_coefs);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
-  const WeightDecay wd = weight_decay == 0.0 ? WeightDecay::None
-                         : decoupled_weight_decay ? WeightDecay::Decoupled
-                                                  : WeightDecay::L2;
+  const WeightDecay wd = weight_decay_mode(weight_decay, decoupled_weight_decay);
   const size_t n = params.size();
 
   StepCounters counters(steps);

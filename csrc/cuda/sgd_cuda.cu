@@ -163,9 +163,7 @@ void sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList moment
                  clip_value, unit_coefs);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard device_guard(params[0].device());
-  const Momentum mode = momentum == 0.0 ? Momentum::None
-                        : nesterov      ? Momentum::Nesterov
-                                        : Momentum::Heavy;
+  const Momentum mode = momentum_mode(momentum, nesterov);
   const bool has_buf = mode != Momentum::None;
   const size_t n = params.size();
 

@@ -17,6 +17,14 @@ namespace fusedclip {
 // gradient (torch.optim.Adam), or decoupled from it (AdamW, Loshchilov & Hutter).
 enum class WeightDecay { None, L2, Decoupled };
 
+// The weight decay a call's arguments ask for (every backend picks its kernel
+// variant from it).
+inline WeightDecay weight_decay_mode(double weight_decay, bool decoupled) {
+  return weight_decay == 0.0 ? WeightDecay::None
+         : decoupled         ? WeightDecay::Decoupled
+                             : WeightDecay::L2;
+}
+
 template <typename T>
 struct AdamScalars {
   T grad_mult;              // clip_coef / grad_scale, negated for maximize: the

@@ -18,6 +18,14 @@ namespace fusedclip {
 // Sutskever et al. 2013 that torch.optim.SGD uses.
 enum class Momentum { None, Heavy, Nesterov };
 
+// The momentum a call's arguments ask for (every backend picks its kernel
+// variant from it).
+inline Momentum momentum_mode(double momentum, bool nesterov) {
+  return momentum == 0.0 ? Momentum::None
+         : nesterov      ? Momentum::Nesterov
+                         : Momentum::Heavy;
+}
+
 template <typename T>
 struct SgdScalars {
   T weight_decay;         // L2 factor added to the gradient
