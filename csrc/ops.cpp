@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/cpu_tuning.h"
 
 // `import fusedclip._C` loads this library, which runs the registrations below.
 // The module has no Python functions: everything is reached through torch.ops.
@@ -72,6 +73,12 @@ TORCH_LIBRARY(fusedclip, m) {
       "float weight_decay, float eps, bool maximize, Tensor? clip_coef, "
       "Tensor? grad_scale, Tensor? found_inf, float? clip_value=None, "
       "Tensor[]? unit_coefs=None) -> ()");
+  // How the CPU kernels run on this machine (cpu/cpu_tuning.h): the SIMD set
+  // they were built for and the software-prefetch distance of their loops in
+  // bytes (0: none), after setting it where prefetch_distance is given. It
+  // takes no tensor, so it is one kernel for every backend.
+  m.def("cpu_tuning(int? prefetch_distance=None) -> (str vector_arch, int prefetch_distance)",
+        &fusedclip::cpu::cpu_tuning);
 }
 
 namespace fusedclip {

@@ -14,6 +14,8 @@ from fusedclip import _extension
 _extension.load()
 
 _ops = torch.ops.fusedclip
+# Reports a bad FUSEDCLIP_CPU_PREFETCH at import, not at the first step.
+_ops.cpu_tuning(None)
 
 
 def multi_tensor_norm(tensors: list[torch.Tensor], norm_type: float = 2.0):
@@ -176,3 +178,20 @@ def _adagrad_fake(params, grads, state_sums, steps, *, lr, lr_tensor, lr_decay, 
                   eps, maximize, clip_coef, grad_scale, found_inf, clip_value=None,
                   unit_coefs=None):
     return None
+
+
+def cpu_tuning(prefetch_distance: int | None = None) -> tuple[str, int]:
+    """How the CPU kernels run on this machine: ``(vector_arch,
+    prefetch_distance)``, the SIMD set they were compiled for (``"avx512"``,
+    ``"avx2"`` or ``"default"``) and how many bytes ahead their loops prefetch
+    in software (0: not at all).
+
+    The distance starts from the environment variable
+    ``FUSEDCLIP_CPU_PREFETCH`` where set, else from the CPU (none on AMD,
+    2048 elsewhere: see csrc/cpu/cpu_tuning.cpp). Passing
+    ``prefetch_distance`` sets it for the whole process first; results never
+    depend on it, only speed does (bench/bench_prefetch.py compares settings).
+    """
+    if prefetch_distance is not None:
+        prefetch_distance = int(prefetch_distance)
+    return tuple(_ops.cpu_tuning(prefetch_distance))

@@ -46,11 +46,12 @@ void adagrad_run(const AdagradPointers& ptrs, int64_t begin, int64_t end,
 
   const int64_t n = end - begin;
   OpVec p[L::kParts], g[L::kParts], v[L::kParts];
+  const Prefetch prefetch;
   for (int64_t i = 0; i < n; i += L::kWidth) {
     const int64_t count = std::min<int64_t>(L::kWidth, n - i);
-    prefetch_to_write(param + i);
-    prefetch_to_read(grad + i);
-    prefetch_to_write(sum + i);
+    prefetch.to_write(param + i);
+    prefetch.to_read(grad + i);
+    prefetch.to_write(sum + i);
     L::load(param + i, count, p);
     L::load(grad + i, count, g);
     L::load(sum + i, count, v);

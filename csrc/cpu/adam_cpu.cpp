@@ -50,13 +50,14 @@ void adam_run(const AdamPointers& ptrs, int64_t begin, int64_t end,
 
   const int64_t n = end - begin;
   OpVec p[L::kParts], g[L::kParts], m[L::kParts], v[L::kParts], vmax[L::kParts];
+  const Prefetch prefetch;
   for (int64_t i = 0; i < n; i += L::kWidth) {
     const int64_t count = std::min<int64_t>(L::kWidth, n - i);
-    prefetch_to_write(param + i);
-    prefetch_to_read(grad + i);
-    prefetch_to_write(exp_avg + i);
-    prefetch_to_write(exp_avg_sq + i);
-    if constexpr (AMSGRAD) prefetch_to_write(max_exp_avg_sq + i);
+    prefetch.to_write(param + i);
+    prefetch.to_read(grad + i);
+    prefetch.to_write(exp_avg + i);
+    prefetch.to_write(exp_avg_sq + i);
+    if constexpr (AMSGRAD) prefetch.to_write(max_exp_avg_sq + i);
     L::load(param + i, count, p);
     L::load(grad + i, count, g);
     L::load(exp_avg + i, count, m);

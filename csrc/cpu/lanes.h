@@ -9,6 +9,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "cpu_tuning.h"
+
 namespace fusedclip::cpu {
 
 template <typename scalar_t>
@@ -49,24 +51,33 @@ struct Lanes<at::BFloat16> : ReducedLanes<at::BFloat16> {};
 template <>
 struct Lanes<at::Half> : ReducedLanes<at::Half> {};
 
-// Software prefetch, kPrefetchBytes ahead of the element a loop is at. The
-// hardware prefetcher alone keeps too few cache-line fetches in flight on a
-// small VM: with it, the fp32 AdamW update of GPT-2 small (2 threads) went from
-// 93 to 74 ms and the norm pass from 22 to 18 ms (bench/bench_optim.py).
-// 1, 2 and 4 KiB ahead measured the same; a prefetch never faults, so running
-// past the end of an array is harmless. The address is formed as an integer:
-// a pointer past the end of its array would be undefined behaviour.
-constexpr std::uintptr_t kPrefetchBytes = 2048;
+// Software prefetch, prefetch_distance() bytes ahead of the element a loop is
+// at (cpu_tuning.h: chosen per CPU, 0 for none). A loop reads the distance
+// once, into a Prefetch, before its first element. A prefetch never faults,
+// so running past the end of an array is harmless; the address is formed as
+// an integer, since a pointer past the end of its array would be undefined
+// behaviour.
+class Prefetch {
+ public:
+  Prefetch() : bytes_(prefetch_distance()) {}
 
-template <typename T>
-inline void prefetch_to_read(const T* p) {
-  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(p) + kPrefetchBytes), 0);
-}
+  template <typename T>
+  void to_read(const T* p) const {
+    if (bytes_ != 0) __builtin_prefetch(ahead(p), 0);
+  }
+  // For data the loop will also write: the line arrives ready to be modified.
+  template <typename T>
+  void to_write(T* p) const {
+    if (bytes_ != 0) __builtin_prefetch(ahead(p), 1);
+  }
 
-// For data the loop will also write: the line arrives ready to be modified.
-template <typename T>
-inline void prefetch_to_write(T* p) {
-  __builtin_prefetch(reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(p) + kPrefetchBytes), 1);
-}
+ private:
+  template <typename T>
+  const void* ahead(const T* p) const {
+    return reinterpret_cast<const void*>(reinterpret_cast<std::uintptr_t>(p) + bytes_);
+  }
+
+  std::uintptr_t bytes_;
+};
 
 }  // namespace fusedclip::cpu

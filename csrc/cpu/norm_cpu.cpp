@@ -45,9 +45,10 @@ double reduce_chunk(const scalar_t* x, int64_t n) {
   // read-only pass needs to approach the bandwidth an update pass (four
   // arrays) gets (measured: about 1.2x the GB/s of one stream, 2 threads).
   const int64_t quarter = (n / (kAccumulators * L::kWidth)) * L::kWidth;
+  const Prefetch prefetch;
   for (int64_t j = 0; j < quarter; j += L::kWidth) {
     for (int a = 0; a < kAccumulators; ++a) {
-      prefetch_to_read(x + a * quarter + j);
+      prefetch.to_read(x + a * quarter + j);
       L::load(x + a * quarter + j, L::kWidth, v);
       accumulate(acc[a]);
     }

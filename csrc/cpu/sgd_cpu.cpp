@@ -50,11 +50,12 @@ void sgd_run(const SgdPointers& ptrs, int64_t begin, int64_t end,
 
   const int64_t n = end - begin;
   OpVec p[L::kParts], g[L::kParts], b[L::kParts];
+  const Prefetch prefetch;
   for (int64_t i = 0; i < n; i += L::kWidth) {
     const int64_t count = std::min<int64_t>(L::kWidth, n - i);
-    prefetch_to_write(param + i);
-    prefetch_to_read(grad + i);
-    if constexpr (kBuf) prefetch_to_write(buf + i);
+    prefetch.to_write(param + i);
+    prefetch.to_read(grad + i);
+    if constexpr (kBuf) prefetch.to_write(buf + i);
     L::load(param + i, count, p);
     L::load(grad + i, count, g);
     // The first step overwrites the buffer without reading it.
