@@ -126,12 +126,11 @@ class FusedClipAdagrad(FusedClipOptimizer):
 
     _supports_grad_transform = True
 
-    def _update(self, group, params, *, device, clip_coef, grad_scale, found_inf,
+    def _update(self, group, params, grads, states, *, device, clip_coef, grad_scale, found_inf,
                 clip_value=None, unit_coefs=None) -> None:
-        states = [self.state[p] for p in params]
         lr, lr_tensor = lr_args(group["lr"], device)
         ops.adagrad_(
-            params, [p.grad for p in params], [s["sum"] for s in states],
+            params, grads, [s["sum"] for s in states],
             [s["step"] for s in states],
             lr=lr, lr_tensor=lr_tensor, lr_decay=float(group["lr_decay"]),
             weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),

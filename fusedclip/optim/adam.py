@@ -141,10 +141,9 @@ class FusedClipAdam(FusedClipOptimizer):
 
     _supports_grad_transform = True
 
-    def _update(self, group, params, *, device, clip_coef, grad_scale, found_inf,
+    def _update(self, group, params, grads, states, *, device, clip_coef, grad_scale, found_inf,
                 clip_value=None, unit_coefs=None) -> None:
         amsgrad = group["amsgrad"]
-        states = [self.state[p] for p in params]
         if amsgrad:
             for p, s in zip(params, states):
                 if "max_exp_avg_sq" not in s:  # amsgrad switched on after the first step
@@ -153,7 +152,7 @@ class FusedClipAdam(FusedClipOptimizer):
         beta1, beta2 = group["betas"]
         ops.adam_(
             params,
-            [p.grad for p in params],
+            grads,
             [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states],
             [s["max_exp_avg_sq"] for s in states] if amsgrad else [],

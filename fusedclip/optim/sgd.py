@@ -114,9 +114,11 @@ class FusedClipSGD(FusedClipOptimizer):
             nesterov=nesterov, maximize=maximize,
         )
         super().__init__(params, defaults, clip=clip, nonfinite=nonfinite)
-        # Per parameter, (buffer, counter): how many steps that buffer has
-        # taken, on the parameter's device (see the note above).
-        self._buffer_steps: dict[Tensor, tuple[Tensor, Tensor]] = {}
+        # Per parameter (by id), (buffer, counter): how many steps that buffer
+        # has taken, on the parameter's device (see the note above). Keyed by
+        # id(param), which hashes in C where a Tensor key hashes in Python; an
+        # entry counts only while its buffer is the parameter's own.
+        self._buffer_steps: dict[int, tuple[Tensor, Tensor]] = {}
 
     def _check_group(self, group: dict) -> None:
         check_lr(group["lr"])
@@ -136,40 +138,39 @@ class FusedClipSGD(FusedClipOptimizer):
 
     def _init_state(self, param: Tensor, group: dict, state: dict) -> None:
         # torch.optim.SGD keeps no state entry at all without momentum, so
-        # the empty one made for this call goes; the momentum buffer is made
-        # by _update, also when momentum is switched on later.
-        if not state:
+        # the empty one made for this call goes; with momentum the buffer is
+        # made by _update (also when momentum is switched on later).
+        if not state and group["momentum"] == 0:
             self.state.pop(param, None)
 
-    def _buffers(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    def _buffers(self, params: list[Tensor], states: list[dict]) -> tuple[list[Tensor], list[Tensor]]:
         """Each parameter's momentum buffer and its step counter, made where missing."""
         table = self.__dict__.setdefault("_buffer_steps", {})
         buffers, counters = [], []
-        for p in params:
-            state = self.state[p]
+        for p, state in zip(params, states):
             buf = state.get("momentum_buffer")
-            entry = table.get(p)
+            entry = table.get(id(p))
             if buf is None:
                 # Zero until its first step, which overwrites it with the gradient.
                 buf = state["momentum_buffer"] = torch.zeros_like(
                     p, memory_format=torch.preserve_format)
-                entry = table[p] = (buf, torch.zeros((), dtype=torch.float32, device=p.device))
+                entry = table[id(p)] = (buf, torch.zeros((), dtype=torch.float32, device=p.device))
             elif entry is None or entry[0] is not buf:
                 # A buffer that came with a state dict (torch's or ours): started.
-                entry = table[p] = (buf, torch.ones((), dtype=torch.float32, device=p.device))
+                entry = table[id(p)] = (buf, torch.ones((), dtype=torch.float32, device=p.device))
             buffers.append(buf)
             counters.append(entry[1])
         return buffers, counters
 
     _supports_grad_transform = True
 
-    def _update(self, group, params, *, device, clip_coef, grad_scale, found_inf,
+    def _update(self, group, params, grads, states, *, device, clip_coef, grad_scale, found_inf,
                 clip_value=None, unit_coefs=None) -> None:
         momentum = float(group["momentum"])
-        buffers, counters = self._buffers(params) if momentum != 0 else ([], [])
+        buffers, counters = self._buffers(params, states) if momentum != 0 else ([], [])
         lr, lr_tensor = lr_args(group["lr"], device)
         ops.sgd_(
-            params, [p.grad for p in params], buffers, counters,
+            params, grads, buffers, counters,
             lr=lr, lr_tensor=lr_tensor, momentum=momentum,
             dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
             nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
