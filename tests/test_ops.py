@@ -16,10 +16,13 @@ from tolerances import NORM, NORM_OUT_DTYPE, TORCH_NORM
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 NORM_TYPES = [pytest.param(2.0, id="l2"), pytest.param(math.inf, id="inf")]
-# Around the SIMD widths (8 floats, 16 half per AVX2 step, times 4
-# accumulators), the CPU chunk (16384) and the multi-threaded threshold (65536).
+# Around the SIMD widths (8 floats, 16 half per AVX2 step; 16 and 32 with
+# AVX-512; times 4 accumulators), the CPU update chunk (16384), the norm chunk of
+# 256 KiB (32768 float64, 65536 float32, 131072 bfloat16/float16 elements) and
+# the multi-threaded threshold (65536), and one of a million elements.
 ODD_SIZES = [0, 1, 2, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65, 127, 129, 255, 1023, 16383, 16384,
-             16385, 32769, 65537, 100003]
+             16385, 32767, 32768, 32769, 65535, 65536, 65537, 100003, 131071, 131072, 131073,
+             262147, 1000003]
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -119,8 +122,11 @@ def test_norm_matches_vector_norm(dtype, norm_type):
             assert_close(n, e.to(out_dtype), NORM[dtype], f"norm of {t.numel()} elements")
         assert_close(total, exact_total.to(out_dtype), NORM[dtype], "global norm")
     # torch's own result in the tensors' dtype: the same number, rounded to it.
+    # Not for the million elements: torch's float32 vector_norm of them is
+    # itself 1e-5 off the exact value (measured; fusedclip's 2e-8), and the
+    # exact comparison above covers them.
     for n, t in zip(norms, tensors):
-        if t.numel() == 0 and math.isinf(norm_type):
+        if (t.numel() == 0 and math.isinf(norm_type)) or t.numel() > 500_000:
             continue
         theirs = torch.linalg.vector_norm(t, norm_type)
         assert_close(n.to(dtype), theirs, TORCH_NORM[dtype], f"vs torch, {t.numel()} elements")

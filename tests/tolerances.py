@@ -100,12 +100,14 @@ NORM = {
     # float64 inputs are summed in float64: ulp 2.2e-16 times a few levels of
     # summation. [~5%]
     torch.float64: (1e-13, 0.0),
-    # Every other dtype is squared and summed in float32 lanes (8 lanes x 4
-    # accumulators per chunk of 16384, so at most 512 terms a lane), the lanes
-    # and chunks in float64, and the norm returned in float32. The error of a
-    # float32 sum of k positive terms is bounded by k * 6e-8 (3e-5 here) and is
-    # about sqrt(k) * 6e-8 (~1e-6) for random terms; measured up to 1e-6
-    # (bfloat16, a million elements). [~10%]
+    # Every other dtype is squared and summed in float32 lanes (16 lanes with
+    # AVX-512, 8 with AVX2, x 4 accumulators, per norm chunk of 256 KiB: 65536
+    # float32 or 131072 bfloat16/float16 elements, two vectors a step for
+    # those; so at most 2048 terms a lane), the lanes and chunks in float64,
+    # and the norm returned in float32. The error of a float32 sum of k
+    # positive terms is bounded by k * 6e-8 (1.2e-4 here) and is about
+    # sqrt(k) * 6e-8 (~3e-6) for random terms; measured up to 1e-6 (bfloat16,
+    # a million elements; float32: 6e-8). [~10%]
     torch.float32: (1e-5, 0.0),
     torch.bfloat16: (1e-5, 0.0),
     torch.float16: (1e-5, 0.0),

@@ -12,8 +12,8 @@
 
 namespace fusedclip::cpu {
 
-// Elements per work item: the four fp32 arrays of an Adam chunk (param, grad,
-// two moments) take 256 KiB, well inside a core's L2.
+// Elements per work item of the update passes: the four fp32 arrays of an
+// Adam chunk (param, grad, two moments) take 256 KiB, well inside a core's L2.
 constexpr int64_t kChunkSize = 16384;
 // Below this many elements in all, a thread fork costs more than it saves.
 constexpr int64_t kMinParallelElements = 65536;
@@ -24,12 +24,13 @@ struct Chunk {
   int64_t end;
 };
 
-inline std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels) {
+inline std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels,
+                                      int64_t chunk_size = kChunkSize) {
   std::vector<Chunk> chunks;
   for (size_t t = 0; t < numels.size(); ++t) {
-    for (int64_t b = 0; b < numels[t]; b += kChunkSize) {
+    for (int64_t b = 0; b < numels[t]; b += chunk_size) {
       chunks.push_back({static_cast<int64_t>(t), b,
-                        std::min(b + kChunkSize, numels[t])});
+                        std::min(b + chunk_size, numels[t])});
     }
   }
   return chunks;

@@ -22,6 +22,17 @@ namespace {
 // each other.
 constexpr int kAccumulators = 4;
 
+// The norm passes read in chunks of 256 KiB, whatever the dtype, so each of a
+// chunk's four streams (reduce_chunk) walks 64 KiB: streams of a few pages let
+// the hardware prefetcher ramp up too rarely. Against chunks of 16K elements,
+// standalone loops of 2 threads ran 4% (float32) and 23% (bfloat16) faster on
+// an AMD EPYC; on a Xeon 64K float32 elements measured 4-6% faster.
+constexpr int64_t kNormChunkBytes = 256 * 1024;
+
+int64_t norm_chunk_size(const at::TensorList& tensors) {
+  return tensors.empty() ? kChunkSize : kNormChunkBytes / tensors[0].element_size();
+}
+
 template <typename scalar_t, bool MAX_ABS>
 double reduce_chunk(const scalar_t* x, int64_t n) {
   using L = Lanes<scalar_t>;
@@ -91,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_tensor_norm_cpu(
     numels.push_back(t.numel());
     total_numel += t.numel();
   }
-  const std::vector<Chunk> chunks = make_chunks(numels);
+  const std::vector<Chunk> chunks = make_chunks(numels, norm_chunk_size(tensors));
   std::vector<double> partial(chunks.size(), 0.0);
 
   if (n > 0) {
@@ -190,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_unit_nor
     total_numel += t.numel();
     total_units += num_units(t);
   }
-  const std::vector<Chunk> chunks = make_chunks(numels);
+  const std::vector<Chunk> chunks = make_chunks(numels, norm_chunk_size(tensors));
   // Slots of each chunk: one per unit it touches.
   std::vector<int64_t> slot(chunks.size() + 1, 0);
   for (size_t c = 0; c < chunks.size(); ++c) {
