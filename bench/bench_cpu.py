@@ -91,6 +91,8 @@ def main(argv=None) -> None:
     machine = common.machine_info()
     streams = common.stream_bandwidth()
     print(f"torch {machine['torch']}, {machine['cpu']}, {machine['threads']} threads; "
+          f"fusedclip built for {machine['fusedclip_vector_arch']}, software prefetch "
+          f"{machine['fusedclip_prefetch_distance']} bytes ahead; "
           "bandwidth GB/s: " + ", ".join(f"{k} {v:.1f}" for k, v in streams.items()))
     print(f"{'params':>10} {'fusedclip ms':>13} {'fused+clip ms':>14} {'fused ms':>9} "
           f"{'speedup':>8} {'x unclipped':>12} {'x floor':>8}")

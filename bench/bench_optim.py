@@ -183,7 +183,8 @@ def main(argv=None) -> None:
 
     machine = common.machine_info()
     print(f"fusedclip {fusedclip.__version__}, torch {machine['torch']}, {machine['cpu']}, "
-          f"{machine['threads']} threads")
+          f"{machine['threads']} threads; kernels built for {machine['fusedclip_vector_arch']}, "
+          f"software prefetch {machine['fusedclip_prefetch_distance']} bytes ahead")
     streams = common.stream_bandwidth()
     bandwidth = streams["best"] * 1e9
     print("memory bandwidth (STREAM-like, GB/s): " + ", ".join(f"{k} {v:.1f}" for k, v in streams.items()))

@@ -9,7 +9,7 @@ The kernels prefetch ``fusedclip.ops.cpu_tuning()[1]`` bytes ahead of each
 loop (0: not at all); the default depends on the CPU (csrc/cpu/cpu_tuning.cpp).
 This script times each pass with every distance in interleaved rounds on the
 same tensors, and prints each distance's time over the first one's (medians of
-per-round ratios: below 1 is faster). It prints only; it writes no JSON, and the
+per-round ratios: below 1 is faster), and writes JSON under bench/results/. The
 setting the process started with is restored at the end.
 """
 
@@ -56,6 +56,7 @@ def main(argv=None) -> None:
     parser.add_argument("--distances", default="0,2048",
                         help="comma list of prefetch distances in bytes; the first is the baseline")
     parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
     args = parser.parse_args(argv)
     distances = [int(d) for d in args.distances.split(",")]
     started = ops.cpu_tuning()
@@ -66,6 +67,7 @@ def main(argv=None) -> None:
           f"(medians of per-round ratios; median ms in brackets)")
     header = f"{'case':<40} {'pass':<7}" + "".join(f" {str(d) + ' B':>16}" for d in distances)
     print(header)
+    rows = []
     try:
         for optim in args.optim.split(","):
             family = FAMILIES[optim]
@@ -80,8 +82,17 @@ def main(argv=None) -> None:
                             f" {result[(kind, d)][1]:>6.3f} ({result[(kind, d)][0] * 1e3:6.2f})"
                             for d in distances)
                         print(f"{label:<40} {kind:<7}{cells}")
+                        rows.append({
+                            "optimizer": optim, "dtype": dtype_name, "case": title, "pass": kind,
+                            "median_ms": {str(d): result[(kind, d)][0] * 1e3 for d in distances},
+                            "time_over_first": {str(d): result[(kind, d)][1] for d in distances},
+                        })
     finally:
         ops.cpu_tuning(started[1])
+    if not args.no_write:
+        path = common.write_results("prefetch", {
+            "machine": machine, "distances": distances, "rounds": args.rounds, "rows": rows})
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":

@@ -180,6 +180,13 @@ def machine_info(device: str = "cpu") -> dict:
         "python": platform.python_version(),
         "commit": commit,
     }
+    try:
+        from fusedclip import ops
+    except ImportError:
+        pass
+    else:
+        # How fusedclip's CPU kernels were built and run (csrc/cpu/cpu_tuning.h).
+        info["fusedclip_vector_arch"], info["fusedclip_prefetch_distance"] = ops.cpu_tuning()
     if device == "cuda":
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         try:
