@@ -107,7 +107,7 @@ NORM = {
     # and the norm returned in float32. The error of a float32 sum of k
     # positive terms is bounded by k * 6e-8 (1.2e-4 here) and is about
     # sqrt(k) * 6e-8 (~3e-6) for random terms; measured up to 1e-6 (bfloat16,
-    # a million elements; float32: 6e-8). [~10%]
+    # a million elements; float32: 1e-7). [~10%]
     torch.float32: (1e-5, 0.0),
     torch.bfloat16: (1e-5, 0.0),
     torch.float16: (1e-5, 0.0),
