@@ -6,8 +6,8 @@
 //    93 to 74 ms and the norm pass from 22 to 18 ms (1, 2 and 4 KiB measured
 //    the same).
 //  - AMD EPYC (Zen 4, 2-core VM): software prefetch only got in the way of the
-//    hardware's. 2 KiB ahead made the fp32 update passes 6-16% and the norm
-//    passes 3-20% slower; bf16 updates moved within +-4%
+//    hardware's. In two runs 2 KiB ahead made the fp32 update passes 1-16%
+//    and the norm passes 1-20% slower; bf16 updates moved within +-4%
 //    (bench/bench_prefetch.py, which times both in one run;
 //    bench/results/2026-11-29-prefetch-cpu-2t.json).
 #include "cpu_tuning.h"
