@@ -80,30 +80,40 @@ double reduce_chunk(const scalar_t* x, int64_t n) {
     L::load(x + i, std::min<int64_t>(L::kWidth, n - i), v);
     accumulate(acc[0]);
   }
-  // The accumulators and parts are combined lane by lane (in opmath_t: a few
-  // more roundings of partial sums, far below a lane's own), then the lanes in
-  // double: a unit's run of a few hundred elements then ends in 16 scalar adds,
-  // not 64 or 128.
-  OpVec total = acc[0][0];
-  for (int a = 0; a < kAccumulators; ++a) {
-    for (int k = 0; k < L::kParts; ++k) {
-      if (a == 0 && k == 0) continue;
+  // A chunk of 256 KiB sums the lanes of every accumulator in double: it can
+  // afford that, and float16/bfloat16 squares so summed are close to exact,
+  // whatever order a dense layout is read in. A unit's run of a few hundred
+  // elements cannot afford 64 or 128 scalar adds: its accumulators are first
+  // combined lane by lane in opmath_t, a few more roundings of partial sums,
+  // far below the tolerance of a norm.
+  double result = 0.0;
+  auto add_lanes = [&](const OpVec& vec) {
+    opmath_t lanes[OpVec::size()];
+    vec.store(lanes);
+    for (opmath_t lane : lanes) {
       if constexpr (MAX_ABS) {
-        total = at::vec::maximum(total, acc[a][k]);  // propagates NaN
+        result = (std::isnan(lane) || lane > result) ? lane : result;
       } else {
-        total = total + acc[a][k];
+        result += static_cast<double>(lane);
       }
     }
-  }
-  opmath_t lanes[OpVec::size()];
-  total.store(lanes);
-  double result = 0.0;
-  for (opmath_t lane : lanes) {
-    if constexpr (MAX_ABS) {
-      result = (std::isnan(lane) || lane > result) ? lane : result;
-    } else {
-      result += static_cast<double>(lane);
+  };
+  if constexpr (WALK == Walk::Quarters) {
+    for (auto& a : acc)
+      for (auto& part : a) add_lanes(part);
+  } else {
+    OpVec total = acc[0][0];
+    for (int a = 0; a < kAccumulators; ++a) {
+      for (int k = 0; k < L::kParts; ++k) {
+        if (a == 0 && k == 0) continue;
+        if constexpr (MAX_ABS) {
+          total = at::vec::maximum(total, acc[a][k]);  // propagates NaN
+        } else {
+          total = total + acc[a][k];
+        }
+      }
     }
+    add_lanes(total);
   }
   return result;
 }
