@@ -35,7 +35,6 @@ which must know whether to raise.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 
 import torch
 from torch import Tensor
