@@ -12,6 +12,7 @@ from fusedclip.clipping import (
     ZClip,
 )
 from fusedclip.optim import FusedClipAdagrad, FusedClipAdam, FusedClipAdamW, FusedClipSGD
+from fusedclip import tune  # noqa: F401
 
 __all__ = [
     "AGC", "AdaGC", "AutoClip", "ClipPolicy", "FusedClipAdagrad", "FusedClipAdam",
