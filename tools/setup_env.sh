@@ -28,4 +28,14 @@ missing=()
 if [ ${#missing[@]} -gt 0 ]; then
   "$PY" -m pip install -q "${missing[@]}"
 fi
+# Optional: scikit-learn (examples/train_digits.py) and tqdm (fusedclip.tune's
+# progress bars). The tests skip what they cannot import, so a failed install
+# (offline, say) only says so.
+optional=()
+"$PY" -c "import sklearn" >/dev/null 2>&1 || optional+=(scikit-learn)
+"$PY" -c "import tqdm" >/dev/null 2>&1 || optional+=(tqdm)
+if [ ${#optional[@]} -gt 0 ] \
+    && ! "$PY" -m pip install -q --retries 1 --timeout 15 "${optional[@]}"; then
+  echo "setup_env: could not install ${optional[*]}; the tests that need them will skip"
+fi
 "$PY" -c "import torch; print('setup_env: torch', torch.__version__, 'at', torch.__file__)"
