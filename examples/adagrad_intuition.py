@@ -156,9 +156,12 @@ def run(args) -> int:
     for curve, color, label in ((sgd[0], "k", f"SGD, lr {lrs['SGD']:.3g}"),
                                 (ada[0], "C3", f"Adagrad, lr {lrs['Adagrad']:.3g}")):
         ax2.plot(t, curve, color=color, lw=0.5, alpha=0.35)
-        mean = [sum(curve[max(0, k - window + 1):k + 1]) / (k + 1 - max(0, k - window + 1))
-                for k in range(len(curve))]
-        ax2.plot(t, mean, color=color, lw=2, label=f"{label} (mean of last {window})")
+        # a running mean whose window grows to `window` steps (raw at the start, on log axes)
+        mean = []
+        for k in range(len(curve)):
+            w = max(1, min(window, (k + 1) // 5))
+            mean.append(sum(curve[k + 1 - w:k + 1]) / w)
+        ax2.plot(t, mean, color=color, lw=2, label=f"{label} (running mean, up to {window})")
     ax2.set_xscale("log")
     ax2.set_yscale("log")
     ax2.set_xlabel("step")
