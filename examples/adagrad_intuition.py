@@ -143,7 +143,8 @@ def run(args) -> int:
     t = list(range(1, steps + 1))
     for i, h in enumerate(H):
         ax1.plot(t, [e[i] for e in ada[2]], color=f"C{i}", label=f"Adagrad, h = {h:g}")
-    ax1.axhline(lrs["SGD"], color="k", ls="--", label=f"SGD, every coordinate (lr {lrs['SGD']:.3g})")
+    ax1.axhline(lrs["SGD"], color="k", ls="--",
+                label=f"SGD, every coordinate (lr {lrs['SGD']:.3g})")
     ax1.axhline(2 / max(H), color="grey", ls=":", label="SGD's limit 2 / max h")
     ax1.set_xscale("log")
     ax1.set_yscale("log")

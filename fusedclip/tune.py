@@ -69,7 +69,8 @@ def _take_batches(batches: Iterable, count: int) -> list:
     try:
         iterator = iter(batches)
     except TypeError:
-        raise TypeError(f"batches must be an iterable of batches, got {type(batches).__name__}") from None
+        raise TypeError("batches must be an iterable of batches, got "
+                        f"{type(batches).__name__}") from None
     taken = list(itertools.islice(iterator, count))
     if not taken:
         raise ValueError("batches is empty: loss_fn needs at least one batch")
@@ -88,7 +89,8 @@ def _trainable(model: torch.nn.Module) -> list[Tensor]:
 def _check_loss(loss, where: str) -> float:
     """The loss as a Python float, after checking it is a finite scalar tensor."""
     if not isinstance(loss, Tensor):
-        raise TypeError(f"loss_fn must return a scalar loss tensor, got {type(loss).__name__} {where}")
+        raise TypeError(
+            f"loss_fn must return a scalar loss tensor, got {type(loss).__name__} {where}")
     if loss.numel() != 1:
         raise ValueError(
             f"loss_fn must return a scalar loss tensor, got a tensor of shape {tuple(loss.shape)} "
@@ -219,7 +221,8 @@ def fit_envelope(grad_norms, smoothness, *, trim: float = 0.05) -> tuple[float, 
             x.append(n)
             y.append(s)
     if not x:
-        raise ValueError("fit_envelope: no point with a finite norm and a positive finite smoothness")
+        raise ValueError(
+            "fit_envelope: no point with a finite norm and a positive finite smoothness")
     for _ in range(int(math.floor(trim * len(x)))):
         l0, l1 = _envelope_lp(x, y)
         cost = sum((l0 + l1 * u) / v for u, v in zip(x, y))
@@ -371,9 +374,12 @@ class SmoothnessEstimate:
 
 
 def _flat_grad(params: list[Tensor]) -> Tensor:
-    """The gradients of ``params`` as one float64 vector (zeros for a missing one)."""
+    """The gradients of ``params`` as one float64 vector on the first one's
+    device (zeros for a missing one)."""
+    device = params[0].device
     return torch.cat([
-        (p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64)
+        (p.grad.detach() if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+        .to(device=device, dtype=torch.float64)
         for p in params
     ])
 
@@ -394,7 +400,9 @@ def _set_params(params: list[Tensor], base: list[Tensor], direction: Optional[Te
 
 
 def _flat_params(params: list[Tensor]) -> Tensor:
-    return torch.cat([p.detach().reshape(-1).to(torch.float64) for p in params])
+    device = params[0].device
+    return torch.cat([p.detach().reshape(-1).to(device=device, dtype=torch.float64)
+                      for p in params])
 
 
 def estimate_smoothness(model: torch.nn.Module, loss_fn: Callable, batches: Iterable, *,
@@ -502,7 +510,8 @@ def estimate_smoothness(model: torch.nn.Module, loss_fn: Callable, batches: Iter
         (arXiv:1905.11881).
     """
     steps = _check_steps(steps)
-    if isinstance(power_iters, bool) or not isinstance(power_iters, numbers.Integral) or power_iters < 0:
+    if (isinstance(power_iters, bool) or not isinstance(power_iters, numbers.Integral)
+            or power_iters < 0):
         raise ValueError(f"power_iters must be an int >= 0, got {power_iters!r}")
     radius = _check_positive(radius, "radius")
     step_scale = _check_positive(step_scale, "step_scale")
@@ -510,10 +519,12 @@ def estimate_smoothness(model: torch.nn.Module, loss_fn: Callable, batches: Iter
         raise ValueError(f"trim must be in [0, 0.5), got {trim!r}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")
-    if optimizer is not None and (isinstance(optimizer, torch.optim.Optimizer) or not callable(optimizer)):
+    if optimizer is not None and (isinstance(optimizer, torch.optim.Optimizer)
+                                  or not callable(optimizer)):
         raise TypeError("optimizer must be a callable optimizer(params) -> Optimizer (e.g. "
                         "lambda p: torch.optim.SGD(p, lr=0.1)), not an optimizer instance: "
-                        f"estimate_smoothness builds its own on a copy of the model; got {optimizer!r}")
+                        "estimate_smoothness builds its own on a copy of the model; "
+                        f"got {optimizer!r}")
     _trainable(model)
     data = _take_batches(batches, steps)
 
@@ -563,7 +574,8 @@ def estimate_smoothness(model: torch.nn.Module, loss_fn: Callable, batches: Iter
                 # the first direction: the gradient's plus the last top-curvature direction
                 d = g / g_norm if g_norm > 0 else torch.zeros_like(g)
                 if prev_dir is None:
-                    prev_dir = torch.randn(g.numel(), generator=gen, dtype=torch.float64).to(g.device)
+                    prev_dir = torch.randn(g.numel(), generator=gen,
+                                           dtype=torch.float64).to(g.device)
                 d = d + prev_dir / prev_dir.norm()
                 best, best_dir = 0.0, prev_dir
                 for _ in range(1 + int(power_iters)):
@@ -609,7 +621,8 @@ def estimate_smoothness(model: torch.nn.Module, loss_fn: Callable, batches: Iter
                 bar.close()
 
     if len(norms) < 2:
-        raise ValueError("estimate_smoothness needs at least 2 trajectory points with a finite loss")
+        raise ValueError(
+            "estimate_smoothness needs at least 2 trajectory points with a finite loss")
     l0, l1 = fit_envelope(norms, smooth, trim=trim)
     threshold = math.inf if l1 == 0 else l0 / l1
     return SmoothnessEstimate(L0=l0, L1=l1, threshold=threshold, grad_norms=norms,
@@ -868,7 +881,8 @@ def find_lr(model: torch.nn.Module, loss_fn: Callable, batches: Iterable, *,
     if safety < 1:
         raise ValueError(f"safety must be >= 1, got {safety}")
     rise = _check_positive(rise, "rise")
-    if isinstance(eval_batches, bool) or not isinstance(eval_batches, numbers.Integral) or eval_batches < 1:
+    if (isinstance(eval_batches, bool) or not isinstance(eval_batches, numbers.Integral)
+            or eval_batches < 1):
         raise ValueError(f"eval_batches must be an int >= 1, got {eval_batches!r}")
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), got {loss_fn!r}")

@@ -18,17 +18,19 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+NEEDS_MATPLOTLIB = "the examples plot with matplotlib (pip install matplotlib)"
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"fusedclip_example_{name}", EXAMPLES / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"fusedclip_example_{name}",
+                                                  EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def run_fast(name: str, tmp_path, capsys) -> str:
-    pytest.importorskip("matplotlib", reason="the examples plot with matplotlib (pip install matplotlib)")
+    pytest.importorskip("matplotlib", reason=NEEDS_MATPLOTLIB)
     import torch
 
     with torch.random.fork_rng():  # the examples seed torch; the other tests keep their RNG
@@ -56,7 +58,8 @@ def test_adagrad_intuition(tmp_path, capsys):
 
 
 def test_train_digits(tmp_path, capsys):
-    pytest.importorskip("sklearn", reason="train_digits.py needs scikit-learn (pip install scikit-learn)")
+    pytest.importorskip("sklearn",
+                        reason="train_digits.py needs scikit-learn (pip install scikit-learn)")
     out = run_fast("train_digits", tmp_path, capsys)
     assert "| run | lr | max_norm | steps clipped |" in out
     assert "| FusedClipAdamW, tuned |" in out and "| torch AdamW + clip_grad_norm_, tuned |" in out
@@ -87,7 +90,7 @@ def test_spikes(tmp_path, capsys):
 
 def test_an_example_as_a_command(tmp_path):
     """`python examples/spikes.py`, fast mode from the environment."""
-    pytest.importorskip("matplotlib", reason="the examples plot with matplotlib (pip install matplotlib)")
+    pytest.importorskip("matplotlib", reason=NEEDS_MATPLOTLIB)
     env = dict(os.environ, FUSEDCLIP_EXAMPLES_FAST="1")
     done = subprocess.run([sys.executable, str(EXAMPLES / "spikes.py"), "--out", str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=300)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 
 import pytest
 import torch
@@ -320,11 +321,26 @@ def test_plots_write_pngs(tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
 
 
-def test_progress_bar_runs_with_and_without_tqdm():
+def test_progress_bar_with_tqdm_quiet_without(capsys, monkeypatch):
     a, x0 = COSH_CASES[0]
-    for progress in (True, False):
-        est = tune.estimate_smoothness(Vector(x0), cosh_loss(a), [None], steps=3, progress=progress)
+
+    def run(progress):
+        est = tune.estimate_smoothness(Vector(x0), cosh_loss(a), [None], steps=3,
+                                       progress=progress)
         assert len(est.grad_norms) == 3
+        return capsys.readouterr().err
+
+    assert run(False) == ""
+    try:
+        import tqdm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        assert "estimate_smoothness" in run(True)  # tqdm's bar, on stderr
+    # without tqdm: quiet, no error
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    assert run(True) == ""
 
 
 def test_plots_draw_into_given_axes(tmp_path):
