@@ -39,3 +39,21 @@ if [ ${#optional[@]} -gt 0 ] \
   echo "setup_env: could not install ${optional[*]}; the tests that need them will skip"
 fi
 "$PY" -c "import torch; print('setup_env: torch', torch.__version__, 'at', torch.__file__)"
+
+# --- Frameworks for tests/test_frameworks.py (optional) -----------------------
+# transformers, accelerate and lightning, installed in one pip command together
+# with a pin of the torch already installed, so pip never swaps torch (for a
+# CUDA build, say). The versions are the ones the tests were run with;
+# FRAMEWORKS_SPEC overrides them, FUSEDCLIP_FRAMEWORKS=0 skips this block.
+# Offline, or where these versions do not install, it says so and goes on:
+# tests/test_frameworks.py then skips what it cannot import.
+FRAMEWORKS_SPEC=${FRAMEWORKS_SPEC:-"transformers==5.24.0 accelerate==1.15.0 lightning==2.6.6"}
+if [ "${FUSEDCLIP_FRAMEWORKS:-1}" != 0 ] \
+    && ! "$PY" -c "import transformers, accelerate, lightning" >/dev/null 2>&1; then
+  torch_pin="torch==$("$PY" -c "import torch; print(torch.__version__)")"
+  echo "setup_env: installing $FRAMEWORKS_SPEC with $torch_pin"
+  # shellcheck disable=SC2086  # FRAMEWORKS_SPEC is a list of requirements
+  if ! "$PY" -m pip install -q --retries 1 --timeout 15 $FRAMEWORKS_SPEC "$torch_pin"; then
+    echo "setup_env: could not install the frameworks (offline?); tests/test_frameworks.py will skip them"
+  fi
+fi
