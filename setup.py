@@ -91,11 +91,16 @@ def extension():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     # -fopenmp: at::parallel_for is an inline template that only runs in
     # parallel where _OPENMP is defined; the runtime is torch's own libgomp.
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"] + ARCH_FLAGS[cpu_arch()]
+    # -ffp-contract=off: a multiply is fused into an add only where the source
+    # says so (fc_fma in csrc/include/fusedclip/math_traits.h), which is how
+    # the CPU steps round exactly as torch's fused CPU kernels do.
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"] + ARCH_FLAGS[cpu_arch()]
     link = ["-fopenmp"]
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        # --fmad=false: as -ffp-contract=off for the CPU kernels; the rules
+        # round exactly as their source says, on both backends.
+        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "--fmad=false", "-lineinfo"]
         return CUDAExtension(
             "fusedclip._C",
             sources,

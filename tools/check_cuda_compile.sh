@@ -53,7 +53,7 @@ PY
 mapfile -t TORCH_FLAGS <<<"$TORCH_FLAGS"
 
 FLAGS=(
-  -c -O3 -std=c++17 --expt-relaxed-constexpr -lineinfo
+  -c -O3 -std=c++17 --expt-relaxed-constexpr --fmad=false -lineinfo
   -gencode arch=compute_80,code=sm_80
   -gencode arch=compute_90,code=sm_90
   -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H

@@ -26,6 +26,7 @@ struct AdamPointers {
   void* exp_avg;
   void* exp_avg_sq;
   void* max_exp_avg_sq;  // null without amsgrad
+  int64_t numel;
 };
 
 // The per-tensor numbers of one tensor: Adam's scalars and the gradient
@@ -38,21 +39,24 @@ struct TensorScalars {
 template <typename scalar_t, WeightDecay WD, bool AMSGRAD, bool CLAMP>
 void adam_run(const AdamPointers& ptrs, int64_t begin, int64_t end,
               const AdamScalars<typename Lanes<scalar_t>::OpVec>& s,
-              const GradTransform<typename Lanes<scalar_t>::OpVec>& transform) {
+              const GradTransform<typename Lanes<scalar_t>::OpVec>& transform,
+              const AdamScalars<typename Lanes<scalar_t>::opmath_t>& tail_s,
+              const GradTransform<typename Lanes<scalar_t>::opmath_t>& tail_transform) {
   using L = Lanes<scalar_t>;
   using OpVec = typename L::OpVec;
-  auto* param = static_cast<scalar_t*>(ptrs.param) + begin;
-  auto* grad = static_cast<const scalar_t*>(ptrs.grad) + begin;
-  auto* exp_avg = static_cast<scalar_t*>(ptrs.exp_avg) + begin;
-  auto* exp_avg_sq = static_cast<scalar_t*>(ptrs.exp_avg_sq) + begin;
+  using opmath_t = typename L::opmath_t;
+  auto* param = static_cast<scalar_t*>(ptrs.param);
+  auto* grad = static_cast<const scalar_t*>(ptrs.grad);
+  auto* exp_avg = static_cast<scalar_t*>(ptrs.exp_avg);
+  auto* exp_avg_sq = static_cast<scalar_t*>(ptrs.exp_avg_sq);
   auto* max_exp_avg_sq = static_cast<scalar_t*>(ptrs.max_exp_avg_sq);
-  if (AMSGRAD) max_exp_avg_sq += begin;
+  // The elements torch's kernel runs as scalar code round another way (adam.h).
+  const int64_t vec_end = std::min(end, std::max(begin, scalar_tail_begin<scalar_t>(ptrs.numel)));
 
-  const int64_t n = end - begin;
   OpVec p[L::kParts], g[L::kParts], m[L::kParts], v[L::kParts], vmax[L::kParts];
   const Prefetch prefetch;
-  for (int64_t i = 0; i < n; i += L::kWidth) {
-    const int64_t count = std::min<int64_t>(L::kWidth, n - i);
+  for (int64_t i = begin; i < vec_end; i += L::kWidth) {
+    const int64_t count = std::min<int64_t>(L::kWidth, vec_end - i);
     prefetch.to_write(param + i);
     prefetch.to_read(grad + i);
     prefetch.to_write(exp_avg + i);
@@ -71,6 +75,19 @@ void adam_run(const AdamPointers& ptrs, int64_t begin, int64_t end,
     L::store(exp_avg_sq + i, count, v);
     if constexpr (AMSGRAD) L::store(max_exp_avg_sq + i, count, vmax);
   }
+  for (int64_t i = vec_end; i < end; ++i) {
+    opmath_t p1 = static_cast<opmath_t>(param[i]);
+    opmath_t m1 = static_cast<opmath_t>(exp_avg[i]);
+    opmath_t v1 = static_cast<opmath_t>(exp_avg_sq[i]);
+    opmath_t vmax1 = AMSGRAD ? static_cast<opmath_t>(max_exp_avg_sq[i]) : opmath_t(0);
+    adam_update<WD, AMSGRAD, true>(
+        p1, tail_transform.template apply<CLAMP>(static_cast<opmath_t>(grad[i])), m1, v1, vmax1,
+        tail_s);
+    param[i] = static_cast<scalar_t>(p1);
+    exp_avg[i] = static_cast<scalar_t>(m1);
+    exp_avg_sq[i] = static_cast<scalar_t>(v1);
+    if constexpr (AMSGRAD) max_exp_avg_sq[i] = static_cast<scalar_t>(vmax1);
+  }
 }
 
 // One chunk, as runs that share one gradient multiplier (the whole chunk
@@ -81,11 +98,13 @@ void adam_chunk(const AdamPointers& ptrs, int64_t begin, int64_t end,
   using L = Lanes<scalar_t>;
   using OpVec = typename L::OpVec;
   using opmath_t = typename L::opmath_t;
-  const AdamScalars<OpVec> s = scalars.adam.as<opmath_t>().template as<OpVec>();
+  const AdamScalars<opmath_t> tail_s = scalars.adam.as<opmath_t>();
+  const AdamScalars<OpVec> s = tail_s.template as<OpVec>();
   for_each_unit_run(begin, end, scalars.transform,
                     [&](int64_t b, int64_t e, const GradTransform<double>& t, auto clamp) {
+                      const GradTransform<opmath_t> tail_t = t.as<opmath_t>();
                       adam_run<scalar_t, WD, AMSGRAD, decltype(clamp)::value>(
-                          ptrs, b, e, s, t.as<opmath_t>().template as<OpVec>());
+                          ptrs, b, e, s, tail_t.template as<OpVec>(), tail_s, tail_t);
                     });
 }
 
@@ -144,11 +163,12 @@ void adam_cpu(at::TensorList params, at::TensorList grads,
     std::vector<at::Tensor> flat =
         flat_tensors.take(std::move(group), written, unit_coefs.has_value());
     pointers[i] = {flat[0].data_ptr(), flat[1].const_data_ptr(), flat[2].data_ptr(),
-                   flat[3].data_ptr(), amsgrad ? flat[4].data_ptr() : nullptr};
+                   flat[3].data_ptr(), amsgrad ? flat[4].data_ptr() : nullptr,
+                   params[i].numel()};
 
     const double grad_mult = host.grad_mult(i, maximize);
     scalars[i].adam = adam_scalars(host.lr, beta1, beta2, eps, weight_decay,
-                                   increment_step(steps[i]), grad_mult);
+                                   increment_step(steps[i]));
     scalars[i].transform = tensor_transform(grad_mult, clip_value, unit_coefs, i, params[i]);
   }
 

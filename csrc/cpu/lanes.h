@@ -51,6 +51,18 @@ struct Lanes<at::BFloat16> : ReducedLanes<at::BFloat16> {};
 template <>
 struct Lanes<at::Half> : ReducedLanes<at::Half> {};
 
+// Where torch's fused CPU kernels start their scalar code in a tensor of
+// `numel` elements of scalar_t: they leave the last t = numel % W elements
+// (W the vector width) to a scalar loop that the compiler vectorizes once at
+// half the width, so only the last t % (W / 2) are scalar (see
+// include/fusedclip/sgd.h). The rules whose scalar code rounds differently run
+// those elements with SCALAR_TAIL.
+template <typename scalar_t>
+int64_t scalar_tail_begin(int64_t numel) {
+  constexpr int64_t kHalf = Lanes<scalar_t>::kWidth / 2;
+  return numel - numel % Lanes<scalar_t>::kWidth % kHalf;
+}
+
 // Software prefetch, prefetch_distance() bytes ahead of the element a loop is
 // at (cpu_tuning.h: chosen per CPU, 0 for none). A loop reads the distance
 // once, into a Prefetch, before its first element. A prefetch never faults,

@@ -205,7 +205,7 @@ double reduce_run(const scalar_t* x, int64_t n, bool max_abs) {
       const opmath_t a = std::abs(v);
       acc = (std::isnan(a) || a > acc) ? a : acc;
     } else {
-      acc += v * v;
+      acc = std::fma(v, v, acc);
     }
   }
   return static_cast<double>(acc);

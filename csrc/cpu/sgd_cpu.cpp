@@ -27,6 +27,7 @@ struct SgdPointers {
   void* param;
   const void* grad;
   void* buf;  // null without momentum
+  int64_t numel;
 };
 
 // The per-tensor numbers of one tensor: SGD's scalars and the gradient
@@ -39,20 +40,23 @@ struct TensorScalars {
 template <typename scalar_t, bool WD, Momentum M, bool FIRST, bool CLAMP>
 void sgd_run(const SgdPointers& ptrs, int64_t begin, int64_t end,
              const SgdScalars<typename Lanes<scalar_t>::OpVec>& s,
-             const GradTransform<typename Lanes<scalar_t>::OpVec>& transform) {
+             const GradTransform<typename Lanes<scalar_t>::OpVec>& transform,
+             const SgdScalars<typename Lanes<scalar_t>::opmath_t>& tail_s,
+             const GradTransform<typename Lanes<scalar_t>::opmath_t>& tail_transform) {
   using L = Lanes<scalar_t>;
   using OpVec = typename L::OpVec;
+  using opmath_t = typename L::opmath_t;
   constexpr bool kBuf = M != Momentum::None;
-  auto* param = static_cast<scalar_t*>(ptrs.param) + begin;
-  auto* grad = static_cast<const scalar_t*>(ptrs.grad) + begin;
+  auto* param = static_cast<scalar_t*>(ptrs.param);
+  auto* grad = static_cast<const scalar_t*>(ptrs.grad);
   auto* buf = static_cast<scalar_t*>(ptrs.buf);
-  if (kBuf) buf += begin;
+  // The elements torch's kernel runs as scalar code round another way (sgd.h).
+  const int64_t vec_end = std::min(end, std::max(begin, scalar_tail_begin<scalar_t>(ptrs.numel)));
 
-  const int64_t n = end - begin;
   OpVec p[L::kParts], g[L::kParts], b[L::kParts];
   const Prefetch prefetch;
-  for (int64_t i = 0; i < n; i += L::kWidth) {
-    const int64_t count = std::min<int64_t>(L::kWidth, n - i);
+  for (int64_t i = begin; i < vec_end; i += L::kWidth) {
+    const int64_t count = std::min<int64_t>(L::kWidth, vec_end - i);
     prefetch.to_write(param + i);
     prefetch.to_read(grad + i);
     if constexpr (kBuf) prefetch.to_write(buf + i);
@@ -66,6 +70,14 @@ void sgd_run(const SgdPointers& ptrs, int64_t begin, int64_t end,
     L::store(param + i, count, p);
     if constexpr (kBuf) L::store(buf + i, count, b);
   }
+  for (int64_t i = vec_end; i < end; ++i) {
+    opmath_t p1 = static_cast<opmath_t>(param[i]);
+    opmath_t b1 = kBuf && !FIRST ? static_cast<opmath_t>(buf[i]) : opmath_t(0);
+    sgd_update<WD, M, FIRST, true>(
+        p1, tail_transform.template apply<CLAMP>(static_cast<opmath_t>(grad[i])), b1, tail_s);
+    param[i] = static_cast<scalar_t>(p1);
+    if constexpr (kBuf) buf[i] = static_cast<scalar_t>(b1);
+  }
 }
 
 // One chunk, as runs that share one gradient multiplier (the whole chunk
@@ -76,11 +88,13 @@ void sgd_chunk(const SgdPointers& ptrs, int64_t begin, int64_t end,
   using L = Lanes<scalar_t>;
   using OpVec = typename L::OpVec;
   using opmath_t = typename L::opmath_t;
-  const SgdScalars<OpVec> s = scalars.sgd.as<opmath_t>().template as<OpVec>();
+  const SgdScalars<opmath_t> tail_s = scalars.sgd.as<opmath_t>();
+  const SgdScalars<OpVec> s = tail_s.template as<OpVec>();
   for_each_unit_run(begin, end, scalars.transform,
                     [&](int64_t b, int64_t e, const GradTransform<double>& t, auto clamp) {
+                      const GradTransform<opmath_t> tail_t = t.as<opmath_t>();
                       sgd_run<scalar_t, WD, M, FIRST, decltype(clamp)::value>(
-                          ptrs, b, e, s, t.as<opmath_t>().template as<OpVec>());
+                          ptrs, b, e, s, tail_t.template as<OpVec>(), tail_s, tail_t);
                     });
 }
 
@@ -142,7 +156,7 @@ void sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentu
     std::vector<at::Tensor> flat =
         flat_tensors.take(std::move(group), written, unit_coefs.has_value());
     pointers[i] = {flat[0].data_ptr(), flat[1].const_data_ptr(),
-                   has_buf ? flat[2].data_ptr() : nullptr};
+                   has_buf ? flat[2].data_ptr() : nullptr, params[i].numel()};
     if (has_buf) first[i] = increment_step(buffer_steps[i]) == 1.0;
     scalars[i].sgd = sgd_scalars(host.lr, momentum, dampening, weight_decay);
     scalars[i].transform = tensor_transform(host.grad_mult(i, maximize), clip_value,

@@ -2,6 +2,7 @@
 // include/fusedclip/ run on whole vectors in the CPU kernels.
 #pragma once
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include "fusedclip/math_traits.h"
@@ -12,11 +13,15 @@ template <typename S>
 struct MathTraits<at::vec::Vectorized<S>> {
   using V = at::vec::Vectorized<S>;
   static V sqrt(const V& x) { return x.sqrt(); }
+  static V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
   static V maximum(const V& a, const V& b) { return at::vec::maximum(a, b); }
   // at::vec::maximum/minimum propagate NaN, so the clamp does too.
   static V clamp(const V& x, const V& lo, const V& hi) {
     return at::vec::minimum(at::vec::maximum(x, lo), hi);
   }
+  // A lane mask, as torch's fused Adam computes it for its lerp.
+  static V lerp_small(const V& weight) { return weight.abs() < V(S(0.5)); }
+  static V select(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }
 };
 
 }  // namespace fusedclip

@@ -75,7 +75,7 @@ struct AdamFunctor {
       const double step = next_step(meta.addresses[kStep][c.slot], args.step_is_double);
       const double grad_mult = args.call.grad_mult(c.tensor);
       shared_scalars = adam_scalars(args.call.learning_rate(), args.beta1, args.beta2,
-                                    args.eps, args.weight_decay, step, grad_mult)
+                                    args.eps, args.weight_decay, step)
                            .template as<opmath_t>();
       shared_transform = grad_transform(grad_mult, args.transform.clip_value);
     }

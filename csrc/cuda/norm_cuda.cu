@@ -87,7 +87,7 @@ struct NormPartialFunctor {
       if constexpr (MAX_ABS) {
         acc = fc_maximum(acc, magnitude(v[0]));
       } else {
-        acc += v[0] * v[0];
+        acc = fc_fma(v[0], v[0], acc);
       }
     });
     const double total = block_reduce<MAX_ABS>(static_cast<double>(acc));
@@ -263,7 +263,7 @@ struct UnitNormFunctor {
         if constexpr (MAX_ABS) {
           acc = fc_maximum(acc, magnitude(v));
         } else {
-          acc += v * v;
+          acc = fc_fma(v, v, acc);
         }
       }
       const double total = warp_reduce<MAX_ABS>(static_cast<double>(acc));

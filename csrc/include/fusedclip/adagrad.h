@@ -38,13 +38,16 @@ FC_HOST_DEVICE AdagradScalars<double> adagrad_scalars(double lr, double lr_decay
 
 // One Adagrad step on one element (or one vector of elements), in place, in
 // torch.optim.Adagrad's order: sum += g * g; p -= clr * g / (sqrt(sum) + eps).
-// `grad` is the gradient the rule uses: already through GradTransform.
+// `grad` is the gradient the rule uses: already through GradTransform. Every
+// rounding is torch's fused CPU Adagrad's
+// (aten/src/ATen/native/cpu/FusedAdagradKernel.cpp): the weight decay and the
+// sum's update are fused multiply-adds there, the step is not.
 template <bool WEIGHT_DECAY, typename T>
 FC_HOST_DEVICE void adagrad_update(T& param, T grad, T& sum, const AdagradScalars<T>& s) {
   if constexpr (WEIGHT_DECAY) {
-    grad = grad + s.weight_decay * param;
+    grad = fc_fma(param, s.weight_decay, grad);
   }
-  sum = sum + grad * grad;
+  sum = fc_fma(grad, grad, sum);
   const T denom = fc_sqrt(sum) + s.eps;
   param = param - s.clr * grad / denom;
 }
