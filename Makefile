@@ -29,7 +29,9 @@ $(VENV)/.fusedclip-built: $(VENV)/.env-ready $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
-# Compiles every CUDA source with nvcc for sm_80 and sm_90 (no GPU needed).
+# Compiles every CUDA source with nvcc for sm_80 and sm_90, then links them with
+# csrc/ops.cpp against the toolkit's cudart and torch's libraries as the build
+# does (no GPU needed; with a CPU-only torch, c10_cuda/torch_cuda are left out).
 cuda-check: env
 	PYTHON=$(PY) bash tools/check_cuda_compile.sh
 

@@ -1,24 +1,35 @@
 """Build of the fusedclip._C extension.
 
 The C++ CPU kernels are always built. The CUDA kernels are built when the
-installed torch has CUDA and nvcc is found; FUSEDCLIP_CUDA=0/1 overrides that.
-Whether a GPU is present at build time plays no part.
+installed torch has CUDA and a CUDA toolkit is found (below); FUSEDCLIP_CUDA=0/1
+overrides that. Whether a GPU is present at build time plays no part.
 
 The CPU kernels are compiled for the widest ATen vector set the build
 machine's CPU has: AVX-512 (avx512f/bw/vl/dq, ATen's AVX512 capability, which
 torch itself uses on such CPUs), else AVX2 with FMA, else ATen's default.
 FUSEDCLIP_CPU_ARCH=avx512, avx2 or default asks for one of them (a build that
 must run on older CPUs, or a side-by-side measurement).
+
+The CUDA toolkit is the first of: CUDA_HOME (or CUDA_PATH); the toolkit of the
+nvcc on PATH, found through symlinks and wrapper scripts (a script that execs
+the real nvcc, ccache); /usr/local/cuda-<torch's CUDA version>, /usr/local/cuda,
+/usr/local/cuda-*, /opt/cuda. torch.utils.cpp_extension is told the folder
+(CUDA_HOME) before it computes include and library paths: on its own it takes
+the parent of nvcc's folder, which for a wrapper at /usr/local/bin/nvcc is
+/usr/local, and the link then fails with "cannot find -lcudart".
 """
 
 import glob
 import os
 import platform
+import re
+import shutil
+import subprocess
+import sys
 
 from setuptools import setup
 
 import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -32,17 +43,142 @@ def env_flag(name):
     return value == "1"
 
 
-def want_cuda():
+# -- the CUDA toolkit -------------------------------------------------------------
+def toolkit_problem(home):
+    """Why `home` is not a CUDA toolkit folder this build can use, or None.
+    It needs bin/nvcc and, where torch looks for it (lib64, else lib), the
+    libcudart.so that -lcudart links against."""
+    nvcc = os.path.join(home, "bin", "nvcc")
+    if not (os.path.isfile(nvcc) and os.access(nvcc, os.X_OK)):
+        return f"no {nvcc}"
+    if not any(os.path.exists(os.path.join(home, lib, "libcudart.so")) for lib in ("lib64", "lib")):
+        return f"no libcudart.so in {home}/lib64 or {home}/lib"
+    return None
+
+
+def _is_elf(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"\x7fELF"
+    except OSError:
+        return False
+
+
+def toolkit_of_nvcc(nvcc):
+    """The toolkit folder of the nvcc at `nvcc` (on PATH), or None: the real
+    file's grandparent when it is the compiler itself; else (a wrapper script,
+    ccache) the folder nvcc reports for itself in a dry run (_HERE_), else an
+    absolute .../bin/nvcc named in the script's text."""
+    real = os.path.realpath(nvcc)
+    if _is_elf(real) and os.path.basename(real) == "nvcc":
+        home = os.path.dirname(os.path.dirname(real))
+        if toolkit_problem(home) is None:
+            return home
+    try:
+        dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+        found = re.search(r"^#\$ _HERE_=(.+)$", dry.stdout + dry.stderr, re.M)
+        if found:
+            home = os.path.dirname(os.path.realpath(found.group(1).strip()))
+            if toolkit_problem(home) is None:
+                return home
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if not _is_elf(real):
+        try:
+            with open(real, errors="replace") as f:
+                text = f.read(65536)
+        except OSError:
+            text = ""
+        for path in re.findall(r"(/[^\s'\"$;|&()]+)/bin/nvcc\b", text):
+            if toolkit_problem(os.path.realpath(path)) is None:
+                return os.path.realpath(path)
+    return None
+
+
+def find_cuda_toolkit():
+    """(toolkit folder or None, what was looked at: a list of lines)."""
+    looked = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home:
+            problem = toolkit_problem(home)
+            if problem:
+                # Set by hand: a wrong value is an error, not a hint to look elsewhere.
+                raise SystemExit(f"{var}={home} is not a CUDA toolkit folder ({problem}). "
+                                 f"Set {var} to the folder that holds bin/nvcc and "
+                                 "lib64/libcudart.so, or unset it, or build without the CUDA "
+                                 "kernels with FUSEDCLIP_CUDA=0.")
+            return home, looked
+        looked.append(f"{var}: not set")
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        home = toolkit_of_nvcc(nvcc)
+        if home:
+            return home, looked
+        looked.append(f"nvcc on PATH ({nvcc} -> {os.path.realpath(nvcc)}): no toolkit found "
+                      "behind it")
+    else:
+        looked.append("nvcc on PATH: none")
+    usual = []
+    if torch.version.cuda:
+        usual.append(f"/usr/local/cuda-{torch.version.cuda}")
+    usual.append("/usr/local/cuda")
+
+    def version_key(path):
+        return [int(n) for n in re.findall(r"\d+", os.path.basename(path))]
+
+    usual += sorted(glob.glob("/usr/local/cuda-*"), key=version_key, reverse=True)
+    usual.append("/opt/cuda")
+    for home in dict.fromkeys(usual):
+        if toolkit_problem(home) is None:
+            return home, looked
+    looked.append("usual folders: " + ", ".join(dict.fromkeys(usual)) + ": none is a toolkit")
+    return None, looked
+
+
+def cuda_toolkit():
+    """The toolkit folder for a build with the CUDA kernels, or None when they
+    are not built. FUSEDCLIP_CUDA=1 without a CUDA torch or a toolkit is an
+    error that says what to set."""
     override = env_flag("FUSEDCLIP_CUDA")
-    can = torch.version.cuda is not None and CUDA_HOME is not None
-    if override is None:
-        return can
-    if override and not can:
-        raise SystemExit(
-            "FUSEDCLIP_CUDA=1 but the CUDA kernels cannot be built: "
-            f"torch.version.cuda={torch.version.cuda!r}, CUDA_HOME={CUDA_HOME!r}"
-        )
-    return override
+    if override is False:
+        return None
+    if torch.version.cuda is None:
+        if override:
+            raise SystemExit(
+                f"FUSEDCLIP_CUDA=1 but the installed torch ({torch.__version__}) was built "
+                "without CUDA (torch.version.cuda is None): install a CUDA build of torch, "
+                "or build the CPU kernels only with FUSEDCLIP_CUDA=0.")
+        return None
+    home, looked = find_cuda_toolkit()
+    if home is None:
+        message = ("no CUDA toolkit found (" + "; ".join(looked) + "). Set CUDA_HOME to the "
+                   "toolkit folder, the one that holds bin/nvcc and lib64/libcudart.so "
+                   f"(e.g. CUDA_HOME=/usr/local/cuda-{torch.version.cuda})")
+        if override:
+            raise SystemExit("FUSEDCLIP_CUDA=1 but " + message + ".")
+        print(f"setup.py: building the CPU kernels only: {message}, or FUSEDCLIP_CUDA=1 to "
+              "make this an error.", file=sys.stderr)
+        return None
+    return home
+
+
+CUDA_TOOLKIT = cuda_toolkit()
+if CUDA_TOOLKIT is not None:
+    # torch.utils.cpp_extension reads CUDA_HOME when it is imported and computes
+    # include dirs, library dirs and nvcc's path from it; tell it before, and
+    # after too in case something imported it already.
+    os.environ["CUDA_HOME"] = CUDA_TOOLKIT
+from torch.utils import cpp_extension  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+if CUDA_TOOLKIT is not None:
+    cpp_extension.CUDA_HOME = CUDA_TOOLKIT
+
+
+def want_cuda():
+    return CUDA_TOOLKIT is not None
 
 
 def cpu_flag_set():
@@ -114,7 +250,12 @@ def extension():
     )
 
 
-setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+# tools/check_cuda_compile.sh imports this file for find_cuda_toolkit(); pip
+# (setuptools.build_meta) and `python setup.py` run it as __main__.
+if __name__ == "__main__":
+    if CUDA_TOOLKIT is not None:
+        print(f"setup.py: CUDA kernels on, toolkit {CUDA_TOOLKIT}", file=sys.stderr)
+    setup(
+        ext_modules=[extension()],
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
