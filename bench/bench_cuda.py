@@ -1,7 +1,8 @@
 """FusedClipAdamW(clip=1.0) against torch.optim.AdamW + clip_grad_norm_, on a GPU.
 
     python bench/bench_cuda.py [--cases gpt2,small] [--dtypes float32,bfloat16]
-                               [--rounds 21] [--no-write]
+                               [--rounds 21] [--quick] [--budget-s S]
+                               [--json PATH | --no-write] [--rehearse]
 
 Each case times, in interleaved rounds with CUDA events (warm-up first, medians
 reported), on the same parameters and gradients: fusedclip's clipped step;
@@ -18,14 +19,26 @@ fusedclip fp32 clipped, 4 norm + 28 update), achieved GB/s; and fusedclip's
 fraction of the copy bandwidth. Targets: fp32 GPT-2 small at >= 85% of copy
 bandwidth and >= 1.25x faster than torch fused + clip; 10,000 small tensors
 >= 2x faster than torch fused + clip. JSON goes to
-bench/results/<date>-cuda-adam-<gpu>.json.
+bench/results/<date>-cuda-adam-<gpu>.json, or to --json PATH; it is rewritten
+after every case, so a run cut short keeps what it measured.
+
+Cases run fp32 first (GPT-2 small, then the small tensors), then bf16.
+--quick takes 7 rounds (and 5 for the copy); --budget-s S starts a case only
+while the time left of S seconds (counted from the start) covers, with a
+margin, what the same case took in the first dtype (else the longest case so
+far), and lists the cases it left out. --rehearse runs
+every step on the CPU with shrunken cases (a 2M-parameter transformer, 200
+small tensors), 3 rounds, so the script itself can be tried where there is no
+GPU; its numbers mean nothing, and it writes JSON only to --json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 
 import torch
 
@@ -45,6 +58,13 @@ CASES = {
     "small": ("10,000 small tensors (1k-8k elements)",
               lambda: common.small_tensor_shapes(count=10_000)),
 }
+# --rehearse: the same cases shrunk to run in seconds on a CPU.
+REHEARSAL_CASES = {
+    "gpt2": ("GPT-2-style 2M params (rehearsal)",
+             lambda: common.transformer_shapes(width=128, layers=2, vocab=8192, context=256)),
+    "small": ("200 small tensors (rehearsal)", lambda: common.small_tensor_shapes(count=200)),
+}
+MARGIN = 1.25          # --budget-s: a case is started if MARGIN x its expected time fits
 
 
 def cuda_problem() -> str | None:
@@ -90,21 +110,40 @@ def make_variants(params: list[torch.nn.Parameter]) -> dict:
     }
 
 
-def run_case(key: str, dtype: torch.dtype, rounds: int, bandwidth: float) -> dict:
+def time_variants(variants: dict, rounds: int, inner: int, device: str) -> dict:
+    if device == "cuda":
+        return common.cuda_interleaved_medians(variants, rounds=rounds, inner=inner)
+    return common.interleaved_medians(variants, rounds=rounds, warmup=1)
+
+
+def copy_bandwidth(device: str, rounds: int) -> float:
+    """Bytes read + written per second by a buffer copy on `device`."""
+    if device == "cuda":
+        return common.cuda_copy_bandwidth(rounds=rounds)
+    nbytes = 1 << 26
+    src = torch.rand(nbytes // 4)
+    dst = torch.empty_like(src)
+    timing = common.interleaved_medians({"copy": lambda: dst.copy_(src)}, rounds=rounds,
+                                        warmup=1)
+    return 2 * nbytes / timing["copy"]["median_s"]
+
+
+def run_case(key: str, dtype: torch.dtype, rounds: int, bandwidth: float,
+             device: str = "cuda", cases: dict = CASES) -> dict:
     from bench_adam import ELEMENTS_MOVED
 
-    title, shapes_fn = CASES[key]
+    title, shapes_fn = cases[key]
     shapes = shapes_fn()
     params = []
     for cpu in common.make_params(shapes, dtype):
-        p = torch.nn.Parameter(cpu.detach().cuda())
-        p.grad = cpu.grad.cuda()
+        p = torch.nn.Parameter(cpu.detach().to(device))
+        p.grad = cpu.grad.to(device)
         params.append(p)
     n = sum(p.numel() for p in params)
     # Many small tensors: several calls per timed sample, so launch gaps
     # between samples do not count.
     inner = 1 if key == "gpt2" else 3
-    timings = common.cuda_interleaved_medians(make_variants(params), rounds=rounds, inner=inner)
+    timings = time_variants(make_variants(params), rounds, inner, device)
     element_size = torch.empty((), dtype=dtype).element_size()
     ref = timings[REFERENCE]["median_s"]
     rows = {}
@@ -120,7 +159,8 @@ def run_case(key: str, dtype: torch.dtype, rounds: int, bandwidth: float) -> dic
             "samples_ms": [s * 1e3 for s in t["samples_s"]],
         }
     del params
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     speedup = rows[FUSED_CLIP]["median_ms"] / rows[REFERENCE]["median_ms"]
     fraction = rows[REFERENCE]["fraction_of_copy_bandwidth"]
     targets = {}
@@ -153,12 +193,25 @@ def print_case(result: dict) -> None:
 
 
 def main(argv=None) -> int:
+    start = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--cases", default="gpt2,small", help="comma list of: " + ", ".join(CASES))
     parser.add_argument("--dtypes", default="float32,bfloat16",
                         help="comma list of: float32, bfloat16")
-    parser.add_argument("--rounds", type=int, default=21)
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="interleaved rounds per case (default 21; 7 with --quick, 3 with "
+                             "--rehearse)")
+    parser.add_argument("--quick", action="store_true",
+                        help="7 rounds per case and 5 for the copy bandwidth")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start a case only while the time left of this many seconds "
+                             f"covers {MARGIN}x what it is expected to take")
+    parser.add_argument("--json", default=None, help="write the JSON here instead of "
+                        "bench/results/<date>-cuda-adam-<gpu>.json")
     parser.add_argument("--no-write", action="store_true", help="print only, write no JSON")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="run on the CPU with shrunken cases (no GPU needed; numbers "
+                             "meaningless)")
     args = parser.parse_args(argv)
     cases = args.cases.split(",")
     dtypes = args.dtypes.split(",")
@@ -168,33 +221,78 @@ def main(argv=None) -> int:
     for d in dtypes:
         if d not in ("float32", "bfloat16"):
             parser.error(f"unknown dtype {d!r}")
+    rounds = args.rounds or (3 if args.rehearse else 7 if args.quick else 21)
+    copy_rounds = 5 if args.quick or args.rehearse else 11
+    device = "cpu" if args.rehearse else "cuda"
+    case_table = REHEARSAL_CASES if args.rehearse else CASES
 
-    problem = cuda_problem()
-    if problem is not None:
-        print(f"bench_cuda.py: cannot run: {problem}", file=sys.stderr)
-        return 2
+    if not args.rehearse:
+        problem = cuda_problem()
+        if problem is not None:
+            print(f"bench_cuda.py: cannot run: {problem}", file=sys.stderr)
+            return 2
 
     import fusedclip
 
-    machine = common.machine_info("cuda")
-    print(f"fusedclip {fusedclip.__version__}, torch {machine['torch']} (CUDA {machine['cuda']}), "
-          f"{machine['gpu']}, driver {machine['driver']}")
-    copy_before = common.cuda_copy_bandwidth()
-    results = []
-    for key in cases:
-        for d in dtypes:
-            result = run_case(key, getattr(torch, d), args.rounds, copy_before)
+    machine = common.machine_info(device)
+    if args.rehearse:
+        print(f"fusedclip {fusedclip.__version__}, torch {machine['torch']}: REHEARSAL on the "
+              f"CPU ({machine['cpu']}, {machine['threads']} threads); the numbers mean nothing")
+    else:
+        print(f"fusedclip {fusedclip.__version__}, torch {machine['torch']} (CUDA "
+              f"{machine['cuda']}), {machine['gpu']}, driver {machine['driver']}")
+    path = None if args.no_write or (args.rehearse and not args.json) else args.json
+    payload = {"machine": machine, "mode": {"rehearsal": args.rehearse, "quick": args.quick,
+                                            "rounds": rounds, "budget_s": args.budget_s},
+               "copy_bandwidth_gb_s": {}, "cases": [], "skipped_cases": []}
+
+    def write():
+        nonlocal path
+        if args.no_write or (args.rehearse and not args.json):
+            return
+        payload["elapsed_s"] = time.perf_counter() - start
+        if args.json:
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(payload, f, indent=1)
+            path = args.json
+        else:
+            path = common.write_results("cuda-adam", payload)
+
+    copy_before = copy_bandwidth(device, copy_rounds)
+    payload["copy_bandwidth_gb_s"]["before"] = copy_before / 1e9
+    print(f"copy bandwidth (read + write): {copy_before / 1e9:.0f} GB/s", flush=True)
+    longest = 0.0
+    took: dict[str, float] = {}   # seconds per case key, in the first dtype that ran it
+    # fp32 first: its GPT-2 case carries the main targets.
+    for d in dtypes:
+        for key in cases:
+            left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
+            expect = took.get(key, longest)
+            if left is not None and expect and left < MARGIN * expect:
+                payload["skipped_cases"].append({"key": key, "dtype": d, "reason":
+                                                 f"budget: {left:.0f} s left, the case is "
+                                                 f"expected to take {expect:.0f} s"})
+                print(f"\n## {key} {d}: SKIPPED ({payload['skipped_cases'][-1]['reason']})",
+                      flush=True)
+                continue
+            case_start = time.perf_counter()
+            result = run_case(key, getattr(torch, d), rounds, copy_before, device, case_table)
+            result["seconds"] = time.perf_counter() - case_start
+            longest = max(longest, result["seconds"])
+            took.setdefault(key, result["seconds"])
             print_case(result)
-            results.append(result)
-    copy_after = common.cuda_copy_bandwidth()
-    print(f"\ncopy bandwidth (1 GiB device-to-device, read + write): {copy_before / 1e9:.0f} GB/s "
-          f"before, {copy_after / 1e9:.0f} GB/s after the cases")
-    if not args.no_write:
-        path = common.write_results("cuda-adam", {
-            "machine": machine,
-            "copy_bandwidth_gb_s": {"before": copy_before / 1e9, "after": copy_after / 1e9},
-            "cases": results,
-        })
+            sys.stdout.flush()
+            payload["cases"].append(result)
+            write()
+    left = None if args.budget_s is None else args.budget_s - (time.perf_counter() - start)
+    if left is None or left > 10:
+        copy_after = copy_bandwidth(device, copy_rounds)
+        payload["copy_bandwidth_gb_s"]["after"] = copy_after / 1e9
+        print(f"\ncopy bandwidth (read + write): {copy_before / 1e9:.0f} GB/s before, "
+              f"{copy_after / 1e9:.0f} GB/s after the cases")
+    write()
+    if path:
         print(f"wrote {path}")
     return 0
 

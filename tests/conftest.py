@@ -565,3 +565,14 @@ def random_configs(n: int, seed: int, against: str) -> list:
         flags += ["ctor"] if defaults else []
         configs.append(pytest.param(config, id="-".join(flags)))
     return configs
+
+
+# -- the `cuda` marker: tools/gpu_check.sh runs the CUDA tests first with `-m cuda` ------------
+def pytest_collection_modifyitems(config, items):
+    config.addinivalue_line("markers", "cuda: runs on a CUDA device (added by conftest)")
+    for item in items:
+        params = getattr(item, "callspec", None)
+        values = params.params.values() if params is not None else ()
+        if "cuda" in item.nodeid.split("::")[0].rsplit("/", 1)[-1] or any(
+                (isinstance(v, (str, torch.device)) and str(v).startswith("cuda")) for v in values):
+            item.add_marker(pytest.mark.cuda)
