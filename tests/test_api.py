@@ -109,7 +109,9 @@ def test_step_without_gradients():
     assert opt.step() is None
     assert opt.step(lambda: torch.tensor(2.0)) == torch.tensor(2.0)
     assert torch.equal(p.detach(), torch.ones(3)) and len(opt.state) == 0
-    assert opt.clip_stats == {}
+    # Every key from the start; nothing measured (tests/test_dropin.py).
+    assert set(opt.clip_stats) == {"grad_norm", "clip_coef", "skipped"}
+    assert math.isnan(float(opt.clip_stats["grad_norm"]))
 
 
 # -- lr schedulers -----------------------------------------------------------------------------
@@ -197,11 +199,13 @@ def test_clip_stats_without_clipping():
     p.grad = torch.tensor([3.0, 4.0, 0.0])
     opt = fusedclip.FusedClipAdam([p])  # nonfinite="skip" still measures the norm
     opt.step()
-    assert set(opt.clip_stats) == {"grad_norm", "skipped"}
+    assert set(opt.clip_stats) == {"grad_norm", "clip_coef", "skipped"}
     assert float(opt.clip_stats["grad_norm"]) == 5.0
+    assert float(opt.clip_stats["clip_coef"]) == 1.0
     opt = fusedclip.FusedClipAdam([p], nonfinite="propagate")  # nothing to measure
     opt.step()
-    assert set(opt.clip_stats) == {"skipped"}
+    assert set(opt.clip_stats) == {"grad_norm", "clip_coef", "skipped"}
+    assert math.isnan(float(opt.clip_stats["grad_norm"]))
 
 
 # -- empty tensors ---------------------------------------------------------------------------

@@ -6,7 +6,10 @@ import torch
 from torch import Tensor
 
 from fusedclip import ops
-from fusedclip.optim.base import CLIP_ARG_DOC, FusedClipOptimizer, check_lr, lr_args, scalar_dtype
+from fusedclip.optim.base import (
+    CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC, FusedClipOptimizer, check_lr, kernel_view,
+    lr_args, scalar_dtype,
+)
 
 __all__ = ["FusedClipAdagrad"]
 
@@ -51,7 +54,7 @@ class FusedClipAdagrad(FusedClipOptimizer):
             numerical stability (default: 1e-10)
         maximize (bool, optional): maximize the objective instead of minimizing
             (default: False)
-{clip_arg}        nonfinite (str, optional): what a step whose gradients hold inf or nan
+{impl_args}{clip_arg}        nonfinite (str, optional): what a step whose gradients hold inf or nan
             does: ``"skip"`` changes no parameter and no state (step counts
             included) and counts it in ``clip_stats["skipped"]``; ``"raise"``
             raises before anything changes (and so reads one flag on the host);
@@ -59,19 +62,21 @@ class FusedClipAdagrad(FusedClipOptimizer):
             does. Under ``torch.amp.GradScaler`` a step the scaler finds inf in
             is always skipped. (default: "skip")
 
-    After each step, ``opt.clip_stats`` holds device tensors: ``grad_norm`` (the
-    pre-clip global norm), ``clip_coef`` and ``skipped`` (the number of skipped
-    steps). Reading them is the caller's host sync. State keys are torch's
-    (``step``, ``sum``): state dicts move between this optimizer and
-    ``torch.optim.Adagrad`` both ways. ``step`` lives on the parameter's device
-    (torch.optim keeps it on the CPU; loading a torch state dict moves it).
+{clip_stats}
+    State keys are torch's (``step``, ``sum``): state dicts move between this
+    optimizer and ``torch.optim.Adagrad`` both ways. ``step`` lives on the
+    parameter's device (torch.optim keeps it on the CPU; loading a torch state
+    dict moves it). Complex parameters are optimized as their real views, as
+    torch.optim does. With ``clip=None`` a float32/float64 step is bit for bit
+    torch's ``fused=True`` CPU step.
 
     References:
         Duchi, Hazan & Singer, *Adaptive Subgradient Methods for Online
         Learning and Stochastic Optimization*, JMLR 12, 2011.
         Pascanu, Mikolov & Bengio, *On the difficulty of training recurrent
         neural networks*, ICML 2013 (clipping by the global norm).
-    """.replace("{clip_arg}", CLIP_ARG_DOC)
+    """.replace("{clip_arg}", CLIP_ARG_DOC).replace("{impl_args}", IMPL_ARGS_DOC).replace(
+        "{clip_stats}", CLIP_STATS_DOC)
 
     def __init__(
         self,
@@ -81,14 +86,18 @@ class FusedClipAdagrad(FusedClipOptimizer):
         weight_decay: float = 0,
         initial_accumulator_value: float = 0,
         eps: float = 1e-10,
+        foreach: bool | None = None,
         *,
         maximize: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         clip=None,
         nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
-            lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
-            initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize,
+            lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value, foreach=foreach,
+            maximize=maximize, differentiable=differentiable, fused=fused,
         )
         super().__init__(params, defaults, clip=clip, nonfinite=nonfinite)
 
@@ -107,6 +116,7 @@ class FusedClipAdagrad(FusedClipOptimizer):
                 self._init_state(p, group, state)
 
     def _check_group(self, group: dict) -> None:
+        # torch.optim.Adagrad's checks, in its order and with its messages.
         check_lr(group["lr"])
         for key, name in (("lr_decay", "lr_decay"), ("weight_decay", "weight_decay"),
                           ("initial_accumulator_value", "initial_accumulator_value"),
@@ -121,16 +131,16 @@ class FusedClipAdagrad(FusedClipOptimizer):
 
     def _init_state(self, param: Tensor, group: dict, state: dict) -> None:
         state["step"] = torch.zeros((), dtype=scalar_dtype(), device=param.device)
-        state["sum"] = torch.full_like(param, group["initial_accumulator_value"],
-                                       memory_format=torch.preserve_format)
+        value = group["initial_accumulator_value"]
+        if param.is_complex():
+            value = complex(value, value)  # as torch.optim.Adagrad starts a complex sum
+        state["sum"] = torch.full_like(param, value, memory_format=torch.preserve_format)
 
-    _supports_grad_transform = True
-
-    def _update(self, group, params, grads, states, *, device, clip_coef, grad_scale, found_inf,
-                clip_value=None, unit_coefs=None) -> None:
+    def _update(self, group, params, grads, states, *, originals, device, clip_coef, grad_scale,
+                found_inf, clip_value=None, unit_coefs=None) -> None:
         lr, lr_tensor = lr_args(group["lr"], device)
         ops.adagrad_(
-            params, grads, [s["sum"] for s in states],
+            params, grads, [kernel_view(s["sum"]) for s in states],
             [s["step"] for s in states],
             lr=lr, lr_tensor=lr_tensor, lr_decay=float(group["lr_decay"]),
             weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),

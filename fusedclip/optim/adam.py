@@ -6,7 +6,10 @@ import torch
 from torch import Tensor
 
 from fusedclip import ops
-from fusedclip.optim.base import CLIP_ARG_DOC, FusedClipOptimizer, check_lr, lr_args
+from fusedclip.optim.base import (
+    CAPTURABLE_ARG_DOC, CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC, FusedClipOptimizer, check_lr,
+    kernel_view, lr_args,
+)
 from fusedclip.optim.base import scalar_dtype as _scalar_dtype
 
 __all__ = ["FusedClipAdam", "FusedClipAdamW"]
@@ -51,7 +54,7 @@ _ARGS = """
             (default: False)
         maximize (bool, optional): maximize the objective instead of minimizing
             (default: False){extra}
-{clip_arg}        nonfinite (str, optional): what a step whose gradients hold inf or nan
+{impl_args}{clip_arg}        nonfinite (str, optional): what a step whose gradients hold inf or nan
             does: ``"skip"`` changes no parameter and no state (step counts
             included) and counts it in ``clip_stats["skipped"]``; ``"raise"``
             raises before anything changes (and so reads one flag on the host);
@@ -59,11 +62,13 @@ _ARGS = """
             does. Under ``torch.amp.GradScaler`` a step the scaler finds inf in
             is always skipped. (default: "skip")
 
-    After each step, ``opt.clip_stats`` holds device tensors: ``grad_norm`` (the
-    pre-clip global norm), ``clip_coef`` and ``skipped`` (the number of skipped
-    steps). Reading them is the caller's host sync. State keys are torch's
-    (``step``, ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq``): state dicts move
-    between this optimizer and its torch.optim twin both ways.
+{clip_stats}
+    State keys are torch's (``step``, ``exp_avg``, ``exp_avg_sq``,
+    ``max_exp_avg_sq``): state dicts move between this optimizer and its
+    torch.optim twin both ways. Complex parameters are optimized as their real
+    views, as torch.optim does; the norm of a complex gradient is the norm of
+    its real view. With ``clip=None`` a step is bit for bit torch's
+    ``fused=True`` CPU step.
 
     .. note:: Unlike torch's fused optimizers, a GradScaler's unscaling is never
        written back into ``.grad``: the gradients keep their scaled values.
@@ -88,8 +93,9 @@ class FusedClipAdam(FusedClipOptimizer):
             r"\theta_t \leftarrow \theta_{t-1} - \gamma \lambda \theta_{t-1} "
             r"\textbf{ else } g_t \leftarrow g_t + \lambda \theta_{t-1}",
         )
-        + _ARGS.format(clip_arg=CLIP_ARG_DOC, 
-            lr="1e-3", wd="0",
+        + _ARGS.format(
+            clip_arg=CLIP_ARG_DOC, impl_args=IMPL_ARGS_DOC + CAPTURABLE_ARG_DOC,
+            clip_stats=CLIP_STATS_DOC, lr="1e-3", wd="0",
             extra="\n        decoupled_weight_decay (bool, optional): if True, this optimizer is\n"
             "            equivalent to AdamW (default: False)",
         )
@@ -104,33 +110,51 @@ class FusedClipAdam(FusedClipOptimizer):
         weight_decay: float = 0,
         amsgrad: bool = False,
         *,
+        foreach: bool | None = None,
         maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         clip=None,
         nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            maximize=maximize, decoupled_weight_decay=decoupled_weight_decay,
+            maximize=maximize, foreach=foreach, capturable=capturable,
+            differentiable=differentiable, fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
         )
         super().__init__(params, defaults, clip=clip, nonfinite=nonfinite)
 
     def _check_group(self, group: dict) -> None:
-        check_lr(group["lr"])
-        betas = group["betas"]
+        # torch.optim.Adam's checks, in its order and with its messages; then
+        # fusedclip's one refusal (tensor betas).
+        lr, betas = group["lr"], group["betas"]
+        tensor_flags_refused = group.get("foreach") and not group.get("capturable")
+        if isinstance(lr, Tensor) and tensor_flags_refused:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        check_lr(lr)
+        if not 0.0 <= group["eps"]:
+            raise ValueError(f"Invalid epsilon value: {group['eps']}")
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair of floats, got {betas!r}")
         for i, beta in enumerate(betas):
-            if isinstance(beta, Tensor):
-                raise ValueError(
-                    f"betas[{i}] is a Tensor; {type(self).__name__} takes float betas"
-                )
             if not 0.0 <= beta < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
-        if not 0.0 <= group["eps"]:
-            raise ValueError(f"Invalid epsilon value: {group['eps']}")
         if not 0.0 <= group["weight_decay"]:
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+        tensors = [isinstance(beta, Tensor) for beta in betas]
+        if any(tensors):
+            if not all(tensors):
+                raise ValueError("betas must be either both floats or both Tensors")
+            for i, beta in enumerate(betas):
+                if tensor_flags_refused:
+                    raise ValueError(f"betas[{i}] as a Tensor is not supported for "
+                                     "capturable=False and foreach=True")
+                if beta.numel() != 1:
+                    raise ValueError(f"Tensor betas[{i}] must be 1-element")
+            raise ValueError(f"betas[0] is a Tensor; {type(self).__name__} takes float betas")
 
     def _init_state(self, param: Tensor, group: dict, state: dict) -> None:
         state["step"] = torch.zeros((), dtype=_scalar_dtype(), device=param.device)
@@ -139,13 +163,11 @@ class FusedClipAdam(FusedClipOptimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
-    _supports_grad_transform = True
-
-    def _update(self, group, params, grads, states, *, device, clip_coef, grad_scale, found_inf,
-                clip_value=None, unit_coefs=None) -> None:
+    def _update(self, group, params, grads, states, *, originals, device, clip_coef, grad_scale,
+                found_inf, clip_value=None, unit_coefs=None) -> None:
         amsgrad = group["amsgrad"]
         if amsgrad:
-            for p, s in zip(params, states):
+            for p, s in zip(originals, states):
                 if "max_exp_avg_sq" not in s:  # amsgrad switched on after the first step
                     s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         lr, lr_tensor = lr_args(group["lr"], device)
@@ -153,9 +175,9 @@ class FusedClipAdam(FusedClipOptimizer):
         ops.adam_(
             params,
             grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [s["max_exp_avg_sq"] for s in states] if amsgrad else [],
+            [kernel_view(s["exp_avg"]) for s in states],
+            [kernel_view(s["exp_avg_sq"]) for s in states],
+            [kernel_view(s["max_exp_avg_sq"]) for s in states] if amsgrad else [],
             [s["step"] for s in states],
             lr=lr, lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2),
             eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
@@ -175,7 +197,8 @@ class FusedClipAdamW(FusedClipAdam):
         + _ALGORITHM.replace(
             "{WEIGHT_DECAY}", r"\theta_t \leftarrow \theta_{t-1} - \gamma \lambda \theta_{t-1}"
         )
-        + _ARGS.format(clip_arg=CLIP_ARG_DOC, lr="1e-3", wd="1e-2", extra="")
+        + _ARGS.format(clip_arg=CLIP_ARG_DOC, impl_args=IMPL_ARGS_DOC + CAPTURABLE_ARG_DOC,
+                       clip_stats=CLIP_STATS_DOC, lr="1e-3", wd="1e-2", extra="")
     )
 
     def __init__(
@@ -188,10 +211,16 @@ class FusedClipAdamW(FusedClipAdam):
         amsgrad: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         clip=None,
         nonfinite: str = "skip",
     ) -> None:
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
-            maximize=maximize, decoupled_weight_decay=True, clip=clip, nonfinite=nonfinite,
+            foreach=foreach, maximize=maximize, capturable=capturable,
+            differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+            clip=clip, nonfinite=nonfinite,
         )

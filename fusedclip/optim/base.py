@@ -1,27 +1,24 @@
-"""What every fused optimizer shares: input checks, the norm pass, the clip
-policy, the non-finite policy and the GradScaler hand-off.
+"""What every fused optimizer shares: input checks, the step in named phases,
+the clip policy, the non-finite policy and the GradScaler hand-off.
 
 One ``step()``:
 
-1. checks every group and gradient (nothing has changed if this raises);
-2. norm pass: one ``multi_tensor_norm`` per (device, dtype) over all gradients
-   of all groups, combined into the global norm and a non-finite flag;
-3. the clip policy turns the norms (and its state) into coefficients, on the
-   device: ``policy.clip(ClipInputs(...))`` gets the global norm, the
-   per-tensor norms of each norm bucket (per-tensor policies), the skip flag
-   (a skipped step must not change the policy's state), the policy's state
-   dict and, per parameter, its per-tensor state dict; it returns one 0-d
-   coefficient, or one 1-D tensor of coefficients per norm bucket;
-   Per-unit policies (AGC) get, from the same single read of every gradient,
-   the norm of every unit (``multi_tensor_unit_norm``), and the unit norms of
-   the parameters from one read of every parameter; they return one
-   coefficient per unit;
-4. update pass: the subclass's fused op per group and (device, dtype), which
-   applies coefficient (global, per tensor, or per unit as ``unit_coefs``),
-   ``grad_scale``, the element-wise clamp of ``ValueClip`` (``clip_value``) and
-   the skip flag as it reads each gradient. The gradients of one such call are a contiguous run of their
-   norm bucket (buckets list the gradients group by group), so a per-tensor
-   coefficient is a slice (a view) of the bucket's coefficients.
+1. **gather**: every group's parameters with a gradient, their gradients and
+   state, checked (nothing has changed if this raises), complex ones as real
+   views, bucketed by (device, dtype);
+2. **measure**: the norm pass, one ``multi_tensor_norm`` (or, for per-unit
+   policies, ``multi_tensor_unit_norm``) per bucket over all gradients of all
+   groups: per-tensor norms, the global norm and a non-finite flag;
+3. **reduce**: across processes (a no-op in one process);
+4. **coefficients**: the clip policy turns the norms and its state into clip
+   coefficients and its next state (``fusedclip.clipping``), on the device;
+   the state is kept unless the step is skipped;
+5. **apply**: the subclass's fused op per group and (device, dtype), which
+   applies coefficient (global, per tensor, or per unit), ``grad_scale``, the
+   element-wise clamp of ``ValueClip`` and the skip flag as it reads each
+   gradient;
+6. **record**: ``clip_stats``, the same keys every step, and the count of
+   consecutive skipped steps.
 
 The policy's state travels in the state_dict under the extra top-level key
 ``"clip_policy"`` (torch.optim's ``load_state_dict`` reads only ``"state"`` and
@@ -35,13 +32,15 @@ which must know whether to raise.
 from __future__ import annotations
 
 import math
+import warnings
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from fusedclip import ops
-from fusedclip.clipping import ClipInputs, as_policy
+from fusedclip.clipping import ClipInputs, as_policy, commit_state
 
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
 
@@ -52,9 +51,37 @@ CLIP_ARG_DOC = """        clip (None, float or ClipPolicy, optional): gradient c
             ``fusedclip.GlobalNorm(max_norm, norm_type=inf)``,
             ``fusedclip.ValueClip(clip_value)`` (``clip_grad_value_``) or
             ``fusedclip.AGC(clip_factor)`` (per-unit adaptive clipping). One
-            global norm covers all parameter groups. (default: None)
+            global norm covers all parameter groups; ``opt.clip`` reads or
+            replaces the policy. (default: None)
+"""
+# torch's implementation flags, as every optimizer's docstring states them.
+IMPL_ARGS_DOC = """        foreach, fused (bool, optional): accepted for torch.optim's signature and
+            kept in the param groups; the step is always one fused multi-tensor
+            op, so they change nothing. ``foreach=True`` with ``fused=True`` is
+            refused as torch refuses it. (default: None)
+        differentiable (bool, optional): must be False: the fused step is not
+            differentiable (torch's fused optimizers refuse it too). (default: False)
+"""
+CAPTURABLE_ARG_DOC = """        capturable (bool, optional): accepted and kept; the step is always
+            capturable in a CUDA graph (no host sync, step counters on the
+            parameter's device), whatever its value. (default: False)
+"""
+CLIP_STATS_DOC = """    ``opt.clip_stats`` holds device tensors under the same keys from the
+    optimizer's construction on: ``grad_norm`` (the pre-clip global norm of the
+    last step; NaN before the first step and where no norm was measured, that
+    is with ``nonfinite="propagate"`` and a policy that needs none),
+    ``clip_coef`` (the last step's coefficient: 1 before the first step and
+    without clipping; one per tensor or per unit for such policies) and
+    ``skipped`` (the number of skipped steps); per-tensor policies add
+    ``tensor_norms``. Reading them is the caller's host sync. A run that skips
+    ``warn_after_skips`` (10) steps in a row warns at ``zero_grad()`` (see
+    ``FusedClipOptimizer``).
 """
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+COMPLEX_DTYPES = (torch.complex64, torch.complex128)
+# Keys a param group may not hold: clipping and its non-finite rule are one
+# decision for the whole optimizer (one global norm covers every group).
+OPTIMIZER_WIDE = ("clip", "nonfinite")
 
 
 def check_lr(lr, where: str = "") -> None:
@@ -77,6 +104,17 @@ def check_lr(lr, where: str = "") -> None:
         raise ValueError(f"Invalid learning rate: {lr}{where}")
 
 
+def check_impl_flags(name: str, defaults: dict) -> None:
+    """torch's errors for its implementation flags, in torch's order, and the
+    one fusedclip cannot honour."""
+    if defaults.get("differentiable"):
+        raise RuntimeError(
+            f"{name} does not support differentiable=True: the fused step is not "
+            "differentiable (`fused` does not support `differentiable` in torch.optim either)")
+    if defaults.get("fused") and defaults.get("foreach"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+
+
 def scalar_dtype() -> torch.dtype:
     """torch.optim's dtype for `step` counters (float64 under a float64 default dtype)."""
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
@@ -84,10 +122,22 @@ def scalar_dtype() -> torch.dtype:
 
 def lr_args(lr, device: torch.device) -> tuple[float, Tensor | None]:
     """A group's lr as the fused ops take it: ``(lr, None)`` for a float,
-    ``(0.0, tensor on device)`` for a tensor (read by the kernel, no sync)."""
+    ``(0.0, tensor)`` for a tensor: on the device (read by the kernel, no
+    sync), or a CPU tensor, which every kernel reads on the host (no device
+    sync either; no copy to the device, which from pageable memory would be one)."""
     if isinstance(lr, Tensor):
-        return 0.0, (lr if lr.device == device else lr.to(device, non_blocking=True))
+        return 0.0, lr
     return float(lr), None
+
+
+def kernel_view(t: Tensor) -> Tensor:
+    """The tensor the fused ops see: itself, or for a complex tensor its real
+    view (torch.optim's treatment of complex parameters), with 0-d and 1-d
+    tensors given a leading unit dim so that they stay one unit for per-unit
+    policies, as the complex tensor is."""
+    if not t.is_complex():
+        return t
+    return torch.view_as_real(t if t.dim() >= 2 else t.unsqueeze(0))
 
 
 def group_by_key(keys: list) -> dict:
@@ -101,6 +151,18 @@ def group_by_key(keys: list) -> dict:
             indices = buckets[key] = []
         indices.append(i)
     return buckets
+
+
+def runs(positions: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """``(bucket, start, length)`` runs of consecutive positions: a list that
+    walks buckets in another order as a few contiguous slices of each."""
+    out: list[list[int]] = []
+    for b, k in positions:
+        if out and out[-1][0] == b and out[-1][1] + out[-1][2] == k:
+            out[-1][2] += 1
+        else:
+            out.append([b, k, 1])
+    return [tuple(r) for r in out]
 
 
 class _OnDevice:
@@ -120,40 +182,143 @@ class _OnDevice:
         return self.copies[device]
 
 
+@dataclass
+class _Gathered:
+    """Phase 1's result: per group, the parameters with a gradient (as the
+    kernels see them), their gradients, state dicts and (device, dtype) keys;
+    and the norm buckets over all of them."""
+
+    groups: list[tuple[dict, list[Tensor], list[Tensor], list[Tensor], list[tuple]]]
+    params: list[Tensor] = field(default_factory=list)      # kernel views, all groups
+    originals: list[Tensor] = field(default_factory=list)   # the parameters themselves
+    grads: list[Tensor] = field(default_factory=list)
+    buckets: list[list[int]] = field(default_factory=list)  # indices into grads
+
+
+@dataclass
+class _Norms:
+    """Phase 2's result (all on the first gradient's device but the per-bucket lists)."""
+
+    total: Tensor
+    nonfinite: Tensor
+    tensor_norms: list[Tensor]
+    unit_norms: list[Tensor] | None = None
+    param_unit_norms: list[Tensor] | None = None
+
+
 class FusedClipOptimizer(Optimizer):
     """Base class of the fused optimizers (not for direct use).
 
     Subclasses implement ``_check_group`` (hyperparameters), ``_init_state``
     (torch.optim's state keys) and ``_update`` (one fused op call).
+
+    Attributes:
+        warn_after_skips (int): a ``RuntimeWarning`` is issued when this many
+            steps in a row were skipped (non-finite gradients or a GradScaler's
+            inf), and again at 10x, 100x that many; 0 turns it off. The count
+            is read without a device sync: on the CPU as it is, on CUDA from a
+            copy made in the previous step (so a warning may come one step
+            late). It is checked in ``zero_grad()`` (or ``check_skips()``),
+            never in ``step()``, which reads no value on the host.
+            (default: 10)
     """
 
     # torch.amp.GradScaler hands this optimizer grad_scale and found_inf
     # instead of unscaling the gradients itself.
     _step_supports_amp_scaling = True
-    # The subclass's op takes clip_value and unit_coefs (the shared gradient
-    # transform of csrc/include/fusedclip/grad_transform.h), and its _update
-    # passes them: ValueClip and AGC need it.
-    _supports_grad_transform = False
+    warn_after_skips: int = 10
+    # What the twin's __setstate__ fills into param groups that lack a key
+    # where that is not the constructor's default.
+    _legacy_group_defaults: dict = {}
 
     def __init__(self, params, defaults: dict, *, clip=None, nonfinite: str = "skip") -> None:
-        self.clip_policy = as_policy(clip)
-        policy = self.clip_policy
-        if policy is not None and not self._supports_grad_transform and (
-                policy.per_unit or policy.elementwise_clip_value is not None):
-            raise ValueError(f"{type(self).__name__} does not support the clip policy {policy!r}")
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ValueError(
-                f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}"
-            )
+        # torch validates hyperparameters before it looks at the parameters.
+        check_impl_flags(type(self).__name__, defaults)
+        self._check_group(defaults)
+        self.clip = clip
         self.nonfinite = nonfinite
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._check_group(group)
-        # Updated in place by every step, never re-bound (see _record_stats).
+        device = next((p.device for g in self.param_groups for p in g["params"]),
+                      torch.device("cpu"))
+        # Updated in place by every step, never re-bound (see _record).
         self.clip_stats: dict[str, Tensor] = {}
-        # The clip policy's state: its own dict, and one dict per parameter.
+        self._skips = {"streak": torch.zeros((), dtype=torch.int64, device=device)}
+        self._skip_monitor = _SkipMonitor()
+        self._reset_stats(device)
+
+    # -- settings: clip, nonfinite ----------------------------------------------------------
+    @property
+    def clip(self):
+        """The clip policy (None: no clipping). Assigning a float or a policy
+        replaces it; the new policy starts from its initial state."""
+        return self.clip_policy
+
+    @clip.setter
+    def clip(self, value) -> None:
+        self.clip_policy = as_policy(value)
         self._policy_state: dict = {}
         self._policy_tensor_state: dict = {}
+        if "clip_stats" in self.__dict__:
+            self._reset_stats(self._skips["streak"].device, keep_skipped=True)
+
+    @property
+    def nonfinite(self) -> str:
+        """What a step with inf/nan gradients does: "skip", "raise" or "propagate"."""
+        return self._nonfinite
+
+    @nonfinite.setter
+    def nonfinite(self, value: str) -> None:
+        if value not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {value!r}")
+        self._nonfinite = value
+
+    def add_param_group(self, param_group: dict) -> None:
+        for key in OPTIMIZER_WIDE:
+            if isinstance(param_group, dict) and key in param_group:
+                raise ValueError(
+                    f"a param group may not set {key!r}: {key}= applies to the whole "
+                    f"{type(self).__name__} (one global norm covers every group); give "
+                    "parameters that need another policy an optimizer of their own")
+        super().add_param_group(param_group)
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        return text[:-1] + f"Clip policy: {self.clip_policy!r}\nNonfinite: {self.nonfinite}\n)"
+
+    # -- copies and old state dicts -----------------------------------------------------------
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.update(
+            clip_policy=self.clip_policy, _nonfinite=self._nonfinite,
+            clip_stats=self.clip_stats, _unmeasured=self._unmeasured, _skips=self._skips,
+            _policy_state=self._policy_state, _policy_tensor_state=self._policy_tensor_state,
+        )
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        # torch's load_state_dict calls this with only "state" and
+        # "param_groups": the attributes not given are kept.
+        super().__setstate__(state)
+        if "_skip_monitor" not in self.__dict__:
+            self._skip_monitor = _SkipMonitor()
+        # What torch does for state dicts saved by older versions: param group
+        # keys added since take their defaults, and a float step becomes a
+        # tensor (on the parameter's device, where the fused ops read it).
+        for group in self.param_groups:
+            for key, value in {**self.defaults, **self._legacy_group_defaults}.items():
+                group.setdefault(key, value)
+            for p in group["params"]:
+                p_state = self.state.get(p)
+                if p_state and "step" in p_state:
+                    step = p_state["step"]
+                    if not torch.is_tensor(step):
+                        p_state["step"] = torch.tensor(float(step), dtype=scalar_dtype(),
+                                                       device=p.device)
+                    elif step.device != p.device:
+                        # torch.optim keeps a non-fused optimizer's counters on the CPU.
+                        p_state["step"] = step.to(p.device)
 
     # -- subclass interface ---------------------------------------------------
     def _check_group(self, group: dict) -> None:
@@ -163,120 +328,20 @@ class FusedClipOptimizer(Optimizer):
         raise NotImplementedError
 
     def _update(self, group: dict, params: list[Tensor], grads: list[Tensor],
-                states: list[dict], *, device: torch.device,
+                states: list[dict], *, originals: list[Tensor], device: torch.device,
                 clip_coef: Tensor | None, grad_scale: Tensor | None,
                 found_inf: Tensor | None, clip_value: float | None = None,
                 unit_coefs: list[Tensor] | None = None) -> None:
-        """One fused op call over ``params`` (all on ``device``, of one dtype),
-        their gradients and their state dicts (``self.state[p]``, after
-        ``_init_state``). ``clip_value`` and ``unit_coefs`` (one 1-D tensor
-        of per-unit coefficients per parameter) come only to subclasses with
-        ``_supports_grad_transform``, and go to their op unchanged."""
+        """One fused op call over ``params`` (all on ``device``, of one dtype,
+        as the kernels see them: complex parameters as real views), their
+        gradients and their state dicts (``self.state[p]``, after
+        ``_init_state``; pass state tensors through ``kernel_view``).
+        ``originals`` are the parameters themselves (make state like them).
+        ``clip_value`` and ``unit_coefs`` (one 1-D tensor of per-unit
+        coefficients per parameter) go to the op unchanged."""
         raise NotImplementedError
 
     # -- the step ---------------------------------------------------------------
-    def _params_with_grads(self) -> list[tuple[list[Tensor], list[Tensor], list[tuple]]]:
-        """Per group: the parameters that have a gradient, their gradients, and
-        their (device, dtype) keys, after checking every group and gradient
-        (nothing has changed if this raises). One pass, since with many small
-        tensors the per-parameter Python work is a good part of a step."""
-        name = type(self).__name__
-        per_group = []
-        for group in self.param_groups:
-            self._check_group(group)
-            params, grads, keys = [], [], []
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(f"{name} does not support sparse gradients")
-                dtype = p.dtype
-                if dtype not in SUPPORTED_DTYPES:
-                    if p.is_complex():
-                        raise RuntimeError(
-                            f"{name} does not support complex parameters (got {dtype}); "
-                            "optimize torch.view_as_real(param) instead"
-                        )
-                    raise RuntimeError(
-                        f"{name} supports float32, float64, float16 and bfloat16 "
-                        f"parameters, got {dtype}"
-                    )
-                params.append(p)
-                grads.append(grad)
-                keys.append((p.device, dtype))
-            per_group.append((params, grads, keys))
-        return per_group
-
-    def _norm_pass(self, grads: list[Tensor], keys: list[tuple], norm_type: float,
-                   params: list[Tensor] | None = None):
-        """Global norm and non-finite flag of all gradients, on the first
-        gradient's device, and the per-tensor norms of each norm bucket
-        (``keys``: each gradient's (device, dtype), its parameter's).
-
-        Returns ``(total_norm, nonfinite, buckets, tensor_norms, unit_norms,
-        param_unit_norms)``: ``buckets`` lists the indices (into ``grads``) of
-        each (device, dtype) bucket in increasing order, ``tensor_norms`` one
-        1-D tensor per bucket. With ``params`` (per-unit policies), the same
-        single read of the gradients also gives ``unit_norms``, the norms of
-        all units of each bucket (one 1-D tensor per bucket), and one read of
-        the parameters gives ``param_unit_norms``; otherwise both are None."""
-        buckets = list(group_by_key(keys).values())
-        totals, flags, tensor_norms = [], [], []
-        unit_norms = param_unit_norms = None
-        if params is not None:
-            unit_norms, param_unit_norms = [], []
-        for indices in buckets:
-            if params is None:
-                norms, total, flag = ops.multi_tensor_norm([grads[i] for i in indices], norm_type)
-            else:
-                units, norms, total, flag = ops.multi_tensor_unit_norm(
-                    [grads[i] for i in indices], norm_type)
-                unit_norms.append(units)
-                param_unit_norms.append(ops.multi_tensor_unit_norm(
-                    [params[i] for i in indices], norm_type)[0])
-            tensor_norms.append(norms)
-            totals.append(total)
-            flags.append(flag)
-        total, flag = self._combine(totals, flags, norm_type)
-        return total, flag, buckets, tensor_norms, unit_norms, param_unit_norms
-
-    @staticmethod
-    def _combine(totals: list[Tensor], flags: list[Tensor], norm_type: float):
-        """The global norm and flag from those of the buckets."""
-        if len(totals) == 1:
-            return totals[0], flags[0]
-        device = totals[0].device
-        totals = torch.stack([t.to(device, non_blocking=True) for t in totals])
-        flags = torch.stack([f.to(device, non_blocking=True) for f in flags])
-        if math.isinf(norm_type):
-            return totals.max(), flags.max()  # max propagates NaN
-        return torch.linalg.vector_norm(totals), flags.max()
-
-    def _policy_coefficients(self, policy, params: list[Tensor], total_norm: Tensor,
-                             buckets: list[list[int]], tensor_norms: list[Tensor],
-                             skip: Tensor | None, unit_norms=None, param_unit_norms=None):
-        """The policy's coefficient(s): a 0-d tensor, or one 1-D tensor per
-        norm bucket for per-tensor policies. `params` are the parameters of
-        the gradients, in the norm pass's order."""
-        state = self._policy_state
-        for key, value in state.items():
-            # After load_state_dict from another device (a metadata check, no sync).
-            if isinstance(value, Tensor) and value.device != total_norm.device:
-                state[key] = value.to(total_norm.device)
-        tensor_states = None
-        if policy.has_tensor_state:
-            tensor_states = [
-                [self._policy_tensor_state.setdefault(params[i], {}) for i in indices]
-                for indices in buckets
-            ]
-        return policy.clip(ClipInputs(
-            total_norm=total_norm,
-            tensor_norms=tensor_norms if policy.per_tensor else None,
-            skip=skip, state=state, tensor_states=tensor_states,
-            unit_norms=unit_norms, param_unit_norms=param_unit_norms,
-        ))
-
     @torch.no_grad()
     def step(self, closure=None):
         """Performs a single optimization step, clipping included.
@@ -290,9 +355,8 @@ class FusedClipOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        per_group = self._params_with_grads()
-        grads = [g for _, group_grads, _ in per_group for g in group_grads]
-        if not grads:
+        batch = self._gather()
+        if not batch.grads:
             return loss
         # Set by torch.amp.GradScaler.step(): the gradients are still scaled by
         # grad_scale (None once the user called scaler.unscale_), and found_inf
@@ -300,151 +364,305 @@ class FusedClipOptimizer(Optimizer):
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         scaler_found_inf: Tensor | None = getattr(self, "found_inf", None)
 
-        policy = self.clip_policy
-        per_tensor = policy is not None and policy.per_tensor
-        per_unit = policy is not None and policy.per_unit
-        clip_value = None if policy is None else policy.elementwise_clip_value
-        total_norm = nonfinite = clip_coef = tensor_norms = buckets = None
-        unit_norms = param_unit_norms = None
-        flat_params = [p for params, _, _ in per_group for p in params]
-        if (policy is not None and policy.needs_norms) or self.nonfinite != "propagate":
-            norm_type = policy.norm_type if policy is not None else 2.0
-            total_norm, nonfinite, buckets, tensor_norms, unit_norms, param_unit_norms = (
-                self._norm_pass(grads, [k for _, _, keys in per_group for k in keys], norm_type,
-                                flat_params if per_unit else None))
-            if grad_scale is not None:
-                # The norm of the unscaled gradients, without an unscale pass.
-                total_norm = total_norm / grad_scale.to(total_norm.device, non_blocking=True)
-                if per_tensor:
-                    tensor_norms = [n / grad_scale.to(n.device, non_blocking=True)
-                                    for n in tensor_norms]
-                if per_unit:
-                    unit_norms = [n / grad_scale.to(n.device, non_blocking=True)
-                                  for n in unit_norms]
-            if self.nonfinite == "raise" and scaler_found_inf is None:
-                if bool(nonfinite):  # sync-ok: "raise" has to know
-                    raise RuntimeError(
-                        f"{type(self).__name__}: the gradients hold inf or nan "
-                        f"(global norm {float(total_norm)}); no parameter or state "  # sync-ok
-                        "was changed (nonfinite='raise')"
-                    )
-
-        skip = nonfinite if self.nonfinite == "skip" else None
+        norms = self._measure(batch, grad_scale)
+        norms = self._reduce(norms)
+        if norms is not None and self.nonfinite == "raise" and scaler_found_inf is None:
+            if bool(norms.nonfinite):  # sync-ok: "raise" has to know
+                raise RuntimeError(
+                    f"{type(self).__name__}: the gradients hold inf or nan "
+                    f"(global norm {float(norms.total)}); no parameter or state "  # sync-ok
+                    "was changed (nonfinite='raise')"
+                )
+        skip = norms.nonfinite if norms is not None and self.nonfinite == "skip" else None
         if scaler_found_inf is not None:
-            inf = scaler_found_inf.to(grads[0].device, non_blocking=True)
+            inf = scaler_found_inf.to(batch.grads[0].device, non_blocking=True)
             skip = inf if skip is None else torch.maximum(skip, inf)
 
-        if policy is not None:
-            clip_coef = self._policy_coefficients(
-                policy, flat_params, total_norm, buckets, tensor_norms, skip,
-                unit_norms, param_unit_norms)
-        # Per-unit coefficients: one view per gradient of its bucket's coefficients.
-        unit_coefs = None
-        if per_unit:
-            unit_coefs = [list(c.split(ops.unit_counts([grads[i] for i in indices])))
-                          for c, indices in zip(clip_coef, buckets)]
+        coef = self._coefficients(batch, norms, skip)
+        unit_coefs = self._unit_coefs(batch, coef)
+        self._apply(batch, coef, unit_coefs, grad_scale, skip)
+        self._record(batch, norms, coef, unit_coefs, skip)
+        return loss
 
-        # Where each gradient sits in its norm bucket, for per-tensor and
-        # per-unit coefficients.
+    def _gather(self) -> _Gathered:
+        """Phase 1: per group, the parameters that have a gradient (complex
+        ones as real views), their gradients and (device, dtype) keys, after
+        checking every group and gradient: nothing has changed if this
+        raises. One pass, since with many small tensors the per-parameter
+        Python work is a good part of a step."""
+        name = type(self).__name__
+        checked = []
+        for group in self.param_groups:
+            self._check_group(group)
+            params, grads, keys = [], [], []
+            for p in group["params"]:
+                grad = p.grad
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise RuntimeError(f"{name} does not support sparse gradients")
+                dtype = p.dtype
+                if dtype not in SUPPORTED_DTYPES:
+                    if dtype not in COMPLEX_DTYPES:
+                        raise RuntimeError(
+                            f"{name} supports float32, float64, float16 and bfloat16 "
+                            f"parameters and complex64/complex128 ones, got {dtype}")
+                    if grad.dtype != dtype:
+                        raise RuntimeError(
+                            f"{name}: the gradient of a {dtype} parameter is {grad.dtype}")
+                params.append(p)
+                grads.append(grad)
+                keys.append((p.device, dtype))
+            checked.append((group, params, grads, keys))
+
+        batch = _Gathered(groups=[])
+        keys_all = []
+        for group, params, grads, keys in checked:
+            views = [kernel_view(p) for p in params]
+            grad_views = [kernel_view(g) for g in grads]
+            real_keys = [(d, v.dtype) for (d, _), v in zip(keys, views)]
+            batch.groups.append((group, params, views, grad_views, real_keys))
+            batch.params.extend(views)
+            batch.originals.extend(params)
+            batch.grads.extend(grad_views)
+            keys_all.extend(real_keys)
+        batch.buckets = list(group_by_key(keys_all).values())
+        return batch
+
+    def _measure(self, batch: _Gathered, grad_scale: Tensor | None) -> _Norms | None:
+        """Phase 2: the norm pass over all gradients (None where neither the
+        policy nor the non-finite rule needs it): the global norm and
+        non-finite flag on the first gradient's device, per-tensor norms per
+        bucket and, for per-unit policies, the norms of every unit of the
+        gradients and (one read of every parameter) of the parameters.
+        Norms are of the unscaled gradients (divided by a GradScaler's scale)."""
+        policy = self.clip_policy
+        if not ((policy is not None and policy.needs_norms) or self.nonfinite != "propagate"):
+            return None
+        norm_type = policy.norm_type if policy is not None else 2.0
+        per_unit = policy is not None and policy.per_unit
+        grads, params = batch.grads, batch.params
+        totals, flags, tensor_norms = [], [], []
+        unit_norms = param_unit_norms = None
+        if per_unit:
+            unit_norms, param_unit_norms = [], []
+        for indices in batch.buckets:
+            if not per_unit:
+                norms, total, flag = ops.multi_tensor_norm([grads[i] for i in indices], norm_type)
+            else:
+                units, norms, total, flag = ops.multi_tensor_unit_norm(
+                    [grads[i] for i in indices], norm_type)
+                unit_norms.append(units)
+                param_unit_norms.append(ops.multi_tensor_unit_norm(
+                    [params[i] for i in indices], norm_type)[0])
+            tensor_norms.append(norms)
+            totals.append(total)
+            flags.append(flag)
+        total, flag = self._combine(totals, flags, norm_type)
+        if grad_scale is not None:
+            # The norm of the unscaled gradients, without an unscale pass.
+            total = total / grad_scale.to(total.device, non_blocking=True)
+            tensor_norms = [n / grad_scale.to(n.device, non_blocking=True) for n in tensor_norms]
+            if per_unit:
+                unit_norms = [n / grad_scale.to(n.device, non_blocking=True) for n in unit_norms]
+        return _Norms(total, flag, tensor_norms, unit_norms, param_unit_norms)
+
+    @staticmethod
+    def _combine(totals: list[Tensor], flags: list[Tensor], norm_type: float):
+        """The global norm and flag from those of the buckets."""
+        if len(totals) == 1:
+            return totals[0], flags[0]
+        device = totals[0].device
+        totals = torch.stack([t.to(device, non_blocking=True) for t in totals])
+        flags = torch.stack([f.to(device, non_blocking=True) for f in flags])
+        if math.isinf(norm_type):
+            return totals.max(), flags.max()  # max propagates NaN
+        return torch.linalg.vector_norm(totals), flags.max()
+
+    def _reduce(self, norms: _Norms | None) -> _Norms | None:
+        """Phase 3: the norms across processes. One process: nothing to do."""
+        return norms
+
+    def _coefficients(self, batch: _Gathered, norms: _Norms | None, skip: Tensor | None):
+        """Phase 4: the policy's coefficient(s) (None without a policy or
+        coefficient): a 0-d tensor, or one 1-D tensor per norm bucket for
+        per-tensor and per-unit policies. The policy's new state is kept
+        unless the step is skipped."""
+        policy = self.clip_policy
+        if policy is None:
+            return None
+        device = norms.total.device if norms is not None else batch.grads[0].device
+        state = self._policy_state
+        if not state:
+            state.update(policy.init_state(device))
+        for key, value in state.items():
+            # After load_state_dict from another device (a metadata check, no sync).
+            if isinstance(value, Tensor) and value.device != device:
+                state[key] = value.to(device)
+        tensor_states = None
+        if norms is None:  # a policy that needs no norm (ValueClip), none measured
+            norms = _Norms(None, None, [])
+        if policy.has_tensor_state:
+            tensor_states = []
+            for indices, bucket_norms in zip(batch.buckets, norms.tensor_norms):
+                bucket = []
+                for i in indices:
+                    p = batch.originals[i]
+                    s = self._policy_tensor_state.get(p)
+                    if not s:
+                        s = self._policy_tensor_state[p] = policy.init_tensor_state(
+                            bucket_norms.dtype, bucket_norms.device)
+                    bucket.append(s)
+                tensor_states.append(bucket)
+        result = policy.clip(ClipInputs(
+            total_norm=norms.total,
+            tensor_norms=norms.tensor_norms if policy.per_tensor else None,
+            state=state, tensor_states=tensor_states,
+            unit_norms=norms.unit_norms, param_unit_norms=norms.param_unit_norms,
+        ))
+        olds, news = [], []
+        if result.state:
+            olds.append(state)
+            news.append(result.state)
+        if result.tensor_states:
+            for old_bucket, new_bucket in zip(tensor_states, result.tensor_states):
+                olds.extend(old_bucket)
+                news.extend(new_bucket)
+        commit_state(olds, news, skip)
+        return result.coef
+
+    def _unit_coefs(self, batch: _Gathered, coef) -> list[list[Tensor]] | None:
+        """Per-unit coefficients as one view per gradient, bucket by bucket."""
+        if self.clip_policy is None or not self.clip_policy.per_unit:
+            return None
+        return [list(c.split(ops.unit_counts([batch.grads[i] for i in indices])))
+                for c, indices in zip(coef, batch.buckets)]
+
+    def _apply(self, batch: _Gathered, coef, unit_coefs: list[list[Tensor]] | None,
+               grad_scale: Tensor | None, skip: Tensor | None) -> None:
+        """Phase 5: one fused op per group and (device, dtype). The gradients
+        of one such call are a contiguous run of their norm bucket (buckets
+        list the gradients group by group), so a per-tensor or per-unit
+        coefficient is a slice (a view) of the bucket's coefficients."""
+        policy = self.clip_policy
+        per_tensor = policy is not None and policy.per_tensor
+        per_unit = unit_coefs is not None
+        clip_value = None if policy is None else policy.elementwise_clip_value
         where: list[tuple[int, int]] = []
         if per_tensor or per_unit:
-            where = [(0, 0)] * len(grads)
-            for b, indices in enumerate(buckets):
-                for k, i in enumerate(indices):
-                    where[i] = (b, k)
+            where = self._positions(batch)
 
-        coef_on, scale_on, skip_on = _OnDevice(clip_coef), _OnDevice(grad_scale), _OnDevice(skip)
+        coef_on = _OnDevice(None if per_tensor or per_unit else coef)
+        scale_on, skip_on = _OnDevice(grad_scale), _OnDevice(skip)
         offset = 0
-        for group, (params, group_grads, keys) in zip(self.param_groups, per_group):
+        for group, originals, params, grads, keys in batch.groups:
+            # State is made here, after every check and the "raise" rule.
             states = []
-            for p in params:
+            for p in originals:
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(p, group, state)
-                states.append(state)
+                states.append(self.state.get(p, state))
             for (device, _), indices in group_by_key(keys).items():
-                coef = units = None
+                call_coef = units = None
                 if per_tensor or per_unit:
                     b, start = where[offset + indices[0]]
                     # The call's gradients are a contiguous run of bucket b.
                     assert where[offset + indices[-1]] == (b, start + len(indices) - 1)
                     if per_tensor:
-                        coef = clip_coef[b][start:start + len(indices)]
+                        call_coef = coef[b][start:start + len(indices)]
                     else:
                         units = unit_coefs[b][start:start + len(indices)]
                 else:
-                    coef = coef_on.on(device)
+                    call_coef = coef_on.on(device)
                 extra = {}
                 if clip_value is not None or units is not None:
                     extra = dict(clip_value=clip_value, unit_coefs=units)
                 if len(indices) == len(params):  # one bucket: no sublists to make
-                    call_params, call_grads, call_states = params, group_grads, states
+                    call_params, call_grads, call_states = params, grads, states
+                    call_originals = originals
                 else:
                     call_params = [params[i] for i in indices]
-                    call_grads = [group_grads[i] for i in indices]
+                    call_grads = [grads[i] for i in indices]
                     call_states = [states[i] for i in indices]
+                    call_originals = [originals[i] for i in indices]
                 self._update(
-                    group, call_params, call_grads, call_states, device=device,
-                    clip_coef=coef, grad_scale=scale_on.on(device),
+                    group, call_params, call_grads, call_states, originals=call_originals,
+                    device=device,
+                    clip_coef=call_coef, grad_scale=scale_on.on(device),
                     found_inf=skip_on.on(device), **extra,
                 )
             offset += len(params)
 
-        if per_tensor:
-            tensor_norms = self._in_param_order(tensor_norms, buckets, len(grads))
-            clip_coef = self._in_param_order(clip_coef, buckets, len(grads))
-        if per_unit:
-            clip_coef = self._units_in_param_order(unit_coefs, buckets, len(grads))
-        self._record_stats(total_norm, clip_coef, skip, grads[0].device,
-                           tensor_norms if per_tensor else None)
-        return loss
-
     @staticmethod
-    def _in_param_order(per_bucket: list[Tensor], buckets: list[list[int]], n: int) -> Tensor:
-        """One 1-D tensor, in the order of the gradients, from per-bucket tensors."""
-        if len(per_bucket) == 1:
-            return per_bucket[0]
-        device = per_bucket[0].device
-        joined = torch.cat([t.to(device, non_blocking=True) for t in per_bucket])
-        position = [0] * n
-        for k, i in enumerate(i for indices in buckets for i in indices):
-            position[i] = k
-        return joined[torch.tensor(position, device=device)]
+    def _positions(batch: _Gathered) -> list[tuple[int, int]]:
+        """Where each gradient sits in its norm bucket: (bucket, index)."""
+        where = [(0, 0)] * len(batch.grads)
+        for b, indices in enumerate(batch.buckets):
+            for k, i in enumerate(indices):
+                where[i] = (b, k)
+        return where
 
-    @staticmethod
-    def _units_in_param_order(per_bucket: list[list[Tensor]], buckets: list[list[int]],
-                              n: int) -> Tensor:
-        """All unit coefficients in one 1-D tensor, gradient after gradient."""
-        if len(per_bucket) == 1:
-            return torch.cat(per_bucket[0])
-        ordered: list[Tensor | None] = [None] * n
-        for tensors, indices in zip(per_bucket, buckets):
-            for t, i in zip(tensors, indices):
-                ordered[i] = t
-        device = ordered[0].device
-        return torch.cat([t.to(device, non_blocking=True) for t in ordered])
+    def _record(self, batch: _Gathered, norms: _Norms | None, coef,
+                unit_coefs: list[list[Tensor]] | None, skip: Tensor | None) -> None:
+        """Phase 6: ``clip_stats`` and the skip streak.
 
-    def _record_stats(self, total_norm, clip_coef, skip, device, tensor_norms=None) -> None:
-        # The dict is filled in place and the skipped counter kept in it rather
-        # than in an attribute of its own: inside torch.compile(opt.step),
-        # dynamo silently drops attribute assignments on an Optimizer (torch
-        # 2.13; `self.x = ...` never happens), while it replays the mutation of
-        # a dict the optimizer holds. Each step's tensors are new ones, so a
-        # tensor a caller kept from an earlier step keeps its value.
+        The dict is filled in place and the counters kept in dicts rather than
+        in attributes of their own: inside torch.compile(opt.step), dynamo
+        silently drops attribute assignments on an Optimizer (torch 2.13;
+        ``self.x = ...`` never happens), while it replays the mutation of a
+        dict the optimizer holds. Each step's tensors are new ones, so a tensor
+        a caller kept from an earlier step keeps its value."""
+        policy = self.clip_policy
         stats = self.clip_stats
-        skipped = stats.get("skipped")
-        if skipped is None:
-            skipped = torch.zeros((), dtype=torch.int64, device=device)
+        device = batch.grads[0].device
+        if policy is not None and (policy.per_tensor or policy.per_unit):
+            # The buckets in the gradients' order: a few contiguous runs.
+            order = runs(self._positions(batch))
+            if unit_coefs is not None:
+                coef = _in_order([torch.cat(c) if c else torch.zeros(0, device=device)
+                                  for c in unit_coefs], order, device, unit_coefs)
+            else:
+                coef = _in_order(coef, order, device)
+            if policy.per_tensor:
+                stats["tensor_norms"] = _in_order(norms.tensor_norms, order, device)
+        stats["grad_norm"] = norms.total if norms is not None else self._unmeasured["grad_norm"]
+        stats["clip_coef"] = coef if coef is not None else self._unmeasured["clip_coef"]
         if skip is not None:
-            skipped += skip.to(skipped.device, torch.int64, non_blocking=True)
+            flag = skip.to(stats["skipped"].device, torch.int64, non_blocking=True)
+            stats["skipped"] += flag
+            streak = self._skips["streak"]
+            flag = flag.to(streak.device, non_blocking=True)
+            streak.copy_((streak + flag) * flag)
+
+    def _reset_stats(self, device: torch.device, keep_skipped: bool = False) -> None:
+        """``clip_stats`` before a step: every key there, nothing measured."""
+        stats = self.clip_stats
+        skipped = stats.get("skipped") if keep_skipped else None
+        # What a step that measured nothing records (reused, never written).
+        self._unmeasured = {"grad_norm": torch.full((), math.nan, device=device),
+                            "clip_coef": torch.ones((), device=device)}
         stats.clear()
-        stats["skipped"] = skipped
-        if total_norm is not None:
-            stats["grad_norm"] = total_norm
-        if clip_coef is not None:
-            stats["clip_coef"] = clip_coef
-        if tensor_norms is not None:
-            stats["tensor_norms"] = tensor_norms
+        stats.update(self._unmeasured)
+        stats["skipped"] = (skipped if skipped is not None
+                            else torch.zeros((), dtype=torch.int64, device=device))
+        policy = self.clip_policy
+        if policy is not None and policy.per_tensor:
+            stats["tensor_norms"] = torch.zeros(0, device=device)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if not torch.compiler.is_compiling():
+            self.check_skips()
+
+    def check_skips(self) -> int | None:
+        """Warns if the last ``warn_after_skips`` steps or more were all
+        skipped, and returns how many steps in a row were (None where the
+        count is not known yet). Called by ``zero_grad()``; a loop that
+        clears gradients another way (``model.zero_grad()``) can call it
+        instead. It never waits on the device: a CPU count is read as it is,
+        a CUDA one from an asynchronous copy made at the previous call."""
+        return self._skip_monitor.check(self)
 
     # -- state_dict: the clip policy's state ----------------------------------------
     def state_dict(self):
@@ -472,7 +690,9 @@ class FusedClipOptimizer(Optimizer):
     def load_state_dict(self, state_dict) -> None:
         """torch.optim's load_state_dict; a state_dict without ``"clip_policy"``
         (torch.optim's, say) starts the clip policy afresh. An optimizer without
-        a policy ignores a saved policy state; one with another policy refuses it."""
+        a policy ignores a saved policy state; one with another policy refuses it.
+        Param groups saved by older torch versions (without ``maximize``,
+        ``foreach``, ... or with float step counts) load as torch loads them."""
         saved = state_dict.get("clip_policy")
         policy = self.clip_policy
         if policy is None:
@@ -482,6 +702,11 @@ class FusedClipOptimizer(Optimizer):
                 f"this state_dict holds the state of clip policy {saved.get('policy')!r}, "
                 f"but this optimizer's policy is {policy!r}"
             )
+        for group in state_dict.get("param_groups", []):
+            for key in OPTIMIZER_WIDE:
+                if key in group:
+                    raise ValueError(f"this state_dict's param groups set {key!r}, "
+                                     "which applies to a whole optimizer")
         super().load_state_dict(state_dict)
         self._policy_state = {}
         self._policy_tensor_state = {}
@@ -499,10 +724,57 @@ class FusedClipOptimizer(Optimizer):
                         k: v.to(p.device, copy=True) if isinstance(v, Tensor) else v
                         for k, v in s.items()
                     }
-        # torch.optim keeps a non-fused optimizer's step counters on the CPU;
-        # the fused ops read them where the parameter lives.
-        for group in self.param_groups:
-            for p in group["params"]:
-                step = self.state.get(p, {}).get("step")
-                if isinstance(step, Tensor) and step.device != p.device:
-                    self.state[p]["step"] = step.to(p.device)
+
+
+def _in_order(per_bucket: list[Tensor], order, device,
+              pieces: list[list[Tensor]] | None = None) -> Tensor:
+    """One 1-D tensor in the order of the gradients, from per-bucket tensors
+    and the runs (``runs``) that walk them in that order. With ``pieces``
+    (per bucket, one tensor per gradient) a run takes those gradients' pieces."""
+    if len(per_bucket) == 1:
+        return per_bucket[0]
+    if pieces is not None:
+        parts = [t for b, k, n in order for t in pieces[b][k:k + n]]
+    else:
+        parts = [per_bucket[b][k:k + n] for b, k, n in order]
+    return torch.cat([t.to(device, non_blocking=True) for t in parts])
+
+
+class _SkipMonitor:
+    """Warns when many steps in a row were skipped, without a device sync:
+    a CPU count is read as it is; a CUDA one from a pinned copy made
+    asynchronously at the previous check, once its event has completed."""
+
+    def __init__(self) -> None:
+        self.warned_at = 0
+        self.pending = None  # (pinned host tensor, event)
+
+    def check(self, opt: FusedClipOptimizer) -> int | None:
+        streak = opt._skips["streak"]
+        if streak.device.type == "cpu":
+            seen = int(streak)  # sync-ok: CPU memory
+        else:
+            seen = None
+            if self.pending is not None and self.pending[1].query():
+                seen = int(self.pending[0])  # sync-ok: a completed pinned copy
+                self.pending = None
+            if self.pending is None and streak.device.type == "cuda":
+                host = torch.empty((), dtype=streak.dtype, pin_memory=True)
+                host.copy_(streak, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                self.pending = (host, event)
+        limit = opt.warn_after_skips
+        if seen is None or not limit:
+            return seen
+        if seen < limit:
+            self.warned_at = 0
+        elif seen >= max(limit, 10 * self.warned_at):
+            self.warned_at = seen
+            warnings.warn(
+                f"{type(opt).__name__}: the last {seen} steps were all skipped: the gradients "
+                f"held inf or nan (nonfinite={opt.nonfinite!r}) or a GradScaler found inf, so "
+                "no parameter has changed since. Check the loss and the gradients; "
+                "nonfinite='raise' stops at the first such step. (Set warn_after_skips=0 "
+                "to silence this.)", RuntimeWarning, stacklevel=4)
+        return seen

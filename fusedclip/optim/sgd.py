@@ -8,7 +8,10 @@ import torch
 from torch import Tensor
 
 from fusedclip import ops
-from fusedclip.optim.base import CLIP_ARG_DOC, FusedClipOptimizer, check_lr, lr_args
+from fusedclip.optim.base import (
+    CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC, FusedClipOptimizer, check_lr, kernel_view,
+    lr_args,
+)
 
 __all__ = ["FusedClipSGD"]
 
@@ -63,7 +66,7 @@ class FusedClipSGD(FusedClipOptimizer):
             ``momentum > 0`` and ``dampening == 0`` (default: False)
         maximize (bool, optional): maximize the objective instead of minimizing
             (default: False)
-{clip_arg}        nonfinite (str, optional): what a step whose gradients hold inf or nan
+{impl_args}{clip_arg}        nonfinite (str, optional): what a step whose gradients hold inf or nan
             does: ``"skip"`` changes no parameter and no state and counts it in
             ``clip_stats["skipped"]`` (a skipped first step leaves the next one
             a first step: the buffer is then the gradient, as in torch);
@@ -72,11 +75,12 @@ class FusedClipSGD(FusedClipOptimizer):
             torch.optim does. Under ``torch.amp.GradScaler`` a step the scaler
             finds inf in is always skipped. (default: "skip")
 
-    After each step, ``opt.clip_stats`` holds device tensors: ``grad_norm`` (the
-    pre-clip global norm), ``clip_coef`` and ``skipped`` (the number of skipped
-    steps). Reading them is the caller's host sync. The state key is torch's
-    (``momentum_buffer``, only with momentum): state dicts move between this
-    optimizer and ``torch.optim.SGD`` both ways.
+{clip_stats}
+    The state key is torch's (``momentum_buffer``, only with momentum): state
+    dicts move between this optimizer and ``torch.optim.SGD`` both ways.
+    Complex parameters are optimized as their real views, as torch.optim does.
+    With ``clip=None`` a float32/float64 step is bit for bit torch's
+    ``fused=True`` CPU step.
 
     .. note:: The momentum buffer is allocated (zero) before its first step, so
        that the kernel can write it without a host sync; whether that first
@@ -94,7 +98,8 @@ class FusedClipSGD(FusedClipOptimizer):
         momentum in this form).
         Pascanu, Mikolov & Bengio, *On the difficulty of training recurrent
         neural networks*, ICML 2013 (clipping by the global norm).
-    """.replace("{clip_arg}", CLIP_ARG_DOC)
+    """.replace("{clip_arg}", CLIP_ARG_DOC).replace("{impl_args}", IMPL_ARGS_DOC).replace(
+        "{clip_stats}", CLIP_STATS_DOC)
 
     def __init__(
         self,
@@ -106,35 +111,57 @@ class FusedClipSGD(FusedClipOptimizer):
         nesterov: bool = False,
         *,
         maximize: bool = False,
+        foreach: bool | None = None,
+        differentiable: bool = False,
+        fused: bool | None = None,
         clip=None,
         nonfinite: str = "skip",
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, maximize=maximize,
+            nesterov=nesterov, maximize=maximize, foreach=foreach,
+            differentiable=differentiable, fused=fused,
         )
+        # Per parameter (by id), (parameter, buffer, counter): how many steps
+        # that buffer has taken, on the parameter's device (see the note
+        # above). Keyed by id(param), which hashes in C where a Tensor key
+        # hashes in Python; an entry counts only while its buffer is the
+        # parameter's own.
+        self._buffer_steps: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         super().__init__(params, defaults, clip=clip, nonfinite=nonfinite)
-        # Per parameter (by id), (buffer, counter): how many steps that buffer
-        # has taken, on the parameter's device (see the note above). Keyed by
-        # id(param), which hashes in C where a Tensor key hashes in Python; an
-        # entry counts only while its buffer is the parameter's own.
-        self._buffer_steps: dict[int, tuple[Tensor, Tensor]] = {}
+
+    # torch.optim.SGD.__setstate__ fills fused=False (its constructor's default is None).
+    _legacy_group_defaults = {"fused": False}
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_buffer_steps"] = list(self._buffer_steps.values())  # ids differ in a copy
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        entries = state.pop("_buffer_steps", None)
+        super().__setstate__(state)
+        if entries is not None:
+            self._buffer_steps = {id(entry[0]): entry for entry in entries}
 
     def _check_group(self, group: dict) -> None:
+        # torch.optim.SGD's checks, in its order and with its messages, then
+        # fusedclip's (float momentum, dampening and weight decay).
         check_lr(group["lr"])
         momentum, dampening = group["momentum"], group["dampening"]
         weight_decay = group["weight_decay"]
-        _check_real(momentum, "momentum")
-        if not 0.0 <= momentum:
+        # (NaN is refused too, where torch lets it through.)
+        if not isinstance(momentum, Tensor) and not 0.0 <= momentum:
             raise ValueError(f"Invalid momentum value: {momentum}")
+        if not isinstance(weight_decay, Tensor) and not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        if group["nesterov"] and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        _check_real(momentum, "momentum")
         _check_real(dampening, "dampening")
         if not math.isfinite(dampening):
             raise ValueError(f"Invalid dampening value: {dampening}")
         _check_real(weight_decay, "weight_decay")
-        if not 0.0 <= weight_decay:
-            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
-        if group["nesterov"] and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
     def _init_state(self, param: Tensor, group: dict, state: dict) -> None:
         # torch.optim.SGD keeps no state entry at all without momentum, so
@@ -144,8 +171,9 @@ class FusedClipSGD(FusedClipOptimizer):
             self.state.pop(param, None)
 
     def _buffers(self, params: list[Tensor], states: list[dict]) -> tuple[list[Tensor], list[Tensor]]:
-        """Each parameter's momentum buffer and its step counter, made where missing."""
-        table = self.__dict__.setdefault("_buffer_steps", {})
+        """Each parameter's momentum buffer (as the kernel sees it) and its
+        step counter, made where missing."""
+        table = self._buffer_steps
         buffers, counters = [], []
         for p, state in zip(params, states):
             buf = state.get("momentum_buffer")
@@ -154,20 +182,20 @@ class FusedClipSGD(FusedClipOptimizer):
                 # Zero until its first step, which overwrites it with the gradient.
                 buf = state["momentum_buffer"] = torch.zeros_like(
                     p, memory_format=torch.preserve_format)
-                entry = table[id(p)] = (buf, torch.zeros((), dtype=torch.float32, device=p.device))
-            elif entry is None or entry[0] is not buf:
+                entry = table[id(p)] = (
+                    p, buf, torch.zeros((), dtype=torch.float32, device=p.device))
+            elif entry is None or entry[1] is not buf:
                 # A buffer that came with a state dict (torch's or ours): started.
-                entry = table[id(p)] = (buf, torch.ones((), dtype=torch.float32, device=p.device))
-            buffers.append(buf)
-            counters.append(entry[1])
+                entry = table[id(p)] = (
+                    p, buf, torch.ones((), dtype=torch.float32, device=p.device))
+            buffers.append(kernel_view(buf))
+            counters.append(entry[2])
         return buffers, counters
 
-    _supports_grad_transform = True
-
-    def _update(self, group, params, grads, states, *, device, clip_coef, grad_scale, found_inf,
-                clip_value=None, unit_coefs=None) -> None:
+    def _update(self, group, params, grads, states, *, originals, device, clip_coef, grad_scale,
+                found_inf, clip_value=None, unit_coefs=None) -> None:
         momentum = float(group["momentum"])
-        buffers, counters = self._buffers(params, states) if momentum != 0 else ([], [])
+        buffers, counters = self._buffers(originals, states) if momentum != 0 else ([], [])
         lr, lr_tensor = lr_args(group["lr"], device)
         ops.sgd_(
             params, grads, buffers, counters,
