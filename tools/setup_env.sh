@@ -25,6 +25,8 @@ missing=()
 "$PY" -c "import numpy" >/dev/null 2>&1 || missing+=(numpy)
 "$PY" -c "import matplotlib" >/dev/null 2>&1 || missing+=(matplotlib)
 "$PY" -c "import setuptools, wheel" >/dev/null 2>&1 || missing+=(setuptools wheel)
+# torch.testing._internal.common_optimizers (tests/test_torch_optiminfo.py) imports it.
+"$PY" -c "import expecttest" >/dev/null 2>&1 || missing+=(expecttest)
 if [ ${#missing[@]} -gt 0 ]; then
   "$PY" -m pip install -q "${missing[@]}"
 fi
