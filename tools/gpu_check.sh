@@ -16,7 +16,7 @@
 #   cuda-vs-cpu  tools/cuda_vs_cpu.py: the largest CUDA-vs-CPU trajectory differences
 #              per dtype (ulps, relative, fraction of CUDA_VS_CPU) -> cuda_vs_cpu.json
 #   suite      the rest of the suite (pytest -m 'not cuda'), --maxfail, the same limit
-#   bench      bench/bench_cuda.py in the time left (--quick below 150 s) -> bench_cuda.json
+#   bench      bench/bench_cuda.py in the time left (--quick below 90 s) -> bench_cuda.json
 #   summary    results.json and summary.txt (one screen, printed last)
 # OUTDIR gets (the device tool brings back at most 8 files): gpu_check.log (the
 # console), summary.txt, results.json, versions.json, cuda_vs_cpu.json,
@@ -132,7 +132,7 @@ run_stage() {
     >> "$WORK/stages.tsv"
   echo "   $status (exit $STAGE_RC, $((SECONDS - t0)) s); log $log"
   if [[ $status != ok ]]; then
-    tail -n 15 "$log" | sed 's/^/   | /'
+    tail -n 15 "$log" | awk '{ print "   | " $0 }'   # (awk ends a cut-off last line)
   fi
   publish
 }
@@ -244,10 +244,14 @@ fi
 
 # -- benchmark ----------------------------------------------------------------------------------
 if [[ $BUILD_OK == 1 ]]; then
+  # Its own budget: the stage's (cap, or the time left) less 20 s, so that it
+  # ends its last case and writes its JSON before `timeout` would stop it. The
+  # full run (21 rounds) is expected to take well under a minute on an H200.
   left=$((DEADLINE - SECONDS - 15))
+  ((left > 150 * CAP_FACTOR)) && left=$((150 * CAP_FACTOR))
   BENCH_ARGS=(--json "$WORK/bench_cuda.json" --budget-s $((left > 25 ? left - 20 : 5)))
   [[ "$MODE" != gpu ]] && BENCH_ARGS+=(--rehearse)
-  ((left < 150)) && BENCH_ARGS+=(--quick)
+  ((left < 90)) && BENCH_ARGS+=(--quick)
   run_stage bench 150 15 "$PYTHON" bench/bench_cuda.py "${BENCH_ARGS[@]}"
   tail -n 40 "$WORK/bench.log" 2>/dev/null
 else
@@ -265,6 +269,7 @@ fi
 publish
 echo
 cat "$WORK/summary.txt"
+rm -rf "$WORK"   # all of it is in OUTDIR/logs.tar.gz
 exit 0
 }
 
