@@ -96,9 +96,17 @@ def test_clip_stats_refuses_other_optimizers():
 
 
 # -- transformers' Trainer --------------------------------------------------------
-def tiny_gpt2():
-    transformers = pytest.importorskip("transformers")
+@pytest.fixture
+def hf():
+    """Skips a Trainer test when transformers (or accelerate, which Trainer needs)
+    is not importable."""
     pytest.importorskip("accelerate")
+    return pytest.importorskip("transformers")
+
+
+def tiny_gpt2():
+    import transformers
+
     torch.manual_seed(0)
     config = transformers.GPT2Config(
         n_layer=2, n_embd=32, n_head=2, vocab_size=128, n_positions=32,
@@ -141,7 +149,7 @@ def norm_recorder():
     return Recorder()
 
 
-def test_trainer_default_clips_twice(tmp_path, monkeypatch):
+def test_trainer_default_clips_twice(hf, tmp_path, monkeypatch):
     """Trainer's defaults (max_grad_norm=1.0) in front of FusedClipAdamW(clip=0.5):
     Trainer clips first, and the optimizer reports Trainer's clipped norm."""
     from transformers import Trainer
@@ -174,7 +182,7 @@ def test_trainer_default_clips_twice(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("adapter", [False, True], ids=["settings-only", "prepare_trainer"])
-def test_trainer_recipe(tmp_path, monkeypatch, adapter):
+def test_trainer_recipe(hf, tmp_path, monkeypatch, adapter):
     """max_grad_norm=0 (+ prepare_trainer): one clip, by the optimizer, and Trainer
     logs the true pre-clip norm. Without prepare_trainer, transformers 5.x still
     measures the norm with clip_grad_norm_(params, inf) every step; with it,
@@ -213,7 +221,7 @@ def test_trainer_recipe(tmp_path, monkeypatch, adapter):
         assert [max_norm for max_norm, _ in accelerator_clip.calls] == [math.inf] * STEPS
 
 
-def test_trainer_prepare_warns_when_trainer_clips(tmp_path):
+def test_trainer_prepare_warns_when_trainer_clips(hf, tmp_path):
     from transformers import Trainer
 
     from fusedclip.integrations.transformers import prepare_trainer

@@ -177,7 +177,7 @@ def check_caller_clipping(optimizer, max_frames: int = 64) -> bool:
 
     Meant to be called once, from inside the first ``step()`` (it walks the
     Python stack up to ``max_frames`` frames and reads the framework's clip
-    setting: a few microseconds, no device work): a user who passes a
+    setting: about 15 us 40 frames deep, no device work): a user who passes a
     fusedclip optimizer to Trainer (``max_grad_norm`` defaults to 1.0) or to
     Lightning with ``gradient_clip_val`` set, and changes nothing else, is
     told that the gradients are clipped twice. It recognizes a framework only
