@@ -5,12 +5,15 @@
 
 #include <cmath>
 #include <string>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "checks.h"
 #include "cpu/cpu_tuning.h"
+#include "fusedclip/rules.h"
+#include "update_op.h"
 
 // `import fusedclip._C` loads this library, which runs the registrations below.
 // The module has no Python functions: everything is reached through torch.ops.
@@ -19,6 +22,40 @@ extern "C" PyObject* PyInit__C(void) {
       PyModuleDef_HEAD_INIT, "_C", "fusedclip operator library", -1, nullptr};
   return PyModule_Create(&module_def);
 }
+
+namespace fusedclip {
+namespace {
+
+// The names of the rules (their ops are fusedclip::<name>_).
+std::vector<std::string> update_rules() {
+  std::vector<std::string> names;
+#define FUSEDCLIP_RULE_NAME(Rule) names.emplace_back(Rule::kName);
+  FUSEDCLIP_FOR_EACH_RULE(FUSEDCLIP_RULE_NAME)
+#undef FUSEDCLIP_RULE_NAME
+  return names;
+}
+
+// The hyperparameter names of a rule's `hyper` list, in order.
+std::vector<std::string> rule_hyperparameters(const std::string& rule) {
+#define FUSEDCLIP_HYPER_NAMES(Rule)                                  \
+  if (rule == Rule::kName) {                                         \
+    std::vector<std::string> names;                                  \
+    std::string list = Rule::kHyperNames;                            \
+    for (size_t start = 0; start <= list.size();) {                  \
+      size_t end = list.find(',', start);                            \
+      if (end == std::string::npos) end = list.size();               \
+      names.push_back(list.substr(start, end - start));              \
+      start = end + 1;                                               \
+    }                                                                \
+    return names;                                                    \
+  }
+  FUSEDCLIP_FOR_EACH_RULE(FUSEDCLIP_HYPER_NAMES)
+#undef FUSEDCLIP_HYPER_NAMES
+  TORCH_CHECK(false, "fusedclip: no update rule named '", rule, "'");
+}
+
+}  // namespace
+}  // namespace fusedclip
 
 TORCH_LIBRARY(fusedclip, m) {
   // One read of every tensor: per-tensor norms, the global norm and a flag
@@ -34,49 +71,28 @@ TORCH_LIBRARY(fusedclip, m) {
       "multi_tensor_unit_norm(Tensor[] tensors, float norm_type) -> "
       "(Tensor unit_norms, Tensor tensor_norms, Tensor total_norm, "
       "Tensor nonfinite)");
-  // Adam / AdamW over many tensors in place. The gradient used is
-  // clamp(grad * clip_coef * unit_coef / grad_scale, -clip_value, clip_value)
-  // (include/fusedclip/grad_transform.h); nothing at all changes (steps
-  // included) where found_inf is non-zero. clip_coef has one element or one
-  // per tensor; unit_coefs one 1-D tensor per tensor with one coefficient per
-  // unit (per index of dim 0; one element for ndim <= 1); clip_value >= 0.
-  m.def(
-      "adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
-      "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, "
-      "Tensor(e!)[] steps, *, float lr, Tensor? lr_tensor, float beta1, "
-      "float beta2, float eps, float weight_decay, bool amsgrad, "
-      "bool maximize, bool decoupled_weight_decay, Tensor? clip_coef, "
-      "Tensor? grad_scale, Tensor? found_inf, float? clip_value=None, "
-      "Tensor[]? unit_coefs=None) -> ()");
-  // SGD over many tensors in place, with torch.optim.SGD's options. Without
-  // momentum, momentum_buffers and buffer_steps are empty lists. buffer_steps
-  // holds one 0-d counter per buffer, kept by the caller beside the buffer:
-  // the steps that buffer has taken. Where it is 0 this step is the buffer's
-  // first, which copies the gradient into it (torch's `buf is None`); it is
-  // incremented like Adam's step counters, so a skipped first step leaves
-  // the next one a first step. Gradient (clip_coef, grad_scale, clip_value,
-  // unit_coefs: the shared transform), found_inf, lr_tensor as for adam_.
-  m.def(
-      "sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-      "Tensor(c!)[] buffer_steps, *, float lr, Tensor? lr_tensor, float momentum, "
-      "float dampening, float weight_decay, bool nesterov, bool maximize, "
-      "Tensor? clip_coef, Tensor? grad_scale, Tensor? found_inf, "
-      "float? clip_value=None, Tensor[]? unit_coefs=None) -> ()");
-  // Adagrad over many tensors in place, with torch.optim.Adagrad's options.
-  // Each steps[i] is incremented before the decayed learning rate
-  // lr / (1 + (step - 1) * lr_decay) is computed. Gradient (clip_coef,
-  // grad_scale, clip_value, unit_coefs: the shared transform), found_inf and
-  // lr_tensor as for adam_.
-  m.def(
-      "adagrad_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, "
-      "Tensor(c!)[] steps, *, float lr, Tensor? lr_tensor, float lr_decay, "
-      "float weight_decay, float eps, bool maximize, Tensor? clip_coef, "
-      "Tensor? grad_scale, Tensor? found_inf, float? clip_value=None, "
-      "Tensor[]? unit_coefs=None) -> ()");
+  // One update op per rule (include/fusedclip/rules.h), over many tensors in
+  // place: fusedclip::adam_, sgd_, adagrad_, lion_ (update_op.h states the
+  // schema). The gradient used is
+  //   spike(clamp(grad * clip_coef * unit_coef / grad_scale, -clip_value,
+  //   clip_value), v)
+  // negated for maximize (include/fusedclip/grad_transform.h); nothing at all
+  // changes (steps included) where found_inf is non-zero. clip_coef has one
+  // element or one per tensor; unit_coefs one 1-D tensor per tensor with one
+  // coefficient per unit; clip_value >= 0; spike_theta > 0, for rules with a
+  // second moment. Each step counter is incremented before the rule's
+  // per-tensor numbers are folded with it. `hyper`: the rule's
+  // hyperparameters in the order fusedclip::rule_hyperparameters gives.
+#define FUSEDCLIP_DEFINE_UPDATE(Rule) m.def(fusedclip::update_schema(Rule::kName).c_str());
+  FUSEDCLIP_FOR_EACH_RULE(FUSEDCLIP_DEFINE_UPDATE)
+#undef FUSEDCLIP_DEFINE_UPDATE
+  // The rules, and the names of a rule's `hyper` values; they take no
+  // tensor, so each is one kernel for every backend.
+  m.def("update_rules() -> str[]", &fusedclip::update_rules);
+  m.def("rule_hyperparameters(str rule) -> str[]", &fusedclip::rule_hyperparameters);
   // How the CPU kernels run on this machine (cpu/cpu_tuning.h): the SIMD set
   // they were built for and the software-prefetch distance of their loops in
-  // bytes (0: none), after setting it where prefetch_distance is given. It
-  // takes no tensor, so it is one kernel for every backend.
+  // bytes (0: none), after setting it where prefetch_distance is given.
   m.def("cpu_tuning(int? prefetch_distance=None) -> (str vector_arch, int prefetch_distance)",
         &fusedclip::cpu::cpu_tuning);
 }
@@ -100,8 +116,8 @@ void check_tensor_list(at::TensorList list, const char* name,
                 "] is sparse (layout ", t.layout(),
                 "); only dense (strided) tensors are supported");
     TORCH_CHECK(!t.is_complex(), "fusedclip: ", name, "[", i,
-                "] is complex; complex parameters are not supported "
-                "(view them as real with torch.view_as_real)");
+                "] is complex; the ops take real tensors "
+                "(pass complex ones as torch.view_as_real views)");
     TORCH_CHECK(is_supported_float(t.scalar_type()), "fusedclip: ", name, "[",
                 i, "] has dtype ", t.scalar_type(),
                 "; supported are float32, float64, float16 and bfloat16");
@@ -114,26 +130,24 @@ void check_tensor_list(at::TensorList list, const char* name,
   }
 }
 
-void check_same_shapes(at::TensorList params, at::TensorList other,
-                       const char* name) {
-  TORCH_CHECK(other.size() == params.size(), "fusedclip: ", name, " has ",
-              other.size(), " tensors but params has ", params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(other[i].sizes() == params[i].sizes(), "fusedclip: ", name,
-                "[", i, "] has shape ", other[i].sizes(),
-                " but params[", i, "] has shape ", params[i].sizes());
-  }
-}
-
 // A list that goes with the parameters (gradients, optimizer state): the
 // parameters' device and dtype, and one tensor of the same shape per parameter.
 void check_like_params(at::TensorList params, at::TensorList list, const char* name) {
   check_tensor_list(list, name, params[0].device(), params[0].scalar_type());
-  check_same_shapes(params, list, name);
+  TORCH_CHECK(list.size() == params.size(), "fusedclip: ", name, " has ",
+              list.size(), " tensors but params has ", params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(list[i].sizes() == params[i].sizes(), "fusedclip: ", name,
+                "[", i, "] has shape ", list[i].sizes(),
+                " but params[", i, "] has shape ", params[i].sizes());
+  }
 }
 
+// A float32/float64 value (or one per tensor: allowed_numel) on `device`;
+// `or_cpu`: a CPU tensor is fine too (read on the host, no device sync).
 void check_small_tensor(const std::optional<at::Tensor>& t, const char* name,
-                        const at::Device& device, int64_t allowed_numel = 1) {
+                        const at::Device& device, int64_t allowed_numel = 1,
+                        bool or_cpu = false) {
   if (!t.has_value()) return;
   TORCH_CHECK(t->layout() == at::kStrided && !t->is_complex() &&
                   (t->scalar_type() == at::kFloat ||
@@ -146,54 +160,24 @@ void check_small_tensor(const std::optional<at::Tensor>& t, const char* name,
               name, " must have 1", (allowed_numel != 1 ? " or one per tensor (" : ""),
               (allowed_numel != 1 ? std::to_string(allowed_numel) + ")" : std::string()),
               " elements, got ", t->numel());
-  TORCH_CHECK(t->device() == device, "fusedclip: ", name, " is on ",
-              t->device(), " but the parameters are on ", device);
+  TORCH_CHECK(t->device() == device || (or_cpu && t->device().is_cpu()), "fusedclip: ",
+              name, " is on ", t->device(), " but the parameters are on ", device);
 }
 
-// Per-tensor counters (step, buffer_steps): one small tensor per parameter.
-void check_counters(at::TensorList counters, const char* name,
-                    at::TensorList params, const at::Device& device) {
-  TORCH_CHECK(counters.size() == params.size(), "fusedclip: ", name, " has ",
-              counters.size(), " tensors but params has ", params.size());
-  const std::string element = std::string(name) + "[i]";
-  for (size_t i = 0; i < counters.size(); ++i) {
-    check_small_tensor(counters[i], element.c_str(), device);
+void check_grad_transform_args(at::TensorList params, const UpdateCall& call,
+                               const RuleCheck& rule) {
+  if (call.clip_value.has_value()) {
+    TORCH_CHECK(*call.clip_value >= 0.0, "fusedclip: clip_value must be >= 0, got ",
+                *call.clip_value);
   }
-}
-
-// The optional per-call tensors every update op takes.
-void check_call_tensors(const std::optional<at::Tensor>& lr_tensor,
-                        const std::optional<at::Tensor>& clip_coef,
-                        const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf,
-                        size_t n_params, const at::Device& device) {
-  check_small_tensor(lr_tensor, "lr_tensor", device);
-  check_small_tensor(clip_coef, "clip_coef", device,
-                     static_cast<int64_t>(n_params));
-  check_small_tensor(grad_scale, "grad_scale", device);
-  check_small_tensor(found_inf, "found_inf", device);
-}
-
-}  // namespace
-
-int64_t num_units(const at::Tensor& t) {
-  return t.dim() <= 1 ? 1 : t.size(0);
-}
-
-int64_t unit_length(const at::Tensor& t) {
-  const int64_t units = num_units(t);
-  return units == 0 ? 0 : t.numel() / units;
-}
-
-void check_grad_transform_args(at::TensorList params,
-                               std::optional<double> clip_value,
-                               const std::optional<at::TensorList>& unit_coefs) {
-  if (clip_value.has_value()) {
-    TORCH_CHECK(*clip_value >= 0.0, "fusedclip: clip_value must be >= 0, got ",
-                *clip_value);
+  if (call.spike_theta.has_value()) {
+    TORCH_CHECK(rule.has_second_moment, "fusedclip: ", rule.rule, "_ keeps no second "
+                "moment, so it cannot clip spikes against one (spike_theta)");
+    TORCH_CHECK(*call.spike_theta > 0.0 && std::isfinite(*call.spike_theta),
+                "fusedclip: spike_theta must be finite and > 0, got ", *call.spike_theta);
   }
-  if (!unit_coefs.has_value()) return;
-  const at::TensorList coefs = *unit_coefs;
+  if (!call.unit_coefs.has_value()) return;
+  const at::TensorList coefs = *call.unit_coefs;
   TORCH_CHECK(coefs.size() == params.size(), "fusedclip: unit_coefs has ",
               coefs.size(), " tensors but params has ", params.size());
   for (size_t i = 0; i < coefs.size(); ++i) {
@@ -217,6 +201,17 @@ void check_grad_transform_args(at::TensorList params,
   }
 }
 
+}  // namespace
+
+int64_t num_units(const at::Tensor& t) {
+  return t.dim() <= 1 ? 1 : t.size(0);
+}
+
+int64_t unit_length(const at::Tensor& t) {
+  const int64_t units = num_units(t);
+  return units == 0 ? 0 : t.numel() / units;
+}
+
 void check_norm_args(at::TensorList tensors, double norm_type) {
   TORCH_CHECK(norm_type == 2.0 || (std::isinf(norm_type) && norm_type > 0),
               "fusedclip: norm_type must be 2.0 or inf, got ", norm_type);
@@ -225,106 +220,66 @@ void check_norm_args(at::TensorList tensors, double norm_type) {
                     tensors[0].scalar_type());
 }
 
-void check_adam_args(at::TensorList params, at::TensorList grads,
-                     at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                     at::TensorList max_exp_avg_sqs, at::TensorList steps,
-                     double lr, const std::optional<at::Tensor>& lr_tensor,
-                     double beta1, double beta2, double eps,
-                     double weight_decay, bool amsgrad,
-                     const std::optional<at::Tensor>& clip_coef,
-                     const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf,
-                     std::optional<double> clip_value,
-                     const std::optional<at::TensorList>& unit_coefs) {
-  TORCH_CHECK(lr >= 0.0, "fusedclip: invalid learning rate ", lr,
-              " (must be >= 0)");
-  TORCH_CHECK(eps >= 0.0, "fusedclip: invalid eps ", eps, " (must be >= 0)");
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, "fusedclip: invalid beta1 ", beta1,
-              " (must be in [0, 1))");
-  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, "fusedclip: invalid beta2 ", beta2,
-              " (must be in [0, 1))");
-  TORCH_CHECK(weight_decay >= 0.0, "fusedclip: invalid weight_decay ",
-              weight_decay, " (must be >= 0)");
-  if (params.empty()) return;
-  const at::Device device = params[0].device();
-  const at::ScalarType dtype = params[0].scalar_type();
-  check_tensor_list(params, "params", device, dtype);
-  check_like_params(params, grads, "grads");
-  check_like_params(params, exp_avgs, "exp_avgs");
-  check_like_params(params, exp_avg_sqs, "exp_avg_sqs");
-  if (amsgrad) check_like_params(params, max_exp_avg_sqs, "max_exp_avg_sqs");
-  check_counters(steps, "steps", params, device);
-  check_call_tensors(lr_tensor, clip_coef, grad_scale, found_inf, params.size(),
-                     device);
-  check_grad_transform_args(params, clip_value, unit_coefs);
+std::vector<std::string> split_names(const char* list) {
+  std::vector<std::string> names;
+  const std::string s = list;
+  for (size_t start = 0; start <= s.size();) {
+    size_t end = s.find(',', start);
+    if (end == std::string::npos) end = s.size();
+    names.push_back(s.substr(start, end - start));
+    start = end + 1;
+  }
+  return names;
 }
 
-void check_sgd_args(at::TensorList params, at::TensorList grads,
-                    at::TensorList momentum_buffers, at::TensorList buffer_steps,
-                    double lr, const std::optional<at::Tensor>& lr_tensor,
-                    double momentum, double dampening, double weight_decay,
-                    bool nesterov, const std::optional<at::Tensor>& clip_coef,
-                    const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf,
-                    std::optional<double> clip_value,
-                    const std::optional<at::TensorList>& unit_coefs) {
-  TORCH_CHECK(lr >= 0.0, "fusedclip: invalid learning rate ", lr,
+void check_update_call(const UpdateCall& call, at::TensorList states, const RuleCheck& rule) {
+  TORCH_CHECK(rule.hyper.size() == rule.expected_hyper, "fusedclip: ", rule.rule, "_ takes ",
+              rule.expected_hyper, " hyperparameters (", rule.hyper_names, "), got ",
+              rule.hyper.size());
+  TORCH_CHECK(call.lr >= 0.0, "fusedclip: invalid learning rate ", call.lr,
               " (must be >= 0)");
-  TORCH_CHECK(momentum >= 0.0, "fusedclip: invalid momentum ", momentum,
-              " (must be >= 0)");
-  TORCH_CHECK(std::isfinite(dampening), "fusedclip: invalid dampening ",
-              dampening, " (must be finite)");
-  TORCH_CHECK(weight_decay >= 0.0, "fusedclip: invalid weight_decay ",
-              weight_decay, " (must be >= 0)");
-  TORCH_CHECK(!nesterov || (momentum > 0.0 && dampening == 0.0),
-              "fusedclip: nesterov momentum requires momentum > 0 and zero "
-              "dampening, got momentum ", momentum, " and dampening ", dampening);
-  if (momentum == 0.0) {
-    TORCH_CHECK(momentum_buffers.empty() && buffer_steps.empty(),
-                "fusedclip: without momentum, momentum_buffers and buffer_steps "
-                "must be empty, got ", momentum_buffers.size(), " and ",
-                buffer_steps.size(), " tensors");
+  if (rule.invalid.must != nullptr) {
+    TORCH_CHECK(rule.invalid.index < 0, "fusedclip: invalid ",
+                split_names(rule.hyper_names)[rule.invalid.index], " ",
+                rule.hyper[rule.invalid.index], " (must be ", rule.invalid.must, ")");
+    TORCH_CHECK(false, "fusedclip: ", rule.invalid.must);
   }
-  if (params.empty()) return;
-  const at::Device device = params[0].device();
-  const at::ScalarType dtype = params[0].scalar_type();
-  check_tensor_list(params, "params", device, dtype);
-  check_like_params(params, grads, "grads");
-  if (momentum != 0.0) {
-    check_like_params(params, momentum_buffers, "momentum_buffers");
-    check_counters(buffer_steps, "buffer_steps", params, device);
+  const at::TensorList params = call.params;
+  const size_t n = params.size();
+  const std::vector<std::string> state_names = split_names(rule.state_names);
+  const size_t k = static_cast<size_t>(rule.num_states);
+  if (k == 0 && !rule.uses_steps) {
+    TORCH_CHECK(states.empty() && call.steps.empty(), "fusedclip: ",
+                (rule.stateless_when ? rule.stateless_when : "with these hyperparameters"),
+                ", ", rule.state_names, " and ", rule.steps_name, " must be empty, got ",
+                states.size(), " and ", call.steps.size(), " tensors");
   }
-  check_call_tensors(lr_tensor, clip_coef, grad_scale, found_inf, params.size(),
-                     device);
-  check_grad_transform_args(params, clip_value, unit_coefs);
-}
-
-void check_adagrad_args(at::TensorList params, at::TensorList grads,
-                        at::TensorList state_sums, at::TensorList steps,
-                        double lr, const std::optional<at::Tensor>& lr_tensor,
-                        double lr_decay, double weight_decay, double eps,
-                        const std::optional<at::Tensor>& clip_coef,
-                        const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf,
-                        std::optional<double> clip_value,
-                        const std::optional<at::TensorList>& unit_coefs) {
-  TORCH_CHECK(lr >= 0.0, "fusedclip: invalid learning rate ", lr,
-              " (must be >= 0)");
-  TORCH_CHECK(lr_decay >= 0.0, "fusedclip: invalid lr_decay ", lr_decay,
-              " (must be >= 0)");
-  TORCH_CHECK(weight_decay >= 0.0, "fusedclip: invalid weight_decay ",
-              weight_decay, " (must be >= 0)");
-  TORCH_CHECK(eps >= 0.0, "fusedclip: invalid eps ", eps, " (must be >= 0)");
-  if (params.empty()) return;
+  for (size_t s = 0; s < std::max(k, states.size() / std::max<size_t>(n, 1)); ++s) {
+    const size_t given = std::min(n, states.size() - std::min(states.size(), s * n));
+    TORCH_CHECK(s < k && given == n, "fusedclip: ",
+                (s < state_names.size() ? state_names[s] : "states"), " has ", given,
+                " tensors but params has ", n);
+  }
+  TORCH_CHECK(states.size() == k * n, "fusedclip: ", rule.rule, "_ takes ", k,
+              " state lists of ", n, " tensors here, got ", states.size(), " tensors");
+  TORCH_CHECK(call.steps.size() == (rule.uses_steps ? n : 0), "fusedclip: ", rule.steps_name,
+              " has ", call.steps.size(), " tensors but params has ", n);
+  if (n == 0) return;
   const at::Device device = params[0].device();
-  const at::ScalarType dtype = params[0].scalar_type();
-  check_tensor_list(params, "params", device, dtype);
-  check_like_params(params, grads, "grads");
-  check_like_params(params, state_sums, "state_sums");
-  check_counters(steps, "steps", params, device);
-  check_call_tensors(lr_tensor, clip_coef, grad_scale, found_inf, params.size(),
-                     device);
-  check_grad_transform_args(params, clip_value, unit_coefs);
+  check_tensor_list(params, "params", device, params[0].scalar_type());
+  check_like_params(params, call.grads, "grads");
+  for (size_t s = 0; s < k; ++s) {
+    check_like_params(params, states.slice(s * n, n), state_names[s].c_str());
+  }
+  const std::string step_element = std::string(rule.steps_name) + "[i]";
+  for (size_t i = 0; i < call.steps.size(); ++i) {
+    check_small_tensor(call.steps[i], step_element.c_str(), device);
+  }
+  check_small_tensor(call.lr_tensor, "lr_tensor", device, 1, /*or_cpu=*/true);
+  check_small_tensor(call.clip_coef, "clip_coef", device, static_cast<int64_t>(n));
+  check_small_tensor(call.grad_scale, "grad_scale", device);
+  check_small_tensor(call.found_inf, "found_inf", device);
+  check_grad_transform_args(params, call, rule);
 }
 
 double read_cpu_scalar(const at::Tensor& t, int64_t index) {

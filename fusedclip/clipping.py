@@ -17,8 +17,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "AGC", "AdaGC", "AutoClip", "ClipInputs", "ClipPolicy", "ClipResult", "GlobalNorm",
-    "Normalize", "PerTensorNorm", "SmoothClip", "ValueClip", "ZClip", "as_policy",
+    "AGC", "AdaGC", "AutoClip", "ClipInputs", "ClipPolicy", "ClipResult", "Elementwise",
+    "GlobalNorm", "Normalize", "PerTensorNorm", "SmoothClip", "SpikeClip", "ValueClip", "ZClip",
+    "as_policy",
 ]
 
 # The epsilon torch.nn.utils.clip_grad_norm_ adds to the norm.
@@ -50,7 +51,7 @@ class ClipInputs:
     Attributes:
         total_norm (Tensor): the pre-clip global norm of all gradients (0-d, on
             the first gradient's device; already divided by a GradScaler's scale).
-        tensor_norms (list of Tensor or None): for ``per_tensor`` policies, the
+        tensor_norms (list of Tensor or None): for policies of scope "tensor", the
             norm of each gradient, one 1-D tensor per norm bucket (gradients of
             one device and dtype, in parameter-group order), on that bucket's
             device; ``None`` for global policies.
@@ -58,18 +59,18 @@ class ClipInputs:
             ``init_state`` made them and earlier steps left them), kept by the
             optimizer and saved in its state_dict. Read it; never write it: the
             new values go into ``ClipResult.state``.
-        tensor_states (list of list of dict, or None): for policies with
-            ``has_tensor_state``, one state dict per gradient (as
+        tensor_states (list of list of dict, or None): for policies of scope
+            "tensor", one state dict per gradient (as
             ``init_tensor_state`` made it), laid out like ``tensor_norms``;
             each belongs to its parameter and travels with it through
             state_dict save and load. Read only, as ``state``.
-        unit_norms (list of Tensor or None): for ``per_unit`` policies, the norm
+        unit_norms (list of Tensor or None): for policies of scope "unit", the norm
             of every unit of every gradient, one 1-D tensor per norm bucket
             holding the units of its gradients one gradient after the other
             (a unit is an index of dim 0; a 0-d or 1-d gradient is one unit;
             see ``fusedclip.ops.unit_counts``); ``None`` otherwise.
         param_unit_norms (list of Tensor or None): the same for the parameters
-            (measured before the update), for ``per_unit`` policies.
+            (measured before the update), for policies with ``reads_params``.
     """
 
     total_norm: Tensor
@@ -80,15 +81,33 @@ class ClipInputs:
     param_unit_norms: list[Tensor] | None = None
 
 
+@dataclass(frozen=True)
+class Elementwise:
+    """An element-wise transform the update op applies to every gradient
+    element as it reads it, after the coefficients and a GradScaler's unscale
+    (csrc/include/fusedclip/grad_transform.h).
+
+    Attributes:
+        clip_value (float or None): clamp to ``[-clip_value, clip_value]``.
+        spike_theta (float or None): where ``g**2 > theta * v`` (``v`` the
+            optimizer's second moment before this step's update),
+            ``g = sign(g) * sqrt(theta * v)``; elements with ``v = 0`` pass.
+    """
+
+    clip_value: float | None = None
+    spike_theta: float | None = None
+
+
 @dataclass
 class ClipResult:
     """What a policy's ``clip`` returns.
 
     Attributes:
         coef (Tensor, list of Tensor or None): the clip coefficient: 0-d for
-            global policies, one 1-D tensor per norm bucket for ``per_tensor``
-            and ``per_unit`` policies (laid out like ``tensor_norms`` or
-            ``unit_norms``), None where there is none (``ValueClip``).
+            scope "global", one 1-D tensor per norm bucket for scopes "tensor"
+            and "unit" (laid out like ``tensor_norms`` or ``unit_norms``),
+            None where there is none.
+        elementwise (Elementwise or None): an element-wise transform.
         state (dict or None): the policy's state after this step, a new tensor
             for each key of ``ClipInputs.state`` (None: stateless).
         tensor_states (list of list of dict, or None): the same per gradient,
@@ -100,6 +119,7 @@ class ClipResult:
     """
 
     coef: Tensor | list[Tensor] | None = None
+    elementwise: Elementwise | None = None
     state: dict | None = None
     tensor_states: list[list[dict]] | None = None
 
@@ -140,51 +160,52 @@ def commit_state(states: list[dict], new_states: list[dict], skip: Tensor | None
         torch._foreach_copy_(olds, news)
 
 
+SCOPES = ("global", "tensor", "unit", "element")
+
+
 class ClipPolicy:
     """Base class of the clip policies.
 
-    A policy declares which norm its coefficients need (``norm_type``), whether
-    they are per tensor (``per_tensor``) or per unit (``per_unit``) and whether
-    it keeps state, and turns the norms (and its state) into clip coefficients
-    and its next state with device tensor math only: no ``.item()``, no Python
-    branch on a device value. It never changes its inputs.
+    A policy declares what it needs, and returns what it decides:
 
-    The optimizer makes the state with :meth:`init_state` (and
-    :meth:`init_tensor_state` per parameter) before the first step, calls
-    :meth:`clip` once per step with a :class:`ClipInputs`, and gets a
-    :class:`ClipResult`: the coefficients (0-d for global policies, one 1-D
-    tensor per norm bucket for ``per_tensor`` and ``per_unit`` policies, or
-    None) and the new state, which the optimizer keeps unless the step is
-    skipped. Stateless global policies only implement :meth:`coefficient`.
+    - ``norm_type``: the norm its coefficients are of (2.0 or inf);
+    - ``scope``: ``"global"`` (one coefficient from the global norm),
+      ``"tensor"`` (one per gradient, from ``tensor_norms``), ``"unit"`` (one
+      per index of dim 0, from ``unit_norms``) or ``"element"`` (no norm at
+      all: an element-wise transform only);
+    - ``reads_params``: it also needs the unit norms of the parameters;
+    - ``reads_state``: the optimizer state key it reads element by element
+      in the update (through ``Elementwise``), or None; an optimizer that keeps
+      no such state refuses the policy;
+    - its state: ``init_state`` (its own) and ``init_tensor_state`` (per
+      parameter, scope "tensor"), made by the optimizer before the first step.
 
-    A policy may also set ``elementwise_clip_value``: the update op then
-    clamps every (unscaled, coefficient-multiplied) gradient element to
-    ``[-clip_value, clip_value]``.
+    ``clip`` gets a :class:`ClipInputs` once per step and returns a
+    :class:`ClipResult` (coefficients, an element-wise transform, the next
+    state) with device tensor math only: no ``.item()``, no Python branch on a
+    device value, no change to its inputs. The optimizer keeps the next state
+    unless the step is skipped. Stateless global policies only implement
+    :meth:`coefficient`.
     """
 
     norm_type: float = 2.0
-    #: coefficients per tensor: ``clip`` gets ``tensor_norms`` and returns one
-    #: coefficient per tensor of each bucket.
-    per_tensor: bool = False
-    #: keeps state of its own (``init_state``; saved in the optimizer's state_dict).
-    stateful: bool = False
-    #: keeps state per parameter (``init_tensor_state``).
-    has_tensor_state: bool = False
-    #: coefficients per unit (index of dim 0): ``clip`` gets ``unit_norms`` and
-    #: ``param_unit_norms`` and returns one coefficient per unit.
-    per_unit: bool = False
-    #: the update op clamps each gradient element to +-this value (None: no clamp).
-    elementwise_clip_value: float | None = None
-    #: the coefficients need the norm pass (a policy without any still gets it
-    #: when the optimizer needs the non-finite flag, nonfinite != "propagate").
-    needs_norms: bool = True
+    scope: str = "global"
+    reads_params: bool = False
+    reads_state: str | None = None
+
+    @property
+    def needs_norms(self) -> bool:
+        """Whether the coefficients need the norm pass (one with scope
+        "element" still gets it where the optimizer needs the non-finite flag,
+        nonfinite != "propagate")."""
+        return self.scope != "element"
 
     def init_state(self, device: torch.device) -> dict:
-        """The policy's state before its first step (stateful policies)."""
+        """The policy's state before its first step."""
         return {}
 
     def init_tensor_state(self, norm_dtype: torch.dtype, device: torch.device) -> dict:
-        """One parameter's state before its first step (``has_tensor_state``);
+        """One parameter's state before its first step (scope "tensor");
         ``norm_dtype`` is the dtype of that parameter's gradient norms."""
         return {}
 
@@ -272,7 +293,7 @@ class PerTensorNorm(ClipPolicy):
         neural networks*, ICML 2013.
     """
 
-    per_tensor = True
+    scope = "tensor"
 
     def __init__(self, max_norm: float, norm_type: float = 2.0) -> None:
         self.max_norm = _positive(max_norm, "max_norm", "PerTensorNorm", allow_zero=True)
@@ -370,8 +391,6 @@ class AutoClip(ClipPolicy):
         Seetharaman, Wichern, Pardo & Le Roux, *AutoClip: Adaptive gradient
         clipping for source separation networks*, MLSP 2020.
     """
-
-    stateful = True
 
     def __init__(self, percentile: float = 10.0, history: int = 10000) -> None:
         self.percentile = _real_number(percentile, "percentile", "AutoClip")
@@ -476,8 +495,6 @@ class ZClip(ClipPolicy):
         Kumar, Owen, Ashraf & Kashyap, *ZClip: Adaptive spike mitigation for
         LLM pre-training*, arXiv:2504.02507, 2025.
     """
-
-    stateful = True
 
     def __init__(self, alpha: float = 0.97, z_thresh: float = 2.5, max_norm: float | None = 1.0,
                  eps: float = 1e-6, warmup_steps: int = 25, mode: str = "zscore",
@@ -617,8 +634,7 @@ class AdaGC(ClipPolicy):
         model pretraining*, arXiv:2502.11034, 2025.
     """
 
-    per_tensor = True
-    has_tensor_state = True
+    scope = "tensor"
 
     def __init__(self, beta: float = 0.98, lambda_abs: float = 1.0, lambda_rel: float = 1.05,
                  warmup_steps: int = 100, eps: float = 1e-8) -> None:
@@ -691,14 +707,13 @@ class ValueClip(ClipPolicy):
         neural networks*, ICML 2013.
     """
 
-    needs_norms = False
+    scope = "element"
 
     def __init__(self, clip_value: float) -> None:
         self.clip_value = _positive(clip_value, "clip_value", "ValueClip")
-        self.elementwise_clip_value = self.clip_value
 
     def clip(self, inputs: ClipInputs) -> ClipResult:
-        return ClipResult()
+        return ClipResult(elementwise=Elementwise(clip_value=self.clip_value))
 
     def __repr__(self) -> str:
         return f"ValueClip(clip_value={self.clip_value})"
@@ -748,7 +763,8 @@ class AGC(ClipPolicy):
         Recognition Without Normalization*, ICML 2021 (arXiv:2102.06171).
     """
 
-    per_unit = True
+    scope = "unit"
+    reads_params = True
 
     def __init__(self, clip_factor: float = 0.01, eps: float = 1e-3) -> None:
         self.clip_factor = _positive(clip_factor, "clip_factor", "AGC")
@@ -764,6 +780,46 @@ class AGC(ClipPolicy):
 
     def __repr__(self) -> str:
         return f"AGC(clip_factor={self.clip_factor}, eps={self.eps})"
+
+
+class SpikeClip(ClipPolicy):
+    r"""Spike clipping of SPAM: every gradient element that is a spike against
+    the optimizer's second moment is clipped to the spike threshold.
+
+    .. math::
+        g_j \leftarrow \begin{cases}
+            \operatorname{sign}(g_j) \sqrt{\theta\, v_j} & g_j^2 > \theta\, v_j \\
+            g_j & \text{otherwise}
+        \end{cases}
+
+    with :math:`v` Adam's second moment (``exp_avg_sq``) as it was before this
+    step's update; an element with :math:`v_j = 0` (its first step) passes as
+    it is. The update op applies it as it reads each gradient (after a
+    GradScaler's unscale), reading :math:`v`, which it loads anyway: no extra
+    pass and no extra bytes. For the Adam family (``FusedClipAdam``,
+    ``FusedClipAdamW``); optimizers without a second moment refuse it. SPAM's
+    momentum reset is not part of it. ``opt.clip_stats["clip_coef"]`` is 1
+    (no coefficient) and ``grad_norm`` the pre-clip norm where measured.
+
+    Args:
+        theta (float, optional): :math:`\theta > 0`, finite (default: 5000.0)
+
+    References:
+        Huang, Zhu, Jin, Liu, Wang & Liu, *SPAM: Spike-Aware Adam with Momentum
+        Reset for Stable LLM Training*, ICLR 2025 (arXiv:2501.06842).
+    """
+
+    scope = "element"
+    reads_state = "exp_avg_sq"
+
+    def __init__(self, theta: float = 5000.0) -> None:
+        self.theta = _positive(theta, "theta", "SpikeClip")
+
+    def clip(self, inputs: ClipInputs) -> ClipResult:
+        return ClipResult(elementwise=Elementwise(spike_theta=self.theta))
+
+    def __repr__(self) -> str:
+        return f"SpikeClip(theta={self.theta})"
 
 
 def as_policy(clip) -> ClipPolicy | None:

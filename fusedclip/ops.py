@@ -7,6 +7,8 @@ The fake kernels describe each op's outputs without computing them, so
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from fusedclip import _extension
@@ -81,103 +83,81 @@ def _multi_tensor_unit_norm_fake(tensors, norm_type):
     return torch.empty(units, dtype=norms.dtype, device=norms.device), norms, total, flag
 
 
-def adam_(
-    params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
-    lr: float, lr_tensor: torch.Tensor | None, beta1: float, beta2: float, eps: float,
-    weight_decay: float, amsgrad: bool, maximize: bool, decoupled_weight_decay: bool,
-    clip_coef: torch.Tensor | None, grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None, clip_value: float | None = None,
-    unit_coefs: list[torch.Tensor] | None = None,
-) -> None:
-    """Adam/AdamW over many tensors in place (see csrc/ops.cpp for the schema).
+class StepArgs(NamedTuple):
+    """The arguments every update op takes (csrc/update_op.h), whatever its rule.
 
-    The gradient used is ``clamp(grad * clip_coef * unit_coef / grad_scale,
-    -clip_value, clip_value)`` (negated when ``maximize``), with ``unit_coefs``
-    one tensor per parameter holding a coefficient per index of dim 0 (one for
-    0-d and 1-d parameters); where ``found_inf`` is non-zero nothing changes, step
-    counters included. Each ``steps[i]`` is incremented before its bias
-    corrections are computed.
+    The gradient a rule sees is ``spike(clamp(grad * clip_coef * unit_coef /
+    grad_scale, -clip_value, clip_value), v)``, negated when ``maximize``
+    (csrc/include/fusedclip/grad_transform.h); where ``found_inf`` is non-zero
+    nothing changes, step counters included.
+
+    Attributes:
+        lr (float or Tensor): the learning rate; a 1-element tensor is read
+            by the kernel (on the parameters' device without a sync; a CPU
+            tensor on the host).
+        clip_coef (Tensor, optional): one coefficient, or one per tensor.
+        grad_scale, found_inf (Tensor, optional): a GradScaler's.
+        clip_value (float, optional): clamp each gradient element to +-it.
+        spike_theta (float, optional): clip elements whose square exceeds
+            theta times the second moment (rules that keep one).
+        unit_coefs (list of Tensor, optional): per tensor, one coefficient per
+            index of dim 0 (one for 0-d and 1-d tensors).
+        maximize (bool): negate the gradient.
     """
-    _ops.adam_(
-        params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
-        lr=lr, lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, eps=eps,
-        weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-        decoupled_weight_decay=decoupled_weight_decay, clip_coef=clip_coef,
-        grad_scale=grad_scale, found_inf=found_inf,
-        clip_value=None if clip_value is None else float(clip_value), unit_coefs=unit_coefs,
+
+    lr: float | torch.Tensor
+    clip_coef: torch.Tensor | None = None
+    grad_scale: torch.Tensor | None = None
+    found_inf: torch.Tensor | None = None
+    clip_value: float | None = None
+    spike_theta: float | None = None
+    unit_coefs: list[torch.Tensor] | None = None
+    maximize: bool = False
+
+
+# Every update rule (csrc/include/fusedclip/rules.h) and the names of its
+# hyperparameters, in the order its op takes them (as its header states them).
+RULES: dict[str, list[str]] = {
+    rule: list(_ops.rule_hyperparameters(rule)) for rule in _ops.update_rules()
+}
+
+
+def update_(rule: str, params: list[torch.Tensor], grads: list[torch.Tensor],
+            states: list[list[torch.Tensor]], steps: list[torch.Tensor], hyper: dict,
+            args: StepArgs) -> None:
+    """One step of the update rule ``rule`` (a key of ``RULES``) over many
+    tensors in place: ``torch.ops.fusedclip.<rule>_``.
+
+    ``states`` holds the rule's state lists, one tensor per parameter each,
+    in the order its header (csrc/include/fusedclip/<rule>.h) gives, e.g.
+    Adam's exp_avg, exp_avg_sq and, with amsgrad, max_exp_avg_sq. ``steps``
+    holds one 0-d counter per parameter where the rule counts steps (Adam,
+    Adagrad; SGD with momentum, where it counts the buffer's steps: its first
+    step copies the gradient in), else is empty; each is incremented before
+    it is used. ``hyper`` maps every name of ``RULES[rule]`` to its value.
+    """
+    lr = args.lr
+    lr_tensor = None
+    if isinstance(lr, torch.Tensor):
+        lr, lr_tensor = 0.0, lr
+    getattr(_ops, rule + "_")(
+        params, grads, [t for state in states for t in state], steps,
+        hyper=[float(hyper[name]) for name in RULES[rule]],
+        lr=float(lr), lr_tensor=lr_tensor, clip_coef=args.clip_coef,
+        grad_scale=args.grad_scale, found_inf=args.found_inf,
+        clip_value=None if args.clip_value is None else float(args.clip_value),
+        spike_theta=None if args.spike_theta is None else float(args.spike_theta),
+        unit_coefs=args.unit_coefs, maximize=bool(args.maximize),
     )
 
 
-@torch.library.register_fake("fusedclip::adam_")
-def _adam_fake(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *,
-               lr, lr_tensor, beta1, beta2, eps, weight_decay, amsgrad, maximize,
-               decoupled_weight_decay, clip_coef, grad_scale, found_inf, clip_value=None,
-               unit_coefs=None):
+def _update_fake(params, grads, states, steps, *, hyper, lr, lr_tensor, clip_coef, grad_scale,
+                 found_inf, clip_value, spike_theta, unit_coefs, maximize):
     return None
 
 
-def sgd_(
-    params, grads, momentum_buffers, buffer_steps, *,
-    lr: float, lr_tensor: torch.Tensor | None, momentum: float, dampening: float,
-    weight_decay: float, nesterov: bool, maximize: bool,
-    clip_coef: torch.Tensor | None, grad_scale: torch.Tensor | None,
-    found_inf: torch.Tensor | None, clip_value: float | None = None,
-    unit_coefs: list[torch.Tensor] | None = None,
-) -> None:
-    """SGD (momentum, dampening, Nesterov) over many tensors in place (see
-    csrc/ops.cpp for the schema).
-
-    Without momentum, ``momentum_buffers`` and ``buffer_steps`` are empty.
-    ``buffer_steps[i]`` counts the steps buffer i has taken: where it is 0 the
-    gradient is copied into the buffer (torch.optim.SGD's first step), after
-    which it is incremented. The gradient used is, as for :func:`adam_`,
-    ``clamp(grad * clip_coef * unit_coef / grad_scale, -clip_value,
-    clip_value)`` (negated when ``maximize``); where ``found_inf`` is non-zero
-    nothing changes, ``buffer_steps`` included.
-    """
-    _ops.sgd_(
-        params, grads, momentum_buffers, buffer_steps,
-        lr=lr, lr_tensor=lr_tensor, momentum=momentum, dampening=dampening,
-        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
-        clip_coef=clip_coef, grad_scale=grad_scale, found_inf=found_inf,
-        clip_value=None if clip_value is None else float(clip_value), unit_coefs=unit_coefs,
-    )
-
-
-@torch.library.register_fake("fusedclip::sgd_")
-def _sgd_fake(params, grads, momentum_buffers, buffer_steps, *, lr, lr_tensor, momentum,
-              dampening, weight_decay, nesterov, maximize, clip_coef, grad_scale, found_inf,
-              clip_value=None, unit_coefs=None):
-    return None
-
-
-def adagrad_(
-    params, grads, state_sums, steps, *,
-    lr: float, lr_tensor: torch.Tensor | None, lr_decay: float, weight_decay: float,
-    eps: float, maximize: bool, clip_coef: torch.Tensor | None,
-    grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
-    clip_value: float | None = None, unit_coefs: list[torch.Tensor] | None = None,
-) -> None:
-    """Adagrad over many tensors in place (see csrc/ops.cpp for the schema).
-
-    Each ``steps[i]`` is incremented before the decayed learning rate
-    ``lr / (1 + (step - 1) * lr_decay)`` is computed. Gradient (``clip_coef``,
-    ``grad_scale``, ``clip_value``, ``unit_coefs``), ``found_inf`` and
-    ``lr_tensor`` as for :func:`adam_`.
-    """
-    _ops.adagrad_(
-        params, grads, state_sums, steps,
-        lr=lr, lr_tensor=lr_tensor, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps,
-        maximize=maximize, clip_coef=clip_coef, grad_scale=grad_scale, found_inf=found_inf,
-        clip_value=None if clip_value is None else float(clip_value), unit_coefs=unit_coefs,
-    )
-
-
-@torch.library.register_fake("fusedclip::adagrad_")
-def _adagrad_fake(params, grads, state_sums, steps, *, lr, lr_tensor, lr_decay, weight_decay,
-                  eps, maximize, clip_coef, grad_scale, found_inf, clip_value=None,
-                  unit_coefs=None):
-    return None
+for _rule in RULES:
+    torch.library.register_fake(f"fusedclip::{_rule}_")(_update_fake)
 
 
 def cpu_tuning(prefetch_distance: int | None = None) -> tuple[str, int]:

@@ -25,6 +25,7 @@ import torch
 
 import fusedclip
 
+import legacy_ops
 from conftest import assert_unchanged, bitwise_equal, clip_policy, flat, make_tensor, snapshot
 from family import (
     FUSED, assert_matches_reference, assert_states_close, make_reference, random_configs,
@@ -126,7 +127,7 @@ def test_opcheck_cuda(op, dtype, options):
     args, kwargs = sample(dtype, **options)
     args = tuple([to_device(t) for t in group] for group in args)
     kwargs = {k: (v.to(DEV) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
-    torch.library.opcheck(fn, args, kwargs)
+    legacy_ops.opcheck(fn, args, kwargs)
 
 
 # -- sizes, launch limits, alignment ---------------------------------------------------------------
@@ -310,7 +311,7 @@ def _on_device(v):
 @pytest.mark.parametrize("fn,args,kwargs", list(_transform_cuda_samples()))
 def test_opcheck_grad_transform_cuda(fn, args, kwargs):
     args = tuple([to_device(t) for t in group] for group in args)
-    torch.library.opcheck(fn, args, {k: _on_device(v) for k, v in kwargs.items()})
+    legacy_ops.opcheck(fn, args, {k: _on_device(v) for k, v in kwargs.items()})
 
 
 TRANSFORM_SPECS = [((5, 7), "contiguous"), ((3, 20000), "contiguous"), ((6, 4), "transposed"),

@@ -14,6 +14,7 @@ import torch
 import fusedclip
 from fusedclip import ops
 
+import legacy_ops
 from conftest import assert_same_step, bitwise_equal, make_tensor
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -75,8 +76,8 @@ def adagrad_sample(dtype, *, layout="contiguous", lr_tensor=False, clip="one", g
     return (params, grads, sums, steps), kwargs
 
 
-OPS = {"sgd": (torch.ops.fusedclip.sgd_.default, sgd_sample),
-       "adagrad": (torch.ops.fusedclip.adagrad_.default, adagrad_sample)}
+OPS = {"sgd": ("sgd", sgd_sample),
+       "adagrad": ("adagrad", adagrad_sample)}
 
 
 def _samples():
@@ -108,7 +109,7 @@ def _samples():
 def test_opcheck(op, dtype, options):
     fn, sample = OPS[op]
     args, kwargs = sample(dtype, **options)
-    torch.library.opcheck(fn, args, kwargs)
+    legacy_ops.opcheck(fn, args, kwargs)
 
 
 # -- the ops' contract ----------------------------------------------------------------------
@@ -119,7 +120,7 @@ def _clone(args):
 
 def _run(op, args, kwargs):
     args = _clone(args)
-    getattr(ops, f"{op}_")(*args, **kwargs)
+    legacy_ops.call(op, *args, **kwargs)
     return args
 
 
@@ -202,7 +203,7 @@ def test_layouts(op, layout):
     contiguous = tuple(list(group) for group in _clone(args))
     contiguous[0][1] = param.contiguous()
     expected = _run(op, contiguous, kwargs)
-    getattr(ops, f"{op}_")(*args, **kwargs)
+    legacy_ops.call(op, *args, **kwargs)
     assert param.data_ptr() == ptr and param.stride() == stride
     _assert_equal(args, expected, layout)
 
@@ -276,7 +277,7 @@ def test_unit_coefs_scale_each_unit(op, options, dtype):
     assert_same_step(got[:1] + got[2:], expected[:1] + expected[2:], f"{op} unit_coefs")
     assert not _run(op, args, kwargs)[0][0].equal(got[0][0])  # the coefficients matter
     grads_before = _clone(args)[1]
-    getattr(ops, f"{op}_")(*args, **dict(kwargs, unit_coefs=coefs))
+    legacy_ops.call(op, *args, **dict(kwargs, unit_coefs=coefs))
     assert param.data_ptr() == ptr and param.stride() == stride
     _assert_equal((args[1],), (grads_before,), "grads written")
     _assert_equal(args[:1], got[:1], "in place")
@@ -324,7 +325,7 @@ def test_unit_coefs_with_clip_coef_and_scale(op, dtype):
     clip = torch.linspace(0.3, 1.0, n, dtype=torch.float64)
     kwargs = dict(kwargs, clip_coef=clip, grad_scale=torch.tensor(8.0), unit_coefs=coefs)
     before = _clone(args)
-    getattr(ops, f"{op}_")(*args, **kwargs)
+    legacy_ops.call(op, *args, **kwargs)
     for i in range(n):
         p = before[0][i].double()
         grad = _times_units([before[1][i].double()], [coefs[i]])[0] * clip[i] / 8.0
@@ -362,7 +363,7 @@ def _transform_opcheck_samples():
 
 @pytest.mark.parametrize("fn,args,kwargs", list(_transform_opcheck_samples()))
 def test_opcheck_grad_transform(fn, args, kwargs):
-    torch.library.opcheck(fn, args, kwargs)
+    legacy_ops.opcheck(fn, args, kwargs)
 
 
 @pytest.mark.parametrize("op", ["sgd", "adagrad"])
@@ -379,7 +380,7 @@ def test_bad_transform_args(op, change, match):
     kwargs = dict(kwargs, **{k: f(coefs) for k, f in change.items()})
     before = _clone(args)
     with pytest.raises(RuntimeError, match=match):
-        getattr(ops, f"{op}_")(*args, **kwargs)
+        legacy_ops.call(op, *args, **kwargs)
     _assert_equal(args, before, "refused call")
 
 
@@ -415,7 +416,7 @@ def test_sgd_op_errors(breaker, match):
     breaker(args, kwargs)
     before = _clone(args)
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.fusedclip.sgd_(*args, **kwargs)
+        legacy_ops.call("sgd", *args, **kwargs)
     _assert_equal(args, before, "failed call")
 
 
@@ -430,7 +431,7 @@ def test_adagrad_op_errors(changes, match):
     args, kwargs = adagrad_sample(torch.float32)
     before = _clone(args)
     with pytest.raises(RuntimeError, match=match):
-        torch.ops.fusedclip.adagrad_(*args, **dict(kwargs, **changes))
+        legacy_ops.call("adagrad", *args, **dict(kwargs, **changes))
     _assert_equal(args, before, "failed call")
 
 
@@ -439,12 +440,12 @@ def test_adagrad_op_shape_and_count_errors():
     sums = list(args[2])
     sums[1] = torch.zeros(6, 4)
     with pytest.raises(RuntimeError, match=r"state_sums\[1\] has shape \[6, 4\]"):
-        ops.adagrad_(args[0], args[1], sums, args[3], **kwargs)
+        legacy_ops.call("adagrad", args[0], args[1], sums, args[3], **kwargs)
     with pytest.raises(RuntimeError, match="steps has 4 tensors but params has 5"):
-        ops.adagrad_(args[0], args[1], args[2], args[3][:4], **kwargs)
+        legacy_ops.call("adagrad", args[0], args[1], args[2], args[3][:4], **kwargs)
     with pytest.raises(RuntimeError, match=r"grads\[0\] is complex"):
-        ops.adagrad_(args[0], [torch.zeros(7, dtype=torch.complex64)] + args[1][1:], args[2],
-                     args[3], **kwargs)
+        legacy_ops.call("adagrad", args[0], [torch.zeros(7, dtype=torch.complex64)] + args[1][1:],
+                        args[2], args[3], **kwargs)
 
 
 # -- the public surface ---------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 
 from fusedclip import ops
 
+import legacy_ops
 from conftest import assert_close, assert_same_step, bitwise_equal, clone_layout, make_tensor
 from tolerances import NORM, NORM_OUT_DTYPE, TORCH_NORM
 
@@ -91,7 +92,7 @@ def _adam_samples():
 
 @pytest.mark.parametrize("args,kwargs", list(_adam_samples()))
 def test_opcheck_adam(args, kwargs):
-    torch.library.opcheck(torch.ops.fusedclip.adam_.default, args, kwargs)
+    legacy_ops.opcheck("adam", args, kwargs)
 
 
 # -- the norm op against torch.linalg.vector_norm -----------------------------------------
@@ -242,7 +243,7 @@ def _clone_args(args):
 
 def _run_adam(args, kwargs):
     args = _clone_args(args)
-    ops.adam_(*args, **kwargs)
+    legacy_ops.call("adam", *args, **kwargs)
     return args
 
 
@@ -308,7 +309,7 @@ def test_adam_layouts(dtype, layout):
     contiguous = tuple(list(group) for group in args)
     contiguous[0][1] = param.contiguous()
     expected = _run_adam(contiguous, kwargs)
-    ops.adam_(*args, **kwargs)
+    legacy_ops.call("adam", *args, **kwargs)
     assert param.data_ptr() == ptr and param.stride() == stride
     _assert_args_equal(args, expected, layout)
 
@@ -446,7 +447,7 @@ def test_adam_unit_coefs_scale_each_unit(dtype, layout):
     expected = _run_adam(tuple(g if k != 1 else _times_units(g, coefs) for k, g in enumerate(args)),
                          kwargs)
     grads_before = [clone_layout(t) for t in args[1]]
-    ops.adam_(*args, **dict(kwargs, unit_coefs=coefs))
+    legacy_ops.call("adam", *args, **dict(kwargs, unit_coefs=coefs))
     assert param.data_ptr() == ptr and param.stride() == stride
     _assert_same_update(args, expected, f"unit_coefs {layout}")
     assert all(bitwise_equal(a, b) for a, b in zip(args[1], grads_before)), "grads written"
@@ -463,7 +464,7 @@ def test_adam_unit_coefs_with_clip_coef_and_scale(dtype):
     clip = torch.linspace(0.3, 1.0, n, dtype=torch.float64)
     kwargs = dict(kwargs, clip_coef=clip, grad_scale=torch.tensor(8.0), unit_coefs=coefs)
     before = _clone_args(args)
-    ops.adam_(*args, **kwargs)
+    legacy_ops.call("adam", *args, **kwargs)
     for i in range(n):
         p = before[0][i].double()
         state = {"step": float(before[5][i]), "exp_avg": before[2][i].double(),
@@ -518,7 +519,7 @@ def _unit_coef_opcheck_samples():
 
 @pytest.mark.parametrize("args,kwargs", list(_unit_coef_opcheck_samples()))
 def test_opcheck_adam_grad_transform(args, kwargs):
-    torch.library.opcheck(torch.ops.fusedclip.adam_.default, args, kwargs)
+    legacy_ops.opcheck("adam", args, kwargs)
 
 
 @pytest.mark.parametrize("change,match", [
@@ -532,13 +533,13 @@ def test_adam_bad_unit_coefs(change, match):
     args, kwargs, coefs = _unit_coef_sample(torch.float32)
     before = _clone_args(args)
     with pytest.raises(RuntimeError, match=match):
-        ops.adam_(*args, **dict(kwargs, unit_coefs=change(coefs)))
+        legacy_ops.call("adam", *args, **dict(kwargs, unit_coefs=change(coefs)))
     _assert_args_equal(args, before, "refused call")
 
 
 def test_adam_bad_clip_value():
     args, kwargs, _ = _unit_coef_sample(torch.float32)
     with pytest.raises(RuntimeError, match="clip_value must be >= 0"):
-        ops.adam_(*args, **dict(kwargs, clip_value=-1.0))
+        legacy_ops.call("adam", *args, **dict(kwargs, clip_value=-1.0))
     with pytest.raises(RuntimeError, match="clip_value must be >= 0"):
-        ops.adam_(*args, **dict(kwargs, clip_value=math.nan))
+        legacy_ops.call("adam", *args, **dict(kwargs, clip_value=math.nan))

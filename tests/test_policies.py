@@ -605,7 +605,7 @@ def test_agc_unit_norms_come_from_one_read_of_grads_and_params(monkeypatch):
     params = problem.params()
     opt = make_fused_opt("Adam", problem, params, {}, clip=fusedclip.AGC(0.3))
     calls = []
-    for name in ("multi_tensor_norm", "multi_tensor_unit_norm", "adam_"):
+    for name in ("multi_tensor_norm", "multi_tensor_unit_norm", "update_"):
         inner = getattr(fusedclip.ops, name)
 
         def spy(*args, _inner=inner, _name=name, **kwargs):
@@ -615,12 +615,14 @@ def test_agc_unit_norms_come_from_one_read_of_grads_and_params(monkeypatch):
     set_grads(flat(params), _grads(problem, 0))
     opt.step()
     present = [p for p in flat(params) if p.grad is not None]
-    norm_calls = [c for c in calls if c[0] != "adam_"]
+    norm_calls = [c for c in calls if c[0] != "update_"]
     assert [c[0] for c in norm_calls] == ["multi_tensor_unit_norm"] * 2
     assert all(a is b.grad for a, b in zip(norm_calls[0][1][0], present))
     assert all(a is b for a, b in zip(norm_calls[1][1][0], present))
     for name, args, kwargs in calls:
-        if name == "adam_":
+        if name == "update_":  # (rule, params, grads, states, steps, hyper, step args)
+            assert args[0] == "adam"
+            kwargs, args = args[-1]._asdict(), args[1:]
             assert kwargs["clip_coef"] is None and kwargs["clip_value"] is None
             assert [c.numel() for c in kwargs["unit_coefs"]] == fusedclip.ops.unit_counts(args[0])
 
@@ -705,7 +707,7 @@ def test_good_arguments_and_repr():
     assert fusedclip.PerTensorNorm(1, norm_type="inf").norm_type == math.inf
     assert fusedclip.AdaGC(warmup_steps=0).warmup_steps == 0
     assert fusedclip.AGC(eps=0).eps == 0.0
-    assert fusedclip.ValueClip(2).elementwise_clip_value == 2.0
+    assert fusedclip.ValueClip(2).clip_value == 2.0
 
 
 # -- properties of GlobalNorm and PerTensorNorm ---------------------------------------------------

@@ -18,7 +18,7 @@
 
 #include <ATen/ATen.h>
 
-#include "../checks.h"
+#include "../update_op.h"
 #include "fusedclip/grad_transform.h"
 
 namespace fusedclip::cpu {
@@ -77,7 +77,7 @@ void for_each_unit_run(int64_t begin, int64_t end, const TensorTransform& tt, co
     for (int64_t b = begin; b < end;) {
       const int64_t u = b / tt.units.unit_len;
       const int64_t e = std::min(end, (u + 1) * tt.units.unit_len);
-      t.mult = tt.transform.mult * tt.units[u];
+      t.mult = unit_mult(tt.transform.mult, tt.units[u]);
       run(b, e, t, clamp);
       b = e;
     }

@@ -8,7 +8,8 @@
 
 #include <ATen/ATen.h>
 
-#include "../checks.h"
+#include "../update_op.h"
+#include "fusedclip/grad_transform.h"
 
 namespace fusedclip::cpu {
 
@@ -45,12 +46,12 @@ struct HostScalars {
     const double c = coef.has_value()
         ? read_cpu_scalar(*coef, coef->numel() == 1 ? 0 : static_cast<int64_t>(i))
         : 1.0;
-    return c * inv_scale * (maximize ? -1.0 : 1.0);
+    return fusedclip::grad_mult(c, inv_scale, maximize);
   }
 };
 
 // Adds one to a step counter (float32 or float64, as torch.optim keeps it) and
-// returns the new count.
+// returns the new count, in the counter's own dtype as the CUDA kernels do.
 inline double increment_step(const at::Tensor& step) {
   if (step.scalar_type() == at::kFloat) {
     return static_cast<double>(++*step.data_ptr<float>());

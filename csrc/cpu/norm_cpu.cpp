@@ -12,8 +12,10 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "fusedclip/norm_math.h"
 #include "lanes.h"
 #include "multi_tensor.h"
+#include "vec_traits.h"
 
 namespace fusedclip::cpu {
 namespace {
@@ -56,13 +58,7 @@ double reduce_chunk(const scalar_t* x, int64_t n) {
     for (auto& part : a) part = OpVec(opmath_t(0));
   OpVec v[L::kParts];
   auto accumulate = [&](OpVec* a) {
-    for (int k = 0; k < L::kParts; ++k) {
-      if constexpr (MAX_ABS) {
-        a[k] = at::vec::maximum(a[k], v[k].abs());  // propagates NaN
-      } else {
-        a[k] = at::vec::fmadd(v[k], v[k], a[k]);
-      }
-    }
+    for (int k = 0; k < L::kParts; ++k) a[k] = norm_accumulate<MAX_ABS>(a[k], v[k]);
   };
   // Elements each accumulator takes in whole vectors; the tail goes to acc[0].
   const int64_t quarter = (n / (kAccumulators * L::kWidth)) * L::kWidth;
@@ -90,13 +86,7 @@ double reduce_chunk(const scalar_t* x, int64_t n) {
   auto add_lanes = [&](const OpVec& vec) {
     opmath_t lanes[OpVec::size()];
     vec.store(lanes);
-    for (opmath_t lane : lanes) {
-      if constexpr (MAX_ABS) {
-        result = (std::isnan(lane) || lane > result) ? lane : result;
-      } else {
-        result += static_cast<double>(lane);
-      }
-    }
+    for (opmath_t lane : lanes) result = norm_combine<MAX_ABS>(result, static_cast<double>(lane));
   };
   if constexpr (WALK == Walk::Quarters) {
     for (auto& a : acc)
@@ -106,11 +96,7 @@ double reduce_chunk(const scalar_t* x, int64_t n) {
     for (int a = 0; a < kAccumulators; ++a) {
       for (int k = 0; k < L::kParts; ++k) {
         if (a == 0 && k == 0) continue;
-        if constexpr (MAX_ABS) {
-          total = at::vec::maximum(total, acc[a][k]);  // propagates NaN
-        } else {
-          total = total + acc[a][k];
-        }
+        total = norm_combine<MAX_ABS>(total, acc[a][k]);
       }
     }
     add_lanes(total);
@@ -151,26 +137,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_tensor_norm_cpu(
         });
   }
 
+  auto combine = [max_abs](double acc, double value) {
+    return max_abs ? norm_combine<true>(acc, value) : norm_combine<false>(acc, value);
+  };
+  auto finish = [max_abs](double value) {
+    return max_abs ? norm_finish<true>(value) : norm_finish<false>(value);
+  };
   // Chunks come tensor by tensor, in order: a fixed summation order.
   std::vector<double> per_tensor(n, 0.0);
   for (size_t c = 0; c < chunks.size(); ++c) {
     double& acc = per_tensor[chunks[c].tensor];
-    if (max_abs) {
-      acc = (std::isnan(partial[c]) || partial[c] > acc) ? partial[c] : acc;
-    } else {
-      acc += partial[c];
-    }
+    acc = combine(acc, partial[c]);
   }
   double total = 0.0;
   for (double& value : per_tensor) {
-    if (max_abs) {
-      total = (std::isnan(value) || value > total) ? value : total;
-    } else {
-      total += value;
-      value = std::sqrt(value);
-    }
+    total = combine(total, value);
+    value = finish(value);
   }
-  if (!max_abs) total = std::sqrt(total);
+  total = finish(total);
 
   auto options = at::TensorOptions().dtype(out_dtype).device(at::kCPU);
   at::Tensor tensor_norms = at::empty({n}, options);
@@ -201,12 +185,7 @@ double reduce_run(const scalar_t* x, int64_t n, bool max_abs) {
   opmath_t acc = 0;
   for (int64_t i = 0; i < n; ++i) {
     const opmath_t v = static_cast<opmath_t>(x[i]);
-    if (max_abs) {
-      const opmath_t a = std::abs(v);
-      acc = (std::isnan(a) || a > acc) ? a : acc;
-    } else {
-      acc = std::fma(v, v, acc);
-    }
+    acc = max_abs ? norm_accumulate<true>(acc, v) : norm_accumulate<false>(acc, v);
   }
   return static_cast<double>(acc);
 }
@@ -265,8 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_unit_nor
   }
 
   auto combine = [max_abs](double acc, double value) {
-    if (max_abs) return (std::isnan(value) || value > acc) ? value : acc;
-    return acc + value;
+    return max_abs ? norm_combine<true>(acc, value) : norm_combine<false>(acc, value);
   };
   // Units in chunk order: a fixed combination order.
   std::vector<double> per_unit(total_units, 0.0);
@@ -285,7 +263,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_unit_nor
     for (int64_t u = unit_offset[t]; u < end; ++u) per_tensor[t] = combine(per_tensor[t], per_unit[u]);
     total = combine(total, per_tensor[t]);
   }
-  auto finish = [max_abs](double value) { return max_abs ? value : std::sqrt(value); };
+  auto finish = [max_abs](double value) {
+    return max_abs ? norm_finish<true>(value) : norm_finish<false>(value);
+  };
   total = finish(total);
 
   auto options = at::TensorOptions().dtype(out_dtype).device(at::kCPU);

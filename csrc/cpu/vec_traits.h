@@ -19,6 +19,14 @@ struct MathTraits<at::vec::Vectorized<S>> {
   static V clamp(const V& x, const V& lo, const V& hi) {
     return at::vec::minimum(at::vec::maximum(x, lo), hi);
   }
+  static V abs(const V& x) { return x.abs(); }
+  static V copysign(const V& magnitude, const V& sign) { return magnitude.copysign(sign); }
+  // torch.sign: -1, 0 or 1 per lane, 0 for NaN (comparisons with NaN are false).
+  static V sign(const V& x) {
+    const V zero(S(0)), one(S(1));
+    return V::blendv(zero, one, x > zero) - V::blendv(zero, one, x < zero);
+  }
+  static V greater(const V& a, const V& b) { return a > b; }
   // A lane mask, as torch's fused Adam computes it for its lerp.
   static V lerp_small(const V& weight) { return weight.abs() < V(S(0.5)); }
   static V select(const V& mask, const V& a, const V& b) { return V::blendv(b, a, mask); }

@@ -8,7 +8,7 @@ from torch import Tensor
 from fusedclip import ops
 from fusedclip.optim.base import (
     CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC, FusedClipOptimizer, check_lr, kernel_view,
-    lr_args, scalar_dtype,
+    scalar_dtype,
 )
 
 __all__ = ["FusedClipAdagrad"]
@@ -136,14 +136,13 @@ class FusedClipAdagrad(FusedClipOptimizer):
             value = complex(value, value)  # as torch.optim.Adagrad starts a complex sum
         state["sum"] = torch.full_like(param, value, memory_format=torch.preserve_format)
 
-    def _update(self, group, params, grads, states, *, originals, device, clip_coef, grad_scale,
-                found_inf, clip_value=None, unit_coefs=None) -> None:
-        lr, lr_tensor = lr_args(group["lr"], device)
-        ops.adagrad_(
-            params, grads, [kernel_view(s["sum"]) for s in states],
+    state_keys = ("step", "sum")
+
+    def _update(self, group, params, grads, states, *, originals, args) -> None:
+        ops.update_(
+            "adagrad", params, grads, [[kernel_view(s["sum"]) for s in states]],
             [s["step"] for s in states],
-            lr=lr, lr_tensor=lr_tensor, lr_decay=float(group["lr_decay"]),
-            weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
-            maximize=bool(group["maximize"]), clip_coef=clip_coef, grad_scale=grad_scale,
-            found_inf=found_inf, clip_value=clip_value, unit_coefs=unit_coefs,
+            dict(lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+                 eps=group["eps"]),
+            args,
         )

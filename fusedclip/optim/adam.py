@@ -8,7 +8,7 @@ from torch import Tensor
 from fusedclip import ops
 from fusedclip.optim.base import (
     CAPTURABLE_ARG_DOC, CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC, FusedClipOptimizer, check_lr,
-    kernel_view, lr_args,
+    kernel_view,
 )
 from fusedclip.optim.base import scalar_dtype as _scalar_dtype
 
@@ -163,28 +163,23 @@ class FusedClipAdam(FusedClipOptimizer):
         if group["amsgrad"]:
             state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
-    def _update(self, group, params, grads, states, *, originals, device, clip_coef, grad_scale,
-                found_inf, clip_value=None, unit_coefs=None) -> None:
+    state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
+    def _update(self, group, params, grads, states, *, originals, args) -> None:
         amsgrad = group["amsgrad"]
         if amsgrad:
             for p, s in zip(originals, states):
                 if "max_exp_avg_sq" not in s:  # amsgrad switched on after the first step
                     s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        lr, lr_tensor = lr_args(group["lr"], device)
+        keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
         beta1, beta2 = group["betas"]
-        ops.adam_(
-            params,
-            grads,
-            [kernel_view(s["exp_avg"]) for s in states],
-            [kernel_view(s["exp_avg_sq"]) for s in states],
-            [kernel_view(s["max_exp_avg_sq"]) for s in states] if amsgrad else [],
+        ops.update_(
+            "adam", params, grads, [[kernel_view(s[key]) for s in states] for key in keys],
             [s["step"] for s in states],
-            lr=lr, lr_tensor=lr_tensor, beta1=float(beta1), beta2=float(beta2),
-            eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
-            amsgrad=amsgrad, maximize=group["maximize"],
-            decoupled_weight_decay=group.get("decoupled_weight_decay", False),
-            clip_coef=clip_coef, grad_scale=grad_scale, found_inf=found_inf,
-            clip_value=clip_value, unit_coefs=unit_coefs,
+            dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                 amsgrad=amsgrad,
+                 decoupled_weight_decay=group.get("decoupled_weight_decay", False)),
+            args,
         )
 
 

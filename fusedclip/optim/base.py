@@ -120,16 +120,6 @@ def scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def lr_args(lr, device: torch.device) -> tuple[float, Tensor | None]:
-    """A group's lr as the fused ops take it: ``(lr, None)`` for a float,
-    ``(0.0, tensor)`` for a tensor: on the device (read by the kernel, no
-    sync), or a CPU tensor, which every kernel reads on the host (no device
-    sync either; no copy to the device, which from pageable memory would be one)."""
-    if isinstance(lr, Tensor):
-        return 0.0, lr
-    return float(lr), None
-
-
 def kernel_view(t: Tensor) -> Tensor:
     """The tensor the fused ops see: itself, or for a complex tensor its real
     view (torch.optim's treatment of complex parameters), with 0-d and 1-d
@@ -210,7 +200,8 @@ class FusedClipOptimizer(Optimizer):
     """Base class of the fused optimizers (not for direct use).
 
     Subclasses implement ``_check_group`` (hyperparameters), ``_init_state``
-    (torch.optim's state keys) and ``_update`` (one fused op call).
+    (torch.optim's state keys, listed in ``state_keys``) and ``_update`` (one
+    fused op call).
 
     Attributes:
         warn_after_skips (int): a ``RuntimeWarning`` is issued when this many
@@ -230,6 +221,8 @@ class FusedClipOptimizer(Optimizer):
     # What the twin's __setstate__ fills into param groups that lack a key
     # where that is not the constructor's default.
     _legacy_group_defaults: dict = {}
+    #: the optimizer's per-parameter state keys (torch.optim's).
+    state_keys: tuple = ()
 
     def __init__(self, params, defaults: dict, *, clip=None, nonfinite: str = "skip") -> None:
         # torch validates hyperparameters before it looks at the parameters.
@@ -257,7 +250,12 @@ class FusedClipOptimizer(Optimizer):
 
     @clip.setter
     def clip(self, value) -> None:
-        self.clip_policy = as_policy(value)
+        policy = as_policy(value)
+        if policy is not None and policy.reads_state not in (None, *self.state_keys):
+            raise ValueError(
+                f"{policy!r} reads the optimizer state {policy.reads_state!r}, which "
+                f"{type(self).__name__} does not keep (its state: {', '.join(self.state_keys)})")
+        self.clip_policy = policy
         self._policy_state: dict = {}
         self._policy_tensor_state: dict = {}
         if "clip_stats" in self.__dict__:
@@ -328,17 +326,13 @@ class FusedClipOptimizer(Optimizer):
         raise NotImplementedError
 
     def _update(self, group: dict, params: list[Tensor], grads: list[Tensor],
-                states: list[dict], *, originals: list[Tensor], device: torch.device,
-                clip_coef: Tensor | None, grad_scale: Tensor | None,
-                found_inf: Tensor | None, clip_value: float | None = None,
-                unit_coefs: list[Tensor] | None = None) -> None:
-        """One fused op call over ``params`` (all on ``device``, of one dtype,
-        as the kernels see them: complex parameters as real views), their
-        gradients and their state dicts (``self.state[p]``, after
-        ``_init_state``; pass state tensors through ``kernel_view``).
-        ``originals`` are the parameters themselves (make state like them).
-        ``clip_value`` and ``unit_coefs`` (one 1-D tensor of per-unit
-        coefficients per parameter) go to the op unchanged."""
+                states: list[dict], *, originals: list[Tensor], args: ops.StepArgs) -> None:
+        """One ``ops.update_`` call over ``params`` (all on one device, of one
+        dtype, as the kernels see them: complex parameters as real views),
+        their gradients and their state dicts (``self.state[p]``, after
+        ``_init_state``; pass state tensors through ``kernel_view``), with the
+        arguments every step shares, ``args``, as they are. ``originals`` are
+        the parameters themselves (make state like them)."""
         raise NotImplementedError
 
     # -- the step ---------------------------------------------------------------
@@ -378,9 +372,11 @@ class FusedClipOptimizer(Optimizer):
             inf = scaler_found_inf.to(batch.grads[0].device, non_blocking=True)
             skip = inf if skip is None else torch.maximum(skip, inf)
 
-        coef = self._coefficients(batch, norms, skip)
+        result = self._coefficients(batch, norms, skip)
+        coef = result.coef if result is not None else None
         unit_coefs = self._unit_coefs(batch, coef)
-        self._apply(batch, coef, unit_coefs, grad_scale, skip)
+        elementwise = result.elementwise if result is not None else None
+        self._apply(batch, coef, unit_coefs, elementwise, grad_scale, skip)
         self._record(batch, norms, coef, unit_coefs, skip)
         return loss
 
@@ -410,6 +406,13 @@ class FusedClipOptimizer(Optimizer):
                     if grad.dtype != dtype:
                         raise RuntimeError(
                             f"{name}: the gradient of a {dtype} parameter is {grad.dtype}")
+                if p.device.type not in ("cpu", "cuda"):
+                    # torch's fused steps refuse these too (a meta parameter would
+                    # reach the fake kernels, which change nothing).
+                    raise RuntimeError(
+                        "`fused=True` requires all the params to be floating point Tensors "
+                        f"of supported devices: ['cpu', 'cuda'] but {dtype} and {p.device}; "
+                        f"{name} runs on the CPU and CUDA")
                 params.append(p)
                 grads.append(grad)
                 keys.append((p.device, dtype))
@@ -440,7 +443,7 @@ class FusedClipOptimizer(Optimizer):
         if not ((policy is not None and policy.needs_norms) or self.nonfinite != "propagate"):
             return None
         norm_type = policy.norm_type if policy is not None else 2.0
-        per_unit = policy is not None and policy.per_unit
+        per_unit = policy is not None and policy.scope == "unit"
         grads, params = batch.grads, batch.params
         totals, flags, tensor_norms = [], [], []
         unit_norms = param_unit_norms = None
@@ -453,8 +456,9 @@ class FusedClipOptimizer(Optimizer):
                 units, norms, total, flag = ops.multi_tensor_unit_norm(
                     [grads[i] for i in indices], norm_type)
                 unit_norms.append(units)
-                param_unit_norms.append(ops.multi_tensor_unit_norm(
-                    [params[i] for i in indices], norm_type)[0])
+                if policy.reads_params:
+                    param_unit_norms.append(ops.multi_tensor_unit_norm(
+                        [params[i] for i in indices], norm_type)[0])
             tensor_norms.append(norms)
             totals.append(total)
             flags.append(flag)
@@ -484,10 +488,10 @@ class FusedClipOptimizer(Optimizer):
         return norms
 
     def _coefficients(self, batch: _Gathered, norms: _Norms | None, skip: Tensor | None):
-        """Phase 4: the policy's coefficient(s) (None without a policy or
-        coefficient): a 0-d tensor, or one 1-D tensor per norm bucket for
-        per-tensor and per-unit policies. The policy's new state is kept
-        unless the step is skipped."""
+        """Phase 4: the policy's result (None without a policy): its
+        coefficient(s) (a 0-d tensor, or one 1-D tensor per norm bucket for
+        scopes "tensor" and "unit", or None) and element-wise transform. Its
+        new state is kept unless the step is skipped."""
         policy = self.clip_policy
         if policy is None:
             return None
@@ -502,7 +506,7 @@ class FusedClipOptimizer(Optimizer):
         tensor_states = None
         if norms is None:  # a policy that needs no norm (ValueClip), none measured
             norms = _Norms(None, None, [])
-        if policy.has_tensor_state:
+        if policy.scope == "tensor":
             tensor_states = []
             for indices, bucket_norms in zip(batch.buckets, norms.tensor_norms):
                 bucket = []
@@ -516,7 +520,7 @@ class FusedClipOptimizer(Optimizer):
                 tensor_states.append(bucket)
         result = policy.clip(ClipInputs(
             total_norm=norms.total,
-            tensor_norms=norms.tensor_norms if policy.per_tensor else None,
+            tensor_norms=norms.tensor_norms if policy.scope == "tensor" else None,
             state=state, tensor_states=tensor_states,
             unit_norms=norms.unit_norms, param_unit_norms=norms.param_unit_norms,
         ))
@@ -529,30 +533,29 @@ class FusedClipOptimizer(Optimizer):
                 olds.extend(old_bucket)
                 news.extend(new_bucket)
         commit_state(olds, news, skip)
-        return result.coef
+        return result
 
     def _unit_coefs(self, batch: _Gathered, coef) -> list[list[Tensor]] | None:
         """Per-unit coefficients as one view per gradient, bucket by bucket."""
-        if self.clip_policy is None or not self.clip_policy.per_unit:
+        if self.clip_policy is None or self.clip_policy.scope != "unit":
             return None
         return [list(c.split(ops.unit_counts([batch.grads[i] for i in indices])))
                 for c, indices in zip(coef, batch.buckets)]
 
     def _apply(self, batch: _Gathered, coef, unit_coefs: list[list[Tensor]] | None,
-               grad_scale: Tensor | None, skip: Tensor | None) -> None:
-        """Phase 5: one fused op per group and (device, dtype). The gradients
-        of one such call are a contiguous run of their norm bucket (buckets
-        list the gradients group by group), so a per-tensor or per-unit
-        coefficient is a slice (a view) of the bucket's coefficients."""
+               elementwise, grad_scale: Tensor | None, skip: Tensor | None) -> None:
+        """Phase 5: one fused op per group and (device, dtype), with the
+        arguments every update op shares built here, once (``ops.StepArgs``).
+        The gradients of one such call are a contiguous run of their norm
+        bucket (buckets list the gradients group by group), so a per-tensor or
+        per-unit coefficient is a slice (a view) of the bucket's coefficients."""
         policy = self.clip_policy
-        per_tensor = policy is not None and policy.per_tensor
-        per_unit = unit_coefs is not None
-        clip_value = None if policy is None else policy.elementwise_clip_value
-        where: list[tuple[int, int]] = []
-        if per_tensor or per_unit:
-            where = self._positions(batch)
-
-        coef_on = _OnDevice(None if per_tensor or per_unit else coef)
+        scope = policy.scope if policy is not None else "global"
+        sliced = scope in ("tensor", "unit")
+        where = self._positions(batch) if sliced else []
+        clip_value = elementwise.clip_value if elementwise is not None else None
+        spike_theta = elementwise.spike_theta if elementwise is not None else None
+        coef_on = _OnDevice(None if sliced else coef)
         scale_on, skip_on = _OnDevice(grad_scale), _OnDevice(skip)
         offset = 0
         for group, originals, params, grads, keys in batch.groups:
@@ -565,19 +568,16 @@ class FusedClipOptimizer(Optimizer):
                 states.append(self.state.get(p, state))
             for (device, _), indices in group_by_key(keys).items():
                 call_coef = units = None
-                if per_tensor or per_unit:
+                if sliced:
                     b, start = where[offset + indices[0]]
                     # The call's gradients are a contiguous run of bucket b.
                     assert where[offset + indices[-1]] == (b, start + len(indices) - 1)
-                    if per_tensor:
+                    if scope == "tensor":
                         call_coef = coef[b][start:start + len(indices)]
                     else:
                         units = unit_coefs[b][start:start + len(indices)]
                 else:
                     call_coef = coef_on.on(device)
-                extra = {}
-                if clip_value is not None or units is not None:
-                    extra = dict(clip_value=clip_value, unit_coefs=units)
                 if len(indices) == len(params):  # one bucket: no sublists to make
                     call_params, call_grads, call_states = params, grads, states
                     call_originals = originals
@@ -586,12 +586,19 @@ class FusedClipOptimizer(Optimizer):
                     call_grads = [grads[i] for i in indices]
                     call_states = [states[i] for i in indices]
                     call_originals = [originals[i] for i in indices]
-                self._update(
-                    group, call_params, call_grads, call_states, originals=call_originals,
-                    device=device,
-                    clip_coef=call_coef, grad_scale=scale_on.on(device),
-                    found_inf=skip_on.on(device), **extra,
-                )
+                # A tensor lr goes to the op as it is: on the device it is read
+                # by the kernel, on the CPU by the host (no device sync either;
+                # no copy to the device, which from pageable memory would be one).
+                lr = group["lr"]
+                if isinstance(lr, Tensor) and lr.dim() > 1:
+                    lr = lr.reshape(())  # torch takes any 1-element tensor; a view
+                args = ops.StepArgs(
+                    lr=lr, clip_coef=call_coef, grad_scale=scale_on.on(device),
+                    found_inf=skip_on.on(device), clip_value=clip_value,
+                    spike_theta=spike_theta, unit_coefs=units,
+                    maximize=bool(group.get("maximize", False)))
+                self._update(group, call_params, call_grads, call_states,
+                             originals=call_originals, args=args)
             offset += len(params)
 
     @staticmethod
@@ -616,7 +623,7 @@ class FusedClipOptimizer(Optimizer):
         policy = self.clip_policy
         stats = self.clip_stats
         device = batch.grads[0].device
-        if policy is not None and (policy.per_tensor or policy.per_unit):
+        if policy is not None and policy.scope in ("tensor", "unit"):
             # The buckets in the gradients' order: a few contiguous runs.
             order = runs(self._positions(batch))
             if unit_coefs is not None:
@@ -624,7 +631,7 @@ class FusedClipOptimizer(Optimizer):
                                   for c in unit_coefs], order, device, unit_coefs)
             else:
                 coef = _in_order(coef, order, device)
-            if policy.per_tensor:
+            if policy.scope == "tensor":
                 stats["tensor_norms"] = _in_order(norms.tensor_norms, order, device)
         stats["grad_norm"] = norms.total if norms is not None else self._unmeasured["grad_norm"]
         stats["clip_coef"] = coef if coef is not None else self._unmeasured["clip_coef"]
@@ -647,7 +654,7 @@ class FusedClipOptimizer(Optimizer):
         stats["skipped"] = (skipped if skipped is not None
                             else torch.zeros((), dtype=torch.int64, device=device))
         policy = self.clip_policy
-        if policy is not None and policy.per_tensor:
+        if policy is not None and policy.scope == "tensor":
             stats["tensor_norms"] = torch.zeros(0, device=device)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -672,7 +679,8 @@ class FusedClipOptimizer(Optimizer):
         ``"state"``. torch.optim's ``load_state_dict`` ignores that key."""
         state_dict = super().state_dict()
         policy = self.clip_policy
-        if policy is not None and (policy.stateful or policy.has_tensor_state):
+        if policy is not None and (self._policy_state
+                                   or any(self._policy_tensor_state.values())):
             ids = {}
             for saved, group in zip(state_dict["param_groups"], self.param_groups):
                 for pid, p in zip(saved["params"], group["params"]):

@@ -10,7 +10,6 @@ from torch import Tensor
 from fusedclip import ops
 from fusedclip.optim.base import (
     CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC, FusedClipOptimizer, check_lr, kernel_view,
-    lr_args,
 )
 
 __all__ = ["FusedClipSGD"]
@@ -192,16 +191,14 @@ class FusedClipSGD(FusedClipOptimizer):
             counters.append(entry[2])
         return buffers, counters
 
-    def _update(self, group, params, grads, states, *, originals, device, clip_coef, grad_scale,
-                found_inf, clip_value=None, unit_coefs=None) -> None:
+    state_keys = ("momentum_buffer",)
+
+    def _update(self, group, params, grads, states, *, originals, args) -> None:
         momentum = float(group["momentum"])
         buffers, counters = self._buffers(originals, states) if momentum != 0 else ([], [])
-        lr, lr_tensor = lr_args(group["lr"], device)
-        ops.sgd_(
-            params, grads, buffers, counters,
-            lr=lr, lr_tensor=lr_tensor, momentum=momentum,
-            dampening=float(group["dampening"]), weight_decay=float(group["weight_decay"]),
-            nesterov=bool(group["nesterov"]), maximize=bool(group["maximize"]),
-            clip_coef=clip_coef, grad_scale=grad_scale, found_inf=found_inf,
-            clip_value=clip_value, unit_coefs=unit_coefs,
+        ops.update_(
+            "sgd", params, grads, [buffers] if momentum != 0 else [], counters,
+            dict(momentum=momentum, dampening=group["dampening"],
+                 weight_decay=group["weight_decay"], nesterov=group["nesterov"]),
+            args,
         )

@@ -31,6 +31,15 @@ struct MathTraits<float> {
   static FC_HOST_DEVICE float clamp(float x, float lo, float hi) {
     return x != x ? x : (x < lo ? lo : (x > hi ? hi : x));
   }
+  static FC_HOST_DEVICE float abs(float x) { return ::fabsf(x); }
+  static FC_HOST_DEVICE float copysign(float magnitude, float sign) {
+    return ::copysignf(magnitude, sign);
+  }
+  // torch.sign: -1, 0 or 1, and 0 for NaN.
+  static FC_HOST_DEVICE float sign(float x) {
+    return static_cast<float>((x > 0.0f) - (x < 0.0f));
+  }
+  static FC_HOST_DEVICE bool greater(float a, float b) { return a > b; }
   static FC_HOST_DEVICE bool lerp_small(float weight) { return ::fabsf(weight) < 0.5f; }
   static FC_HOST_DEVICE float select(bool mask, float a, float b) { return mask ? a : b; }
 };
@@ -45,6 +54,14 @@ struct MathTraits<double> {
   static FC_HOST_DEVICE double clamp(double x, double lo, double hi) {
     return x != x ? x : (x < lo ? lo : (x > hi ? hi : x));
   }
+  static FC_HOST_DEVICE double abs(double x) { return ::fabs(x); }
+  static FC_HOST_DEVICE double copysign(double magnitude, double sign) {
+    return ::copysign(magnitude, sign);
+  }
+  static FC_HOST_DEVICE double sign(double x) {
+    return static_cast<double>((x > 0.0) - (x < 0.0));
+  }
+  static FC_HOST_DEVICE bool greater(double a, double b) { return a > b; }
   static FC_HOST_DEVICE bool lerp_small(double weight) { return ::fabs(weight) < 0.5; }
   static FC_HOST_DEVICE double select(bool mask, double a, double b) { return mask ? a : b; }
 };
@@ -60,6 +77,9 @@ FC_HOST_DEVICE T fc_maximum(T a, T b) { return MathTraits<T>::maximum(a, b); }
 
 template <typename T>
 FC_HOST_DEVICE T fc_clamp(T x, T lo, T hi) { return MathTraits<T>::clamp(x, lo, hi); }
+
+template <typename T>
+FC_HOST_DEVICE T fc_sign(T x) { return MathTraits<T>::sign(x); }
 
 // start + weight * (end - start) with torch.lerp's rounding: from the nearer
 // end, so that weight 1 gives `end` exactly (aten's lerp, which torch's fused

@@ -1,0 +1,97 @@
+// The update ops of every rule share one signature: the rule's element
+// arrays, its step counters, its hyperparameters as a list (rule.h), and the
+// arguments every step takes, stated here once. ops.cpp writes the schema
+// (kUpdateSchemaArgs); each backend registers update_op<Rule, Driver>, which
+// checks every argument (the one check, in ops.cpp) and hands them to its
+// driver as an UpdateCall.
+#pragma once
+
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+#include "fusedclip/rule.h"
+
+namespace fusedclip {
+
+// The schema of fusedclip::<name>_, after the name. `states` holds the
+// rule's state lists one after the other (num_states lists of n tensors).
+inline std::string update_schema(const char* name) {
+  return std::string(name) +
+         "_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, Tensor(c!)[] steps, *, "
+         "float[] hyper, float lr, Tensor? lr_tensor, Tensor? clip_coef, Tensor? grad_scale, "
+         "Tensor? found_inf, float? clip_value, float? spike_theta, Tensor[]? unit_coefs, "
+         "bool maximize) -> ()";
+}
+
+// The arguments of one update call, as the drivers use them.
+struct UpdateCall {
+  at::TensorList params, grads, steps;
+  std::vector<at::TensorList> states;  // one list of params.size() tensors per state
+  double lr;
+  std::optional<at::Tensor> lr_tensor, clip_coef, grad_scale, found_inf;
+  std::optional<double> clip_value, spike_theta;
+  std::optional<at::TensorList> unit_coefs;
+  bool maximize;
+};
+
+// What the one argument check needs to know of the rule and its hyperparameters.
+struct RuleCheck {
+  const char* rule;
+  const char* hyper_names;  // kHyperNames
+  c10::ArrayRef<double> hyper;
+  size_t expected_hyper;
+  Invalid invalid;          // the rule's Hyper::invalid()
+  const char* state_names;  // kStateNames
+  const char* steps_name;   // kStepsName
+  const char* stateless_when;  // kStatelessWhen
+  int num_states;
+  bool uses_steps, has_second_moment;
+};
+
+// The one argument check of every update op (ops.cpp): the rule's
+// hyperparameters, then every tensor (`states` as the op got it, flat).
+// Throws before anything is written.
+void check_update_call(const UpdateCall& call, at::TensorList states, const RuleCheck& rule);
+
+// Units of a tensor for per-unit clipping: one per index of dim 0, or the
+// whole tensor for 0-d and 1-d tensors; unit_length() elements each (the
+// tensor's numel / units, 0 when there are no units).
+int64_t num_units(const at::Tensor& t);
+int64_t unit_length(const at::Tensor& t);
+
+// Reads element `index` of a small float32/float64 tensor that lives on the CPU.
+double read_cpu_scalar(const at::Tensor& t, int64_t index = 0);
+
+// The op every backend registers for Rule: its arguments in the schema's
+// order, gathered into an UpdateCall, checked, and run by Driver<Rule>::run.
+template <class Rule, template <class> class Driver>
+void update_op(at::TensorList params, at::TensorList grads, at::TensorList states,
+               at::TensorList steps, c10::ArrayRef<double> hyper, double lr,
+               const std::optional<at::Tensor>& lr_tensor,
+               const std::optional<at::Tensor>& clip_coef,
+               const std::optional<at::Tensor>& grad_scale,
+               const std::optional<at::Tensor>& found_inf, std::optional<double> clip_value,
+               std::optional<double> spike_theta, std::optional<at::TensorList> unit_coefs,
+               bool maximize) {
+  UpdateCall call{params, grads, steps, {}, lr, lr_tensor, clip_coef, grad_scale,
+                  found_inf, clip_value, spike_theta, unit_coefs, maximize};
+  const bool sized = hyper.size() == static_cast<size_t>(Rule::kNumHyper);
+  typename Rule::Hyper h{};
+  if (sized) h = Rule::Hyper::from(hyper.data());
+  const size_t k = sized ? static_cast<size_t>(h.num_states()) : 0;
+  const size_t n = params.size();
+  check_update_call(call, states,
+                    RuleCheck{Rule::kName, Rule::kHyperNames, hyper, Rule::kNumHyper,
+                              sized ? h.invalid() : Invalid{}, Rule::kStateNames,
+                              Rule::kStepsName, Rule::kStatelessWhen, static_cast<int>(k),
+                              sized && h.uses_steps(),
+                              Rule::kSecondMoment >= 0});
+  for (size_t s = 0; s < k; ++s) call.states.push_back(states.slice(s * n, n));
+  if (params.empty()) return;
+  Driver<Rule>::run(call, h);
+}
+
+}  // namespace fusedclip
