@@ -107,11 +107,12 @@ FLAGS=(
   --compiler-options -fPIC,-Wall
   # Register spills and local-memory use show up here without a GPU (a copy of
   # the kernel argument struct to local memory would be a big slowdown).
-  # Known (CUDA 13.0): ptxas may spill a few bytes in the float64 + L2 + amsgrad
-  # Adam kernel on sm_90, a register-allocation choice in a rarely used variant
-  # that moves with small code changes; likewise 8 bytes in the float64 Adagrad
-  # kernels (the float64 division p -= clr * g / (sqrt(sum) + eps) takes nvcc's
-  # slow path).
+  # Known (CUDA 13.0): ptxas spills 4-8 bytes in the SGD momentum kernels of
+  # bfloat16/float16 without weight decay (the buffer's first-step test is a
+  # per-tensor runtime flag of the generic driver, one more live value in the
+  # unrolled 8-element loop), and may spill a few bytes in float64 Adam/Adagrad
+  # variants (nvcc's slow path for the float64 division); register-allocation
+  # choices that move with small code changes, in a few of ~80 kernels.
   -Xptxas -warn-spills,-warn-lmem-usage
   -I"$ROOT/csrc/include" -I"$ROOT/csrc"
   "${TORCH_FLAGS[@]}"

@@ -9,6 +9,8 @@
 
 #include <ATen/ATen.h>
 
+#include "../update_op.h"
+#include "fusedclip/grad_transform.h"
 #include "multi_tensor_apply.cuh"
 
 namespace fusedclip::cuda {
@@ -43,20 +45,32 @@ struct CallScalars {
   bool maximize;
   DeviceScalar lr_tensor, clip_coef, grad_scale, found_inf;
 
-  static CallScalars of(double lr, bool maximize, const std::optional<at::Tensor>& lr_tensor,
-                        const std::optional<at::Tensor>& clip_coef,
-                        const std::optional<at::Tensor>& grad_scale,
-                        const std::optional<at::Tensor>& found_inf) {
-    return {lr, maximize, DeviceScalar::of(lr_tensor), DeviceScalar::of(clip_coef),
-            DeviceScalar::of(grad_scale), DeviceScalar::of(found_inf)};
+  // An lr tensor on the CPU is read here, on the host: no device sync, and no
+  // copy to the device (from pageable memory, that would be one). In a CUDA
+  // graph its value at capture then stays, as for torch's fused optimizers;
+  // an lr tensor on the device is read by the kernel at every replay. A
+  // negative value on the CPU is refused here; on the device it is not
+  // checked (that would take a sync): the Python optimizers check a CPU one,
+  // and document that a device one is the caller's to keep >= 0.
+  static CallScalars of(const UpdateCall& call) {
+    double lr = call.lr;
+    std::optional<at::Tensor> device_lr = call.lr_tensor;
+    if (call.lr_tensor.has_value() && call.lr_tensor->device().is_cpu()) {
+      lr = read_cpu_scalar(*call.lr_tensor);
+      TORCH_CHECK(lr >= 0.0, "fusedclip: invalid learning rate ", lr,
+                  " in lr_tensor (must be >= 0)");
+      device_lr.reset();
+    }
+    return {lr, call.maximize, DeviceScalar::of(device_lr), DeviceScalar::of(call.clip_coef),
+            DeviceScalar::of(call.grad_scale), DeviceScalar::of(call.found_inf)};
   }
 
   __device__ __forceinline__ bool skip() const { return found_inf.load(0, 0.0) != 0.0; }
   __device__ __forceinline__ double learning_rate() const { return lr_tensor.load(0, lr); }
   // What tensor `tensor`'s gradient is multiplied by, as the CPU kernels fold it.
   __device__ __forceinline__ double grad_mult(int64_t tensor) const {
-    const double inv_scale = 1.0 / grad_scale.load(0, 1.0);
-    return clip_coef.load(tensor, 1.0) * inv_scale * (maximize ? -1.0 : 1.0);
+    return fusedclip::grad_mult(clip_coef.load(tensor, 1.0), 1.0 / grad_scale.load(0, 1.0),
+                                maximize);
   }
 };
 

@@ -1,7 +1,9 @@
 // The one generic multi-tensor launcher of the CUDA kernels.
 //
-// An op hands over, per tensor, DEPTH device pointers (param, grad, states,
-// ...) and an element count. The tensors are cut into chunks of `chunk_size`
+// An op hands over, per tensor, DEPTH device pointers to element arrays
+// (param, grad, states, ...), an element count, and a small struct of the
+// tensor's own values (Extra: a step counter's address, a unit length, ...),
+// each in a slot of its own. The tensors are cut into chunks of `chunk_size`
 // elements and every CUDA block takes one chunk. Which block takes which
 // (tensor, chunk) is written into tables that travel with the pointers as the
 // kernel's argument, so nothing is copied to the device before a launch: the
@@ -17,6 +19,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/OpMathType.h>
@@ -43,24 +46,30 @@ constexpr int kMaxBlocksPerLaunch = 320;
 constexpr int kMaxKernelArgBytes = 4096;
 constexpr int kFunctorArgBytes = 256;
 
-// Tensors one launch can take at a given depth: what is left of the argument
-// space after the per-block tables, divided by the per-tensor cost (DEPTH
-// pointers, the element count, the list index). Blocks name their tensor's
-// slot in one byte, hence at most 255.
-constexpr int max_tensors_per_launch(int depth) {
+// A tensor without values of its own.
+struct NoExtra {};
+
+// Tensors one launch can take: what is left of the argument space after the
+// per-block tables, divided by the per-tensor cost (DEPTH pointers, the Extra
+// values, the element count, the list index). Blocks name their tensor's slot
+// in one byte, hence at most 255.
+constexpr int max_tensors_per_launch(int depth, int extra_bytes) {
   const int per_block = sizeof(int32_t) + sizeof(uint8_t);
   const int fixed = 2 * sizeof(int64_t) + kMaxBlocksPerLaunch * per_block;
-  const int per_tensor = depth * sizeof(void*) + sizeof(int64_t) + sizeof(int32_t);
+  const int per_tensor =
+      depth * sizeof(void*) + extra_bytes + sizeof(int64_t) + sizeof(int32_t);
   const int n = (kMaxKernelArgBytes - kFunctorArgBytes - fixed) / per_tensor;
   return n < 255 ? n : 255;
 }
 
 // The kernel argument of one launch.
-template <int DEPTH>
+template <int DEPTH, typename Extra = NoExtra>
 struct TensorListMetadata {
-  static constexpr int kMaxTensors = max_tensors_per_launch(DEPTH);
+  static constexpr int kMaxTensors =
+      max_tensors_per_launch(DEPTH, std::is_empty_v<Extra> ? 0 : sizeof(Extra));
 
-  void* addresses[DEPTH][kMaxTensors];  // [list][slot]
+  void* addresses[DEPTH][kMaxTensors];  // [array][slot]: element arrays
+  Extra extra[std::is_empty_v<Extra> ? 1 : kMaxTensors];  // each slot's own values
   int64_t numel[kMaxTensors];           // elements of each slot's tensor
   int64_t chunk_size;
   int64_t block_offset;                 // blocks of this call in earlier launches
@@ -80,19 +89,19 @@ struct ChunkRef {
                          // tensor, chunk by chunk (a fixed order)
 };
 
-// One tensor as the launcher sees it: a pointer per list, and the element
-// count of list 0, which decides the chunks. The other lists must have at
-// least as many elements, or be per-tensor values that the functor reads at
-// element 0 (a step counter, say).
-template <int DEPTH>
+// One tensor as the launcher sees it: a pointer per element array, the
+// element count (of array 0, which decides the chunks; the other arrays have at
+// least as many elements), and the tensor's own values.
+template <int DEPTH, typename Extra = NoExtra>
 struct TensorRef {
   void* ptrs[DEPTH];
   int64_t numel;
+  Extra extra{};
 };
 
-template <int DEPTH, typename Functor>
+template <int DEPTH, typename Extra, typename Functor>
 __global__ void __launch_bounds__(kBlockSize)
-    multi_tensor_kernel(const TensorListMetadata<DEPTH> meta, const Functor functor) {
+    multi_tensor_kernel(const TensorListMetadata<DEPTH, Extra> meta, const Functor functor) {
   const int block = blockIdx.x;
   ChunkRef c;
   c.slot = meta.block_slot[block];
@@ -108,11 +117,11 @@ __global__ void __launch_bounds__(kBlockSize)
 // Runs functor(meta, chunk) once per chunk of every tensor. Empty tensors get
 // no block at all. Launches go to the current stream of the current device
 // (the caller sets the device, e.g. with c10::cuda::CUDAGuard).
-template <int DEPTH, typename Functor>
-void multi_tensor_apply(const std::vector<TensorRef<DEPTH>>& tensors,
+template <int DEPTH, typename Extra, typename Functor>
+void multi_tensor_apply(const std::vector<TensorRef<DEPTH, Extra>>& tensors,
                         const Functor& functor, int64_t chunk_size = kChunkSize,
                         int block_size = kBlockSize) {
-  using Meta = TensorListMetadata<DEPTH>;
+  using Meta = TensorListMetadata<DEPTH, Extra>;
   // Kernel parameters are padded to their alignment; 16 bytes cover that.
   static_assert(sizeof(Meta) + sizeof(Functor) + 16 <= kMaxKernelArgBytes,
                 "multi_tensor_apply: kernel arguments exceed 4 KiB");
@@ -131,7 +140,7 @@ void multi_tensor_apply(const std::vector<TensorRef<DEPTH>>& tensors,
   int blocks = 0;  // blocks queued in this launch
 
   auto launch = [&] {
-    multi_tensor_kernel<DEPTH, Functor><<<blocks, block_size, 0, stream>>>(meta, functor);
+    multi_tensor_kernel<DEPTH, Extra, Functor><<<blocks, block_size, 0, stream>>>(meta, functor);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     meta.block_offset += blocks;
     blocks = 0;
@@ -144,6 +153,7 @@ void multi_tensor_apply(const std::vector<TensorRef<DEPTH>>& tensors,
     TORCH_CHECK(chunks <= std::numeric_limits<int32_t>::max(),
                 "multi_tensor_apply: tensor ", t, " has too many elements (", numel, ")");
     for (int d = 0; d < DEPTH; ++d) meta.addresses[d][slots] = tensors[t].ptrs[d];
+    if constexpr (!std::is_empty_v<Extra>) meta.extra[slots] = tensors[t].extra;
     meta.numel[slots] = numel;
     meta.tensor_index[slots] = static_cast<int32_t>(t);
     ++slots;
@@ -159,6 +169,7 @@ void multi_tensor_apply(const std::vector<TensorRef<DEPTH>>& tensors,
         } else {
           // The tensor goes on in the next launch, from slot 0.
           for (int d = 0; d < DEPTH; ++d) meta.addresses[d][0] = meta.addresses[d][slots - 1];
+          if constexpr (!std::is_empty_v<Extra>) meta.extra[0] = meta.extra[slots - 1];
           meta.numel[0] = meta.numel[slots - 1];
           meta.tensor_index[0] = meta.tensor_index[slots - 1];
           slots = 1;

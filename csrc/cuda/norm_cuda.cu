@@ -24,7 +24,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
-#include "fusedclip/math_traits.h"
+#include "fusedclip/norm_math.h"
 #include "multi_tensor_apply.cuh"
 
 namespace fusedclip::cuda {
@@ -35,14 +35,12 @@ constexpr int kPerTensorThreads = 128;
 // Threads of the final stage (one block).
 constexpr int kTotalThreads = 512;
 
+// The shared norm arithmetic (include/fusedclip/norm_math.h): combine two
+// partials, the larger (NaN wins) or their sum.
 template <bool MAX_ABS>
 __device__ __forceinline__ double combine(double a, double b) {
-  // fc_maximum propagates NaN, like torch.linalg.vector_norm(ord=inf).
-  return MAX_ABS ? fc_maximum(a, b) : a + b;
+  return norm_combine<MAX_ABS>(a, b);
 }
-
-__device__ __forceinline__ float magnitude(float x) { return ::fabsf(x); }
-__device__ __forceinline__ double magnitude(double x) { return ::fabs(x); }
 
 // Sum (or max) over the block in a fixed tree: within each warp by shuffles,
 // then across warps in warp 0. The result is valid in thread 0. blockDim.x must
@@ -84,11 +82,7 @@ struct NormPartialFunctor {
     scalar_t* const x[1] = {static_cast<scalar_t*>(meta.addresses[0][c.slot]) + c.begin};
     opmath_t acc = 0;
     chunk_foreach<scalar_t, 1, 0u>(x, c.size, [&](opmath_t(&v)[1], int) {
-      if constexpr (MAX_ABS) {
-        acc = fc_maximum(acc, magnitude(v[0]));
-      } else {
-        acc = fc_fma(v[0], v[0], acc);
-      }
+      acc = norm_accumulate<MAX_ABS>(acc, v[0]);
     });
     const double total = block_reduce<MAX_ABS>(static_cast<double>(acc));
     if (threadIdx.x == 0) {
@@ -118,7 +112,7 @@ __global__ void __launch_bounds__(kPerTensorThreads)
   acc = block_reduce<MAX_ABS>(acc);
   if (threadIdx.x == 0) {
     per_tensor[t] = acc;
-    tensor_norms[t] = static_cast<out_t>(MAX_ABS ? acc : ::sqrt(acc));
+    tensor_norms[t] = static_cast<out_t>(norm_finish<MAX_ABS>(acc));
   }
 }
 
@@ -134,7 +128,7 @@ __global__ void __launch_bounds__(kTotalThreads)
   }
   acc = block_reduce<MAX_ABS>(acc);
   if (threadIdx.x == 0) {
-    const out_t total = static_cast<out_t>(MAX_ABS ? acc : ::sqrt(acc));
+    const out_t total = static_cast<out_t>(norm_finish<MAX_ABS>(acc));
     *total_norm = total;
     // The flag looks at the norm as returned, in its dtype: a float32 norm
     // that overflows counts as non-finite.
@@ -229,7 +223,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_tensor_norm_cuda(
 constexpr int kUnitsPerBlock = kBlockSize / 32;  // a multiple of 16, as chunks must be
 static_assert(kUnitsPerBlock % 16 == 0, "unit chunks must be a multiple of 16");
 
-enum UnitNormList { kUnitData, kUnitSums, kUnitLength };
+// Per tensor: its data and its units' sums (element arrays), and its unit length.
+enum UnitNormArray { kUnitData, kUnitSums };
+struct UnitLength {
+  int64_t unit_len;  // elements per unit
+};
 
 template <bool MAX_ABS>
 __device__ __forceinline__ double warp_reduce(double value) {
@@ -246,12 +244,11 @@ struct UnitNormFunctor {
   double* unit_sums_base;  // all units of the call
   int64_t* tensor_units;   // [n][2]: first unit in unit_sums, number of units
 
-  __device__ __forceinline__ void operator()(const TensorListMetadata<3>& meta,
+  __device__ __forceinline__ void operator()(const TensorListMetadata<2, UnitLength>& meta,
                                              const ChunkRef& c) const {
     const int warp = threadIdx.x / 32;
     const int lane = threadIdx.x % 32;
-    const int64_t unit_len =
-        static_cast<int64_t>(reinterpret_cast<uintptr_t>(meta.addresses[kUnitLength][c.slot]));
+    const int64_t unit_len = meta.extra[c.slot].unit_len;
     double* sums = static_cast<double*>(meta.addresses[kUnitSums][c.slot]);
     if (warp < c.size) {
       const int64_t u = c.begin + warp;
@@ -260,11 +257,7 @@ struct UnitNormFunctor {
       opmath_t acc = 0;
       for (int64_t i = lane; i < unit_len; i += 32) {
         const opmath_t v = static_cast<opmath_t>(x[i]);
-        if constexpr (MAX_ABS) {
-          acc = fc_maximum(acc, magnitude(v));
-        } else {
-          acc = fc_fma(v, v, acc);
-        }
+        acc = norm_accumulate<MAX_ABS>(acc, v);
       }
       const double total = warp_reduce<MAX_ABS>(static_cast<double>(acc));
       if (lane == 0) sums[u] = total;
@@ -280,7 +273,7 @@ template <bool MAX_ABS, typename out_t>
 __global__ void unit_norm_out_kernel(const double* unit_sums, int64_t units, out_t* out) {
   for (int64_t u = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; u < units;
        u += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    out[u] = static_cast<out_t>(MAX_ABS ? unit_sums[u] : ::sqrt(unit_sums[u]));
+    out[u] = static_cast<out_t>(norm_finish<MAX_ABS>(unit_sums[u]));
   }
 }
 
@@ -307,15 +300,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_unit_nor
   double* per_tensor = unit_sums + total_units;
 
   std::vector<at::Tensor> dense;  // alive until the launches are queued
-  std::vector<TensorRef<3>> refs;
+  std::vector<TensorRef<2, UnitLength>> refs;
   dense.reserve(n);
   refs.reserve(n);
   int64_t offset = 0;
   for (const at::Tensor& t : tensors) {
     dense.push_back(t.contiguous());  // units are row-major runs
-    refs.push_back({{const_cast<void*>(dense.back().const_data_ptr()), unit_sums + offset,
-                     reinterpret_cast<void*>(static_cast<uintptr_t>(unit_length(t)))},
-                    num_units(t)});
+    refs.push_back({{const_cast<void*>(dense.back().const_data_ptr()), unit_sums + offset},
+                    num_units(t), UnitLength{unit_length(t)}});
     offset += num_units(t);
   }
 
@@ -330,10 +322,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_unit_nor
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "multi_tensor_unit_norm_cuda", [&] {
         if (max_abs) {
-          multi_tensor_apply<3>(refs, UnitNormFunctor<scalar_t, true>{unit_sums, units_ptr},
+          multi_tensor_apply<2>(refs, UnitNormFunctor<scalar_t, true>{unit_sums, units_ptr},
                                 kUnitsPerBlock);
         } else {
-          multi_tensor_apply<3>(refs, UnitNormFunctor<scalar_t, false>{unit_sums, units_ptr},
+          multi_tensor_apply<2>(refs, UnitNormFunctor<scalar_t, false>{unit_sums, units_ptr},
                                 kUnitsPerBlock);
         }
       });
