@@ -72,8 +72,8 @@ TORCH_LIBRARY(fusedclip, m) {
       "(Tensor unit_norms, Tensor tensor_norms, Tensor total_norm, "
       "Tensor nonfinite)");
   // One update op per rule (include/fusedclip/rules.h), over many tensors in
-  // place: fusedclip::adam_, sgd_, adagrad_, lion_ (update_op.h states the
-  // schema). The gradient used is
+  // place: fusedclip::adam_, sgd_, ... (update_op.h states the schema). The
+  // gradient used is
   //   spike(clamp(grad * clip_coef * unit_coef / grad_scale, -clip_value,
   //   clip_value), v)
   // negated for maximize (include/fusedclip/grad_transform.h); nothing at all

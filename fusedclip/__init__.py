@@ -8,15 +8,17 @@ gradient twice instead of three times and never waits on the device.
 
 from fusedclip import ops  # noqa: F401  (loads the compiled ops first)
 from fusedclip.clipping import (
-    AGC, AdaGC, AutoClip, ClipPolicy, GlobalNorm, Normalize, PerTensorNorm, SmoothClip, ValueClip,
-    ZClip,
+    AGC, AdaGC, AutoClip, ClipPolicy, GlobalNorm, Normalize, PerTensorNorm, SmoothClip, SpikeClip,
+    ValueClip, ZClip,
 )
-from fusedclip.optim import FusedClipAdagrad, FusedClipAdam, FusedClipAdamW, FusedClipSGD
+from fusedclip.optim import (
+    FusedClipAdagrad, FusedClipAdam, FusedClipAdamW, FusedClipLion, FusedClipSGD,
+)
 from fusedclip import tune  # noqa: F401
 
 __all__ = [
     "AGC", "AdaGC", "AutoClip", "ClipPolicy", "FusedClipAdagrad", "FusedClipAdam",
-    "FusedClipAdamW", "FusedClipSGD", "GlobalNorm", "Normalize", "PerTensorNorm", "SmoothClip",
-    "ValueClip", "ZClip",
+    "FusedClipAdamW", "FusedClipLion", "FusedClipSGD", "GlobalNorm", "Normalize",
+    "PerTensorNorm", "SmoothClip", "SpikeClip", "ValueClip", "ZClip",
 ]
 __version__ = "0.1.0"

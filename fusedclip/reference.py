@@ -97,6 +97,17 @@ def adagrad_step(param: Tensor, grad: Tensor, state: dict, *, lr: float, lr_deca
     param.sub_(clr * g / (state["sum"].sqrt() + eps))
 
 
+def lion_step(param: Tensor, grad: Tensor, state: dict, *, lr: float, beta1: float,
+              beta2: float, weight_decay: float, maximize: bool) -> None:
+    """Chen et al. 2023, Lion: u = beta1 m + (1 - beta1) g; p = p (1 - lr wd) -
+    lr sign(u); m = beta2 m + (1 - beta2) g."""
+    g = -grad if maximize else grad
+    m = state["exp_avg"]
+    u = beta1 * m + (1 - beta1) * g
+    param.mul_(1 - lr * weight_decay).sub_(lr * torch.sign(u))
+    state["exp_avg"] = beta2 * m + (1 - beta2) * g
+
+
 class ReferenceOptimizer:
     """What every reference optimizer shares: float64 copies of the parameters,
     the global norm, clipping and the non-finite policy. Subclasses say how
@@ -157,9 +168,13 @@ class ReferenceOptimizer:
         if isinstance(self.clip, ReferencePolicy):
             keys = [(gi, pi) for gi, group in enumerate(self.groups)
                     for pi in range(len(group["params"]))]
+            present_keys = [k for k, g in zip(keys, grads) if g is not None]
             present_params = [p for p, g in zip(self.params(), grads) if g is not None]
-            clipped = iter(self.clip.clip_grads(
-                present, [k for k, g in zip(keys, grads) if g is not None], present_params))
+            # The optimizer state of each, as it is before this step's update.
+            self.clip.states = [
+                self.states.setdefault(k, self.new_state(p, self.groups[k[0]]))
+                for k, p in zip(present_keys, present_params)]
+            clipped = iter(self.clip.clip_grads(present, present_keys, present_params))
         coef = 1.0 if self.clip is None or clipped is not None else global_norm_coefficient(total, self.clip)
         index = 0
         for gi, group in enumerate(self.groups):
@@ -216,6 +231,20 @@ class ReferenceSGD(ReferenceOptimizer):
             dampening=group["dampening"], weight_decay=group["weight_decay"],
             nesterov=group["nesterov"], maximize=group["maximize"],
         )
+
+
+class ReferenceLion(ReferenceOptimizer):
+    """FusedClipLion, literally, in float64."""
+
+    ROUNDED = ("exp_avg",)
+
+    def new_state(self, param: Tensor, group: dict) -> dict:
+        return {"exp_avg": torch.zeros_like(param)}
+
+    def update(self, param: Tensor, grad: Tensor, state: dict, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lion_step(param, grad, state, lr=group["lr"], beta1=beta1, beta2=beta2,
+                  weight_decay=group["weight_decay"], maximize=group["maximize"])
 
 
 class ReferenceAdagrad(ReferenceOptimizer):
@@ -435,6 +464,24 @@ class RefValueClip(ReferencePolicy):
 
     def clip_grads(self, grads, keys, params):
         return [torch.clamp(g, -self.clip_value, self.clip_value) for g in grads]
+
+
+class RefSpikeClip(ReferencePolicy):
+    """Huang et al. 2025 (SPAM), spike clipping: where g^2 > theta * v, with v
+    the optimizer's second moment before this step (exp_avg_sq), g becomes
+    sign(g) * sqrt(theta * v); elements with v = 0 are left alone."""
+
+    def __init__(self, theta: float = 5000.0) -> None:
+        self.theta = theta
+
+    def clip_grads(self, grads, keys, params):
+        out = []
+        for g, state in zip(grads, self.states):
+            v = state["exp_avg_sq"]
+            bound = self.theta * v
+            spike = (g * g > bound) & (v > 0)
+            out.append(torch.where(spike, torch.sign(g) * torch.sqrt(bound), g))
+        return out
 
 
 def unitwise_norm(x: Tensor) -> Tensor:

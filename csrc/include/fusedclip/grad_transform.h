@@ -77,9 +77,9 @@ template <typename T>
 FC_HOST_DEVICE T spike_clip(T grad, T v, T theta) {
   using M = MathTraits<T>;
   const T bound = theta * v;
-  const T limit = fc_sqrt(bound);
-  const auto spike = M::greater(grad * grad, bound);
-  return M::select(spike, M::copysign(limit, grad), grad);
+  const T clipped = M::select(M::greater(grad * grad, bound), M::copysign(fc_sqrt(bound), grad),
+                              grad);
+  return M::select(M::greater(v, T(0)), clipped, grad);
 }
 
 }  // namespace fusedclip

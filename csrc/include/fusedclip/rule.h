@@ -1,6 +1,6 @@
-// What an update rule is: one torch-free header per rule (adam.h, sgd.h,
-// adagrad.h, lion.h) defines a traits type with this shape, and the generic
-// drivers of every backend (cpu/update_cpu.h, cuda/update_cuda.cuh) run it.
+// What an update rule is: one torch-free header per rule (adam.h, sgd.h, ...,
+// listed in rules.h) defines a traits type with this shape, and the generic
+// drivers of every backend (cpu/update_cpu.cpp, cuda/update_cuda.cu) run it.
 //
 //   struct SomeRule {
 //     // The op is fusedclip::<kName>_; kHyperNames lists its `hyper` values in
