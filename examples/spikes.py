@@ -62,11 +62,7 @@ def policies() -> list:
         ("ZClip()", fusedclip.ZClip(), "skip"),
         ("AdaGC()", fusedclip.AdaGC(), "skip"),
     ]
-    # TODO(SpikeClip): drop this guard once fusedclip.SpikeClip has landed.
-    if hasattr(fusedclip, "SpikeClip"):
-        runs.append(("SpikeClip(theta=5000.0)", fusedclip.SpikeClip(theta=5000.0), "skip"))
-    else:
-        print("SpikeClip is left out: this fusedclip has no fusedclip.SpikeClip yet\n")
+    runs.append(("SpikeClip(theta=5000.0)", fusedclip.SpikeClip(theta=5000.0), "skip"))
     return runs
 
 

@@ -74,13 +74,7 @@ def test_spikes(tmp_path, capsys):
     out = run_fast("spikes", tmp_path, capsys)
     assert "| run | train loss before the first spike |" in out
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
-    # TODO(SpikeClip): once fusedclip.SpikeClip has landed, require its row.
-    import fusedclip
-
-    if hasattr(fusedclip, "SpikeClip"):
-        assert "SpikeClip(theta=5000.0)" in rows
-    else:
-        assert "SpikeClip is left out" in out
+    assert "SpikeClip(theta=5000.0)" in rows
     # nonfinite='propagate' lets the NaN reach the weights; 'skip' skips that one step
     assert rows["no clipping, nonfinite='propagate'"].split("|")[5].strip() == "nan"
     for name in ("no clipping, nonfinite='skip'", "GlobalNorm(1.0)", "ZClip()", "AdaGC()"):
