@@ -37,7 +37,7 @@ import torch
 
 import fusedclip
 from fusedclip.integrations import (
-    FrameworkClipWarning, check_caller_clipping, clip_stats, unwrap_optimizer,
+    FrameworkClipWarning, clip_stats, unwrap_optimizer,
 )
 
 RTOL = 1e-5
@@ -71,12 +71,6 @@ def spy_torch_clips(monkeypatch) -> list[Spy]:
     """Spies on torch's clip functions, which every framework's clip ends in."""
     return [Spy(monkeypatch, torch.nn.utils, "clip_grad_norm_"),
             Spy(monkeypatch, torch.nn.utils, "clip_grad_value_")]
-
-
-def caller_check_hook(optimizer, args, kwargs):
-    """A step pre-hook that runs check_caller_clipping, as fusedclip's own
-    first step could."""
-    check_caller_clipping(optimizer)
 
 
 def test_integrations_import_no_framework():
@@ -158,7 +152,6 @@ def test_trainer_default_clips_twice(hf, tmp_path, monkeypatch):
 
     model, data = tiny_gpt2()
     opt = fusedclip.FusedClipAdamW(model.parameters(), lr=1e-3, clip=0.5)
-    opt.register_step_pre_hook(caller_check_hook)
     recorder = norm_recorder()
     trainer = Trainer(model=model, args=trainer_args(tmp_path), train_dataset=data,
                       optimizers=(opt, None), callbacks=[recorder, FusedClipCallback()])
@@ -166,7 +159,8 @@ def test_trainer_default_clips_twice(hf, tmp_path, monkeypatch):
     clip = Spy(monkeypatch, trainer.accelerator, "clip_grad_norm_")
     with pytest.warns(FrameworkClipWarning, match=r"max_grad_norm=1\.0.*clipped twice") as record:
         trainer.train()
-    # Once from the callback at the start, then from each step's caller check.
+    # Once from the callback at the start, once from the optimizer's own first
+    # step (fusedclip.integrations.check_caller_clipping).
     assert len([w for w in record if w.category is FrameworkClipWarning]) >= 2
 
     assert [max_norm for max_norm, _ in clip.calls] == [1.0] * STEPS
@@ -260,7 +254,6 @@ def lightning_run(tmp_path, monkeypatch, gradient_clip_val=None, precision="32-t
 
         def configure_optimizers(self):
             opt = fusedclip.FusedClipAdamW(self.parameters(), lr=1e-2, clip=clip)
-            opt.register_step_pre_hook(caller_check_hook)
             return opt
 
         def on_before_optimizer_step(self, optimizer):

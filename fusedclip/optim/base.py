@@ -95,7 +95,9 @@ def check_lr(lr, where: str = "") -> None:
         # any group is updated (the kernel's own check would fire only when that
         # group's turn comes, after earlier groups have changed). Not while
         # torch.compile traces: there float(lr) is a data-dependent read that
-        # breaks the graph, and the kernel's check still rejects a negative lr.
+        # breaks the graph, and the kernels' host-side check of a CPU lr tensor
+        # still rejects a negative lr. A CUDA lr tensor is never read on the
+        # host, so a negative value there is not checked (that would be a sync).
         if (lr.device.type == "cpu" and not torch.compiler.is_compiling()
                 and not float(lr) >= 0.0):
             raise ValueError(f"Invalid learning rate: {float(lr)}{where}")
@@ -238,6 +240,7 @@ class FusedClipOptimizer(Optimizer):
         # Updated in place by every step, never re-bound (see _record).
         self.clip_stats: dict[str, Tensor] = {}
         self._skips = {"streak": torch.zeros((), dtype=torch.int64, device=device)}
+        self._check_caller = {"pending": True}
         self._skip_monitor = _SkipMonitor()
         self._reset_stats(device)
 
@@ -301,6 +304,7 @@ class FusedClipOptimizer(Optimizer):
         super().__setstate__(state)
         if "_skip_monitor" not in self.__dict__:
             self._skip_monitor = _SkipMonitor()
+            self._check_caller = {"pending": True}
         # What torch does for state dicts saved by older versions: param group
         # keys added since take their defaults, and a float step becomes a
         # tensor (on the parameter's device, where the fused ops read it).
@@ -349,6 +353,12 @@ class FusedClipOptimizer(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        if self._check_caller["pending"] and not torch.compiler.is_compiling():
+            # Once: is a framework stepping this optimizer set to clip too?
+            self._check_caller["pending"] = False
+            from fusedclip.integrations import check_caller_clipping
+            if self.clip_policy is not None:
+                check_caller_clipping(self)
         batch = self._gather()
         if not batch.grads:
             return loss
