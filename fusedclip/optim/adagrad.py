@@ -93,13 +93,15 @@ class FusedClipAdagrad(FusedClipOptimizer):
         fused: bool | None = None,
         clip=None,
         nonfinite: str = "skip",
+        norm_group=None,
     ) -> None:
         defaults = dict(
             lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, foreach=foreach,
             maximize=maximize, differentiable=differentiable, fused=fused,
         )
-        super().__init__(params, defaults, clip=clip, nonfinite=nonfinite)
+        super().__init__(params, defaults, clip=clip, nonfinite=nonfinite,
+                         norm_group=norm_group)
 
     def add_param_group(self, param_group: dict) -> None:
         """Adds a group and, as torch.optim.Adagrad does, its parameters' state."""

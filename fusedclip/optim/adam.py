@@ -118,6 +118,7 @@ class FusedClipAdam(FusedClipOptimizer):
         decoupled_weight_decay: bool = False,
         clip=None,
         nonfinite: str = "skip",
+        norm_group=None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -125,7 +126,8 @@ class FusedClipAdam(FusedClipOptimizer):
             differentiable=differentiable, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
-        super().__init__(params, defaults, clip=clip, nonfinite=nonfinite)
+        super().__init__(params, defaults, clip=clip, nonfinite=nonfinite,
+                         norm_group=norm_group)
 
     def _check_group(self, group: dict) -> None:
         # torch.optim.Adam's checks, in its order and with its messages; then
@@ -212,10 +214,11 @@ class FusedClipAdamW(FusedClipAdam):
         fused: bool | None = None,
         clip=None,
         nonfinite: str = "skip",
+        norm_group=None,
     ) -> None:
         super().__init__(
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             foreach=foreach, maximize=maximize, capturable=capturable,
             differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
-            clip=clip, nonfinite=nonfinite,
+            clip=clip, nonfinite=nonfinite, norm_group=norm_group,
         )

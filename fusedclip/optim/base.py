@@ -9,7 +9,10 @@ One ``step()``:
 2. **measure**: the norm pass, one ``multi_tensor_norm`` (or, for per-unit
    policies, ``multi_tensor_unit_norm``) per bucket over all gradients of all
    groups: per-tensor norms, the global norm and a non-finite flag;
-3. **reduce**: across processes (a no-op in one process);
+3. **reduce**: across processes (``fusedclip.distributed``): the norms of
+   DTensor shards summed over the mesh dims they are sharded on, and the total
+   over ``norm_group``, in one packed all-reduce per group (a no-op in one
+   process, for plain tensors without ``norm_group``, and under DDP);
 4. **coefficients**: the clip policy turns the norms and its state into clip
    coefficients and its next state (``fusedclip.clipping``), on the device;
    the state is kept unless the step is skipped;
@@ -39,7 +42,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from fusedclip import ops
+from fusedclip import distributed, ops
 from fusedclip.clipping import ClipInputs, as_policy, commit_state
 
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
@@ -53,6 +56,13 @@ CLIP_ARG_DOC = """        clip (None, float or ClipPolicy, optional): gradient c
             ``fusedclip.AGC(clip_factor)`` (per-unit adaptive clipping). One
             global norm covers all parameter groups; ``opt.clip`` reads or
             replaces the policy. (default: None)
+        norm_group (ProcessGroup or 1-D DeviceMesh, optional): keyword-only;
+            for an optimizer that holds only part of the model (ZeRO's
+            per-rank optimizer, a pipeline stage): the clip norm is summed over
+            this group's members, so every one of them clips by the whole
+            model's norm and skips together. DTensor parameters (FSDP2, tensor
+            parallel) need none: their norms are reduced over their mesh.
+            (default: None)
 """
 # torch's implementation flags, as every optimizer's docstring states them.
 IMPL_ARGS_DOC = """        foreach, fused (bool, optional): accepted for torch.optim's signature and
@@ -126,7 +136,10 @@ def kernel_view(t: Tensor) -> Tensor:
     """The tensor the fused ops see: itself, or for a complex tensor its real
     view (torch.optim's treatment of complex parameters), with 0-d and 1-d
     tensors given a leading unit dim so that they stay one unit for per-unit
-    policies, as the complex tensor is."""
+    policies, as the complex tensor is. A DTensor is its local shard (same
+    storage: updating it updates the DTensor)."""
+    if not distributed.is_plain(t):
+        t = distributed.local(t)
     if not t.is_complex():
         return t
     return torch.view_as_real(t if t.dim() >= 2 else t.unsqueeze(0))
@@ -185,6 +198,7 @@ class _Gathered:
     originals: list[Tensor] = field(default_factory=list)   # the parameters themselves
     grads: list[Tensor] = field(default_factory=list)
     buckets: list[list[int]] = field(default_factory=list)  # indices into grads
+    plan: distributed.Plan | None = None  # the reduce phase's, where there is one
 
 
 @dataclass
@@ -226,12 +240,17 @@ class FusedClipOptimizer(Optimizer):
     #: the optimizer's per-parameter state keys (torch.optim's).
     state_keys: tuple = ()
 
-    def __init__(self, params, defaults: dict, *, clip=None, nonfinite: str = "skip") -> None:
+    def __init__(self, params, defaults: dict, *, clip=None, nonfinite: str = "skip",
+                 norm_group=None) -> None:
         # torch validates hyperparameters before it looks at the parameters.
         check_impl_flags(type(self).__name__, defaults)
         self._check_group(defaults)
         self.clip = clip
         self.nonfinite = nonfinite
+        self._norm_group = distributed.resolve_norm_group(norm_group, type(self).__name__)
+        self._dist_cache = {}
+        # What add_param_group accepts in a group as the optimizer's own setting.
+        self._wide_given = {"clip": clip, "nonfinite": nonfinite, "norm_group": norm_group}
         super().__init__(params, defaults)
         for group in self.param_groups:
             self._check_group(group)
@@ -275,9 +294,23 @@ class FusedClipOptimizer(Optimizer):
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {value!r}")
         self._nonfinite = value
 
+    @property
+    def norm_group(self):
+        """The ``norm_group`` given at construction (None: none): the process
+        group over which the clip norm's total is also summed."""
+        return None if self._norm_group is None else self._norm_group.given
+
     def add_param_group(self, param_group: dict) -> None:
-        for key in OPTIMIZER_WIDE:
+        given = self.__dict__.get("_wide_given", {})
+        for key in (*OPTIMIZER_WIDE, "norm_group"):
             if isinstance(param_group, dict) and key in param_group:
+                value = param_group[key]
+                if key in given and (value is given[key] or (
+                        isinstance(value, (int, float, str)) and value == given[key])):
+                    # The optimizer's own setting: ZeroRedundancyOptimizer passes
+                    # its keyword arguments to the constructor and in every group.
+                    param_group = {k: v for k, v in param_group.items() if k != key}
+                    continue
                 raise ValueError(
                     f"a param group may not set {key!r}: {key}= applies to the whole "
                     f"{type(self).__name__} (one global norm covers every group); give "
@@ -295,6 +328,7 @@ class FusedClipOptimizer(Optimizer):
             clip_policy=self.clip_policy, _nonfinite=self._nonfinite,
             clip_stats=self.clip_stats, _unmeasured=self._unmeasured, _skips=self._skips,
             _policy_state=self._policy_state, _policy_tensor_state=self._policy_tensor_state,
+            _norm_group=self._norm_group,
         )
         return state
 
@@ -305,6 +339,9 @@ class FusedClipOptimizer(Optimizer):
         if "_skip_monitor" not in self.__dict__:
             self._skip_monitor = _SkipMonitor()
             self._check_caller = {"pending": True}
+        if "_dist_cache" not in self.__dict__:
+            self._dist_cache = {}
+            self.__dict__.setdefault("_norm_group", None)
         # What torch does for state dicts saved by older versions: param group
         # keys added since take their defaults, and a float step becomes a
         # tensor (on the parameter's device, where the fused ops read it).
@@ -361,6 +398,12 @@ class FusedClipOptimizer(Optimizer):
                 check_caller_clipping(self)
         batch = self._gather()
         if not batch.grads:
+            if self._norm_group is not None and self._needs_norms():
+                # The other members of norm_group wait for this rank's share.
+                policy = self.clip_policy
+                distributed.join_without_gradients(
+                    self._norm_group.group, policy.norm_type if policy is not None else 2.0,
+                    self._skips["streak"].device)
             return loss
         # Set by torch.amp.GradScaler.step(): the gradients are still scaled by
         # grad_scale (None once the user called scaler.unscale_), and found_inf
@@ -369,7 +412,7 @@ class FusedClipOptimizer(Optimizer):
         scaler_found_inf: Tensor | None = getattr(self, "found_inf", None)
 
         norms = self._measure(batch, grad_scale)
-        norms = self._reduce(norms)
+        norms = self._reduce(batch, norms)
         if norms is not None and self.nonfinite == "raise" and scaler_found_inf is None:
             if bool(norms.nonfinite):  # sync-ok: "raise" has to know
                 raise RuntimeError(
@@ -398,13 +441,25 @@ class FusedClipOptimizer(Optimizer):
         Python work is a good part of a step."""
         name = type(self).__name__
         checked = []
-        for group in self.param_groups:
+        specs = None  # per gradient, how its norms are reduced (DTensors; None: plain)
+        n_grads = 0
+        for g, group in enumerate(self.param_groups):
             self._check_group(group)
             params, grads, keys = [], [], []
-            for p in group["params"]:
+            for k, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is None:
                     continue
+                if not (distributed.is_plain(p) and distributed.is_plain(grad)):
+                    spec = distributed.spec_of(p, grad, f"{name}: parameter {k} of param group {g}",
+                                               self._dist_cache)
+                    if spec is not None and specs is None:
+                        specs = [None] * n_grads
+                    if specs is not None:
+                        specs.append(spec)
+                elif specs is not None:
+                    specs.append(None)
+                n_grads += 1
                 if grad.is_sparse:
                     raise RuntimeError(f"{name} does not support sparse gradients")
                 dtype = p.dtype
@@ -440,7 +495,47 @@ class FusedClipOptimizer(Optimizer):
             batch.grads.extend(grad_views)
             keys_all.extend(real_keys)
         batch.buckets = list(group_by_key(keys_all).values())
+        if batch.grads and (specs is not None or self._norm_group is not None):
+            batch.plan = self._plan(batch, specs)
         return batch
+
+    def _needs_norms(self) -> bool:
+        policy = self.clip_policy
+        return (policy is not None and policy.needs_norms) or self.nonfinite != "propagate"
+
+    def _plan(self, batch: _Gathered, specs: list | None) -> distributed.Plan | None:
+        """The reduce phase's plan for this layout of gradients (None: nothing
+        to reduce), made once and kept while the layout, the policy and
+        ``norm_group`` stay the same. Refuses a ``norm_group`` that overlaps a
+        DTensor's mesh, before anything changes."""
+        if not self._needs_norms():
+            return None
+        policy = self.clip_policy
+        scope = policy.scope if policy is not None else "global"
+        reads_params = bool(policy is not None and policy.reads_params)
+        norm_type = policy.norm_type if policy is not None else 2.0
+        device = batch.grads[0].device
+        if specs is None:
+            specs = [None] * len(batch.grads)
+        units = None
+        if scope == "unit":
+            units = [ops.unit_counts([batch.grads[i] for i in indices])
+                     for indices in batch.buckets]
+        group = self._norm_group.group if self._norm_group is not None else None
+        key = (scope, reads_params, norm_type, device, id(group), tuple(map(id, specs)),
+               tuple(map(tuple, batch.buckets)),
+               tuple(map(tuple, units)) if units is not None else None)
+        cached = self._dist_cache.get("plan")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        plan = distributed.Plan(specs, batch.buckets, scope=scope, reads_params=reads_params,
+                                norm_type=norm_type, norm_group=group, device=device,
+                                unit_counts=units)
+        plan.check_norm_group(
+            specs, lambda i: f"the parameter of shape {tuple(batch.originals[i].shape)}")
+        plan = None if plan.empty else plan
+        self._dist_cache["plan"] = (key, plan)
+        return plan
 
     def _measure(self, batch: _Gathered, grad_scale: Tensor | None) -> _Norms | None:
         """Phase 2: the norm pass over all gradients (None where neither the
@@ -493,9 +588,16 @@ class FusedClipOptimizer(Optimizer):
             return totals.max(), flags.max()  # max propagates NaN
         return torch.linalg.vector_norm(totals), flags.max()
 
-    def _reduce(self, norms: _Norms | None) -> _Norms | None:
-        """Phase 3: the norms across processes. One process: nothing to do."""
-        return norms
+    def _reduce(self, batch: _Gathered, norms: _Norms | None) -> _Norms | None:
+        """Phase 3: the norms across processes (``fusedclip.distributed``):
+        those of DTensor shards summed (or, for the inf norm, maxed) over the
+        mesh dims they are sharded on, the total over ``norm_group``, the
+        non-finite flag everywhere, in one packed all-reduce per group, on the
+        device. One process, plain tensors without ``norm_group``: nothing to do."""
+        if norms is None or batch.plan is None:
+            return norms
+        return _Norms(*batch.plan.reduce(norms.total, norms.nonfinite, norms.tensor_norms,
+                                         norms.unit_norms, norms.param_unit_norms))
 
     def _coefficients(self, batch: _Gathered, norms: _Norms | None, skip: Tensor | None):
         """Phase 4: the policy's result (None without a policy): its
@@ -686,11 +788,24 @@ class FusedClipOptimizer(Optimizer):
         """torch.optim's state_dict, plus the clip policy's state (if it keeps
         any) under ``"clip_policy"``: ``{"policy": class name, "state": {...},
         "tensor_state": {param id: {...}}}``, with the parameter ids of
-        ``"state"``. torch.optim's ``load_state_dict`` ignores that key."""
+        ``"state"``. torch.optim's ``load_state_dict`` ignores that key.
+
+        A distributed optimizer (DTensor parameters, or a ``norm_group``) keeps
+        the policy's state in the per-parameter state instead (see
+        ``_nest_policy_state``): torch's ``get_optimizer_state_dict`` and
+        ``torch.distributed.checkpoint`` carry only ``"state"`` and
+        ``"param_groups"``."""
         state_dict = super().state_dict()
+        for group in state_dict["param_groups"]:
+            # Copied into the groups by ZeroRedundancyOptimizer each step; the
+            # optimizer's, not the groups' (and a process group does not pickle).
+            for key in (*OPTIMIZER_WIDE, "norm_group"):
+                group.pop(key, None)
         policy = self.clip_policy
-        if policy is not None and (self._policy_state
-                                   or any(self._policy_tensor_state.values())):
+        if policy is not None and self._is_distributed():
+            self._nest_policy_state(state_dict)
+        elif policy is not None and (self._policy_state
+                                     or any(self._policy_tensor_state.values())):
             ids = {}
             for saved, group in zip(state_dict["param_groups"], self.param_groups):
                 for pid, p in zip(saved["params"], group["params"]):
@@ -705,13 +820,57 @@ class FusedClipOptimizer(Optimizer):
             }
         return state_dict
 
+    def _is_distributed(self) -> bool:
+        """Whether this optimizer's state dict is a distributed one (see state_dict)."""
+        return self._norm_group is not None or any(
+            not distributed.is_plain(p) and distributed.is_dtensor(p)
+            for group in self.param_groups for p in group["params"])
+
+    def _nest_policy_state(self, state_dict: dict) -> None:
+        """Puts the policy's state into ``state_dict["state"]``, where torch's
+        distributed state_dict helpers keep it: under the key ``"clip_policy"``
+        of the first parameter's entry ``{"policy": class name, "state": {...}}``
+        and of every parameter's entry with per-tensor state ``{"tensor_state":
+        {...}}``. The state is there from construction on (the policy's initial
+        state before the first step), so that the state_dict a checkpoint is
+        loaded into already has every key. Entries are copies: the optimizer's
+        own state dicts are not changed."""
+        policy = self.clip_policy
+        first = None
+        device = self._skips["streak"].device
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(saved["params"], group["params"]):
+                entry = {}
+                if first is None:
+                    first = pid
+                    entry["policy"] = type(policy).__name__
+                    global_state = self._policy_state or policy.init_state(device)
+                    if global_state:
+                        entry["state"] = dict(global_state)
+                if policy.scope == "tensor":
+                    tensor_state = self._policy_tensor_state.get(p)
+                    if not tensor_state:
+                        wide = p.dtype in (torch.float64, torch.complex128)
+                        tensor_state = policy.init_tensor_state(
+                            torch.float64 if wide else torch.float32, p.device)
+                    if tensor_state:
+                        entry["tensor_state"] = dict(tensor_state)
+                if entry:
+                    state_dict["state"][pid] = {**state_dict["state"].get(pid, {}),
+                                                "clip_policy": entry}
+
     def load_state_dict(self, state_dict) -> None:
         """torch.optim's load_state_dict; a state_dict without ``"clip_policy"``
         (torch.optim's, say) starts the clip policy afresh. An optimizer without
         a policy ignores a saved policy state; one with another policy refuses it.
         Param groups saved by older torch versions (without ``maximize``,
-        ``foreach``, ... or with float step counts) load as torch loads them."""
+        ``foreach``, ... or with float step counts) load as torch loads them.
+        The policy state of a distributed optimizer's state_dict (in the
+        per-parameter state) loads into any fusedclip optimizer."""
         saved = state_dict.get("clip_policy")
+        nested = _unnest_policy_state(state_dict)
+        if nested is not None:
+            saved, state_dict = nested
         policy = self.clip_policy
         if policy is None:
             saved = None
@@ -742,6 +901,29 @@ class FusedClipOptimizer(Optimizer):
                         k: v.to(p.device, copy=True) if isinstance(v, Tensor) else v
                         for k, v in s.items()
                     }
+
+
+def _unnest_policy_state(state_dict: dict):
+    """``(saved policy state in the top-level form, state_dict without it)``
+    for a state_dict that keeps the policy state in its per-parameter state
+    (``FusedClipOptimizer._nest_policy_state``), else None."""
+    per_param = state_dict.get("state", {})
+    if not any(isinstance(s, dict) and "clip_policy" in s for s in per_param.values()):
+        return None
+    saved = {"policy": None, "state": {}, "tensor_state": {}}
+    state = {}
+    for pid, s in per_param.items():
+        entry = s.get("clip_policy") if isinstance(s, dict) else None
+        if entry is None:
+            state[pid] = s
+            continue
+        state[pid] = {k: v for k, v in s.items() if k != "clip_policy"}
+        if "policy" in entry:
+            saved["policy"] = entry["policy"]
+            saved["state"] = dict(entry.get("state", {}))
+        if entry.get("tensor_state"):
+            saved["tensor_state"][pid] = dict(entry["tensor_state"])
+    return saved, {**state_dict, "state": state}
 
 
 def _in_order(per_bucket: list[Tensor], order, device,

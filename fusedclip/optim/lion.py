@@ -85,9 +85,11 @@ class FusedClipLion(FusedClipOptimizer):
         maximize: bool = False,
         clip=None,
         nonfinite: str = "skip",
+        norm_group=None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
-        super().__init__(params, defaults, clip=clip, nonfinite=nonfinite)
+        super().__init__(params, defaults, clip=clip, nonfinite=nonfinite,
+                         norm_group=norm_group)
 
     def _check_group(self, group: dict) -> None:
         check_lr(group["lr"])

@@ -115,6 +115,7 @@ class FusedClipSGD(FusedClipOptimizer):
         fused: bool | None = None,
         clip=None,
         nonfinite: str = "skip",
+        norm_group=None,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
@@ -127,7 +128,8 @@ class FusedClipSGD(FusedClipOptimizer):
         # hashes in Python; an entry counts only while its buffer is the
         # parameter's own.
         self._buffer_steps: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-        super().__init__(params, defaults, clip=clip, nonfinite=nonfinite)
+        super().__init__(params, defaults, clip=clip, nonfinite=nonfinite,
+                         norm_group=norm_group)
 
     # torch.optim.SGD.__setstate__ fills fused=False (its constructor's default is None).
     _legacy_group_defaults = {"fused": False}

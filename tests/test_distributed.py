@@ -1,0 +1,813 @@
+"""Fused clipping across processes: FSDP2, tensor parallel, FSDP2 x TP on a
+2x2 mesh, DDP, ZeroRedundancyOptimizer and pipeline stages with ``norm_group``,
+and distributed checkpointing (fusedclip/distributed.py, the reduce phase of
+fusedclip/optim/base.py).
+
+Every case runs in worker processes (gloo on the CPU, 127.0.0.1, the port of a
+TCPStore this process opens on a free port) and is compared with a run in this
+process of ``torch.optim`` and torch's clipping (``clip_grad_norm_`` on all
+gradients, on each gradient alone, timm's ``adaptive_clip_grad`` formula) on
+the whole model and the whole batch. The workers are started once per module
+and world size (2 ranks; 4 for the 2x2 mesh) and run the cases one after the
+other, so that the module stays well under 3 minutes on 2 cores.
+
+Tolerances (float32): the distributed runs differ from the single-process one
+by (a) the gradient: FSDP2/DDP average the gradients of two half-batch means
+where the reference takes the mean of the whole batch (a few ulps per element),
+(b) the clip norm: sums of the squares of float32 shard norms (see
+fusedclip/distributed.py, about 1e-7 relative) where torch takes the norm of
+the per-tensor norms, and (c) AdamW itself (torch's fused CPU AdamW in the
+reference, bit for bit fusedclip's step on the same inputs). Over 4 steps of
+lr 1e-2 these stay below 1e-6 of a parameter's scale (measured: under 2e-7);
+the parameters are compared with ``atol = rtol = 1e-5`` (PARAM_TOL) and the
+norms with ``rtol = 1e-5`` (NORM_RTOL), well below the effect of a norm that is
+not global (a shard's norm is ~0.7 of the whole, and clipping is active in
+every case: the reference norms are asserted above max_norm). The reported
+``grad_norm`` is bitwise equal on every rank (every rank computes it from the
+same reduced values), and the DCP round trip is bitwise.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+import pickle
+import traceback
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import fusedclip
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()),
+    reason="torch.distributed with gloo is not available")
+
+PARAM_TOL = 1e-5
+NORM_RTOL = 1e-5
+STEPS = 4
+LR = 1e-2
+WD = 0.1
+BATCH = 8
+CASE_TIMEOUT_S = 120  # a hung collective fails the test instead of the suite
+
+
+# -- the model, the data, the reference -----------------------------------------------------
+def _mlp() -> nn.Sequential:
+    """Linear(6, 12) - Tanh - Linear(12, 12) - LayerNorm(12) - Tanh - Linear(12, 5):
+    even and uneven (5 rows over 2 ranks) dim-0 shards, 1-D tensors (one AGC
+    unit each) split across ranks, and under tensor parallelism a colwise, a
+    rowwise (units split along dim 1) and two plain layers."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.LayerNorm(12),
+                         nn.Tanh(), nn.Linear(12, 5))
+
+
+def _batch(step: int):
+    gen = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(BATCH, 6, generator=gen) * 2.0
+    y = torch.randn(BATCH, 5, generator=gen) * 3.0
+    return x, y
+
+
+def _loss(out, y):
+    return ((out - y) ** 2).mean()
+
+
+def _fused_policy(spec):
+    kind, args = spec
+    if kind == "global":
+        return fusedclip.GlobalNorm(*args)
+    if kind == "tensor":
+        return fusedclip.PerTensorNorm(*args)
+    if kind == "agc":
+        return fusedclip.AGC(*args)
+    if kind == "zclip":
+        return fusedclip.ZClip(**args)
+    if kind == "adagc":
+        return fusedclip.AdaGC(**args)
+    raise ValueError(kind)
+
+
+def _unitwise(x):
+    return x.norm() if x.ndim <= 1 else x.norm(dim=tuple(range(1, x.ndim)), keepdim=True)
+
+
+def _torch_clip(params, spec) -> float:
+    """torch's clipping of ``spec`` in place; returns the pre-clip global norm."""
+    kind, args = spec
+    grads = [p.grad for p in params]
+    norm_type = args[1] if kind in ("global", "tensor") and len(args) > 1 else 2.0
+    total = torch.nn.utils.get_total_norm(grads, norm_type)
+    if kind == "global":
+        torch.nn.utils.clip_grad_norm_(params, args[0], norm_type)
+    elif kind == "tensor":
+        for p in params:
+            torch.nn.utils.clip_grad_norm_([p], args[0], norm_type)
+    elif kind == "agc":  # timm.utils.agc.adaptive_clip_grad
+        clip_factor, eps = args[0], (args[1] if len(args) > 1 else 1e-3)
+        for p in params:
+            max_norm = _unitwise(p.detach()).clamp_(min=eps).mul_(clip_factor)
+            grad_norm = _unitwise(p.grad)
+            clipped = p.grad * (max_norm / grad_norm.clamp(min=1e-6))
+            p.grad.copy_(torch.where(grad_norm < max_norm, p.grad, clipped))
+    else:
+        raise ValueError(kind)
+    return float(total)
+
+
+def _reference(spec, steps=STEPS, skip_steps=(), optimizer="adamw"):
+    """The single-process run: the whole model, the whole batch, torch.optim
+    (or, for the stateful policies ZClip and AdaGC, whose single-process
+    behaviour tests/test_policies.py checks against their sources, fusedclip
+    itself) and torch's clipping. Steps in ``skip_steps`` are skipped."""
+    model = _mlp()
+    params = list(model.parameters())
+    fused = spec[0] in ("zclip", "adagc")
+    if fused:
+        cls = fusedclip.FusedClipAdamW if optimizer == "adamw" else fusedclip.FusedClipAdagrad
+        kwargs = dict(lr=LR, weight_decay=WD) if optimizer == "adamw" else dict(lr=LR)
+        opt = cls(params, clip=_fused_policy(spec), **kwargs)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD, fused=True)
+    else:
+        raise ValueError(optimizer)
+    norms = []
+    for step in range(steps):
+        x, y = _batch(step)
+        _loss(model(x), y).backward()
+        if step in skip_steps:
+            norms.append(math.nan)
+        elif fused:
+            opt.step()
+            norms.append(float(opt.clip_stats["grad_norm"]))
+        else:
+            norms.append(_torch_clip(params, spec))
+            opt.step()
+        opt.zero_grad()
+    return [p.detach().numpy().copy() for p in params], norms
+
+
+def _assert_params_close(got, expected, what):
+    assert len(got) == len(expected), what
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert a.shape == b.shape, (what, i, a.shape, b.shape)
+        err = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        bound = PARAM_TOL + PARAM_TOL * np.abs(b.astype(np.float64))
+        assert (err <= bound).all(), (
+            f"{what}: parameter {i} differs from the reference by up to {err.max():.3g}")
+
+
+def _assert_norms(results, expected, max_norm, what):
+    """Every rank reports the same norms, bitwise, and they are the reference's."""
+    first = results[0]["norms"]
+    for rank, res in enumerate(results):
+        assert all(t == "Tensor" for t in res["norm_types"]), (what, res["norm_types"])
+        assert np.array_equal(np.array(res["norms"]), np.array(first), equal_nan=True), (
+            f"{what}: rank {rank} reported {res['norms']}, rank 0 {first}")
+    np.testing.assert_allclose(first, expected, rtol=NORM_RTOL, atol=0, equal_nan=True,
+                               err_msg=what)
+    if max_norm is not None:  # the case clips: a local norm would show
+        assert all(n > max_norm for n in expected if not math.isnan(n)), (what, expected)
+
+
+# -- the worker pool -------------------------------------------------------------------------
+def _worker(rank: int, world: int, port: int, conn) -> None:
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        while True:
+            message = conn.recv()
+            if message is None:
+                break
+            name, kwargs = message
+            try:
+                result = CASES[name](rank, world, **kwargs)
+                dist.barrier()
+                conn.send(("ok", result))
+            except BaseException:  # noqa: BLE001 - reported to the test
+                conn.send(("error", traceback.format_exc()))
+    finally:
+        dist.destroy_process_group()
+
+
+class _Pool:
+    """``world`` worker processes in one gloo process group, started once."""
+
+    def __init__(self, world: int) -> None:
+        ctx = torch.multiprocessing.get_context("spawn")
+        # This process holds the rendezvous store on a port the OS picks.
+        self.store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                                   timeout=timedelta(seconds=60))
+        self.conns, self.procs = [], []
+        for rank in range(world):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_worker, args=(rank, world, self.store.port, child),
+                               daemon=True)
+            proc.start()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        self.broken = False
+
+    def run(self, name: str, **kwargs) -> list:
+        if self.broken:
+            pytest.fail("the worker processes were lost in an earlier case")
+        for conn in self.conns:
+            conn.send((name, kwargs))
+        replies = []
+        for rank, conn in enumerate(self.conns):
+            if not conn.poll(CASE_TIMEOUT_S):
+                self.broken = True
+                pytest.fail(f"{name}: rank {rank} did not answer within {CASE_TIMEOUT_S} s")
+            replies.append(conn.recv())
+        errors = [f"rank {r}:\n{v}" for r, (status, v) in enumerate(replies) if status != "ok"]
+        if errors:
+            pytest.fail(f"{name} failed:\n" + "\n".join(errors))
+        return [v for _, v in replies]
+
+    def close(self) -> None:
+        for conn, proc in zip(self.conns, self.procs):
+            try:
+                if not self.broken:
+                    conn.send(None)
+            except OSError:
+                pass
+        for proc in self.procs:
+            proc.join(timeout=20)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+@pytest.fixture(scope="module")
+def pool2():
+    pool = _Pool(2)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(scope="module")
+def pool4():
+    pool = _Pool(4)
+    yield pool
+    pool.close()
+
+
+# -- worker-side helpers ---------------------------------------------------------------------
+def _is_dtensor(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _full(params) -> list:
+    return [(p.full_tensor() if _is_dtensor(p) else p).detach().numpy().copy() for p in params]
+
+
+def _fsdp_model(mesh=None):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    if mesh is None:
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = _mlp()
+    for layer in model:
+        if isinstance(layer, (nn.Linear, nn.LayerNorm)):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _local_batch(step, part, parts):
+    x, y = _batch(step)
+    rows = BATCH // parts
+    return x[part * rows:(part + 1) * rows], y[part * rows:(part + 1) * rows]
+
+
+def _poison(model, rank, value):
+    """Puts ``value`` into one element of rank ``rank``'s first non-empty local gradient."""
+    if dist.get_rank() != rank:
+        return
+    for p in model.parameters():
+        g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
+        if g.numel():
+            g.view(-1)[0] = value
+            return
+
+
+class _NoHostReads(torch.overrides.TorchFunctionMode):
+    """Records every read of a tensor value on the host (item, bool, float, ...)."""
+
+    BAD = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__,
+           torch.Tensor.__int__, torch.Tensor.tolist}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.BAD:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _train(model, opt, steps, part, parts, poison=None, watch_from=None):
+    """``steps`` steps on this rank's part of each batch; ``poison`` =
+    ``{step: (rank, value)}`` puts a non-finite value into one rank's gradient.
+    Returns the per-step reports and whether the watched steps read the host."""
+    norms, types, host_reads = [], [], []
+    for step in range(steps):
+        x, y = _local_batch(step, part, parts)
+        _loss(model(x), y).backward()
+        if poison and step in poison:
+            _poison(model, *poison[step])
+        if watch_from is not None and step >= watch_from:
+            with _NoHostReads() as mode:
+                opt.step()
+            host_reads.extend(mode.seen)
+        else:
+            opt.step()
+        stats = getattr(opt, "optim", opt).clip_stats  # ZeroRedundancyOptimizer: its .optim
+        types.append(type(stats["grad_norm"]).__name__)
+        norms.append(float(stats["grad_norm"]))
+        opt.zero_grad()
+    stats = getattr(opt, "optim", opt).clip_stats
+    return {"norms": norms, "norm_types": types, "skipped": int(stats["skipped"]),
+            "host_reads": host_reads}
+
+
+# -- cases (run on every rank) ---------------------------------------------------------------
+def case_fsdp(rank, world, spec, poison=None, nonfinite="skip"):
+    model = _fsdp_model()
+    opt = fusedclip.FusedClipAdamW(model.parameters(), lr=LR, weight_decay=WD,
+                                   clip=_fused_policy(spec), nonfinite=nonfinite)
+    out = _train(model, opt, STEPS, rank, world, poison=poison, watch_from=1)
+    out["params"] = _full(model.parameters())
+    out["placements"] = [str(p.placements) for p in model.parameters()]
+    return out
+
+
+def case_skip_unchanged(rank, world, spec):
+    """A non-finite gradient on rank 1 only, in the first step: no rank changes anything."""
+    model = _fsdp_model()
+    opt = fusedclip.FusedClipAdamW(model.parameters(), lr=LR, weight_decay=WD,
+                                   clip=_fused_policy(spec))
+    before = _full(model.parameters())
+    x, y = _local_batch(0, rank, world)
+    _loss(model(x), y).backward()
+    _poison(model, 1, math.inf)
+    opt.step()
+    after = _full(model.parameters())
+    state = {k: (v.full_tensor() if _is_dtensor(v) else v).numpy().tolist()
+             for s in opt.state.values() for k, v in s.items() if k == "step"}
+    return {"unchanged": all(np.array_equal(a, b) for a, b in zip(before, after)),
+            "skipped": int(opt.clip_stats["skipped"]), "norm": float(opt.clip_stats["grad_norm"]),
+            "steps": state}
+
+
+def _tp_model(mesh):
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel, RowwiseParallel, parallelize_module,
+    )
+
+    model = _mlp()
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    return model
+
+
+def case_tp(rank, world, spec):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model = _tp_model(init_device_mesh("cpu", (world,)))
+    kinds = ["DTensor" if _is_dtensor(p) else "plain" for p in model.parameters()]
+    opt = fusedclip.FusedClipAdamW(model.parameters(), lr=LR, weight_decay=WD,
+                                   clip=_fused_policy(spec))
+    out = _train(model, opt, STEPS, 0, 1)  # every TP rank sees the whole batch
+    out["params"] = _full(model.parameters())
+    out["kinds"] = kinds
+    return out
+
+
+def case_fsdp_tp(rank, world, specs):
+    """FSDP2 over "dp" x tensor parallel over "tp" on a 2x2 mesh, one run per policy."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    outs = []
+    for spec in specs:
+        model = _tp_model(mesh["tp"])
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            if isinstance(layer, (nn.Linear, nn.LayerNorm)):
+                fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        opt = fusedclip.FusedClipAdamW(model.parameters(), lr=LR, weight_decay=WD,
+                                       clip=_fused_policy(spec))
+        out = _train(model, opt, STEPS, mesh.get_coordinate()[0], 2, watch_from=1)
+        out["params"] = _full(model.parameters())
+        out["placements"] = [str(getattr(p, "placements", "plain")) for p in model.parameters()]
+        outs.append(out)
+    return outs
+
+
+def case_ddp(rank, world, spec):
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(_mlp())
+    opt = fusedclip.FusedClipAdamW(model.parameters(), lr=LR, weight_decay=WD,
+                                   clip=_fused_policy(spec))
+    out = _train(model, opt, STEPS, rank, world)
+    out["params"] = _full(model.module.parameters())
+    return out
+
+
+def case_zero(rank, world, spec, norm_group=True):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(_mlp())
+    kwargs = dict(norm_group=dist.group.WORLD) if norm_group else {}
+    opt = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=fusedclip.FusedClipAdamW,
+                                  lr=LR, weight_decay=WD, clip=_fused_policy(spec), **kwargs)
+    out = _train(model, opt, STEPS, rank, world)
+    out["params"] = _full(model.module.parameters())
+    out["local_params"] = sum(len(g["params"]) for g in opt.optim.param_groups)
+    # ZeRO's checkpoint path: every rank's optimizer state_dict is pickled to rank 0.
+    opt.consolidate_state_dict(to=0)
+    out["consolidated"] = len(opt.state_dict()["state"]) if rank == 0 else None
+    return out
+
+
+def case_pipeline(rank, world, spec, poison=None):
+    """Two stages, one per rank: rank 0 runs layers 0-2 and sends the
+    activations, rank 1 runs the rest and the loss and sends their gradient back."""
+    model = _mlp()
+    stage = model[:3] if rank == 0 else model[3:]
+    opt = fusedclip.FusedClipAdamW(stage.parameters(), lr=LR, weight_decay=WD,
+                                   clip=_fused_policy(spec), norm_group=dist.group.WORLD)
+    norms, types = [], []
+    for step in range(STEPS):
+        x, y = _batch(step)
+        if rank == 0:
+            h = stage(x)
+            dist.send(h.detach(), 1)
+            grad_h = torch.empty_like(h)
+            dist.recv(grad_h, 1)
+            h.backward(grad_h)
+        else:
+            h = torch.empty(BATCH, 12)
+            dist.recv(h, 0)
+            h.requires_grad_(True)
+            _loss(stage(h), y).backward()
+            dist.send(h.grad, 0)
+        if poison and step in poison:
+            _poison(stage, *poison[step])
+        opt.step()
+        types.append(type(opt.clip_stats["grad_norm"]).__name__)
+        norms.append(float(opt.clip_stats["grad_norm"]))
+        opt.zero_grad()
+    return {"norms": norms, "norm_types": types, "skipped": int(opt.clip_stats["skipped"]),
+            "params": _full(stage.parameters())}
+
+
+def case_dcp(rank, world, spec, optimizer, path):
+    """A run checkpointed with torch.distributed.checkpoint after 2 steps and
+    resumed in a new model and optimizer, against the same run uninterrupted."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def make():
+        model = _fsdp_model()
+        if optimizer == "adamw":
+            opt = fusedclip.FusedClipAdamW(model.parameters(), lr=LR, weight_decay=WD,
+                                           clip=_fused_policy(spec))
+        else:
+            opt = fusedclip.FusedClipAdagrad(model.parameters(), lr=LR,
+                                             clip=_fused_policy(spec))
+        return model, opt
+
+    def train(model, opt, steps):
+        norms = []
+        for step in steps:
+            x, y = _local_batch(step, rank, world)
+            _loss(model(x), y).backward()
+            opt.step()
+            norms.append(float(opt.clip_stats["grad_norm"]))
+            opt.zero_grad()
+        return norms
+
+    def snapshot(model, opt):
+        def full(v):
+            if _is_dtensor(v):
+                v = v.full_tensor()
+            return v.numpy().copy() if isinstance(v, torch.Tensor) else v
+
+        params = list(model.parameters())
+        state = [{k: full(v) for k, v in sorted(opt.state[p].items())} for p in params]
+        policy = {k: full(v) for k, v in sorted(opt._policy_state.items())}
+        tensor_policy = [{k: full(v) for k, v in sorted(opt._policy_tensor_state.get(p, {}).items())}
+                         for p in params]
+        return {"params": _full(params), "state": state, "policy": policy,
+                "tensor_policy": tensor_policy}
+
+    straight, sopt = make()
+    straight_norms = train(straight, sopt, range(6))
+
+    first, fopt = make()
+    first_norms = train(first, fopt, range(3))
+    osd = get_optimizer_state_dict(first, fopt)
+    layout = {k: sorted(v) for k, v in osd["state"].items()}
+    dcp.save({"model": get_model_state_dict(first), "optim": osd}, checkpoint_id=path)
+    del first, fopt
+
+    second, nopt = make()
+    state = {"model": get_model_state_dict(second), "optim": get_optimizer_state_dict(second, nopt)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(second, state["model"])
+    set_optimizer_state_dict(second, nopt, state["optim"])
+    resumed_norms = first_norms + train(second, nopt, range(3, 6))
+    a, b = snapshot(straight, sopt), snapshot(second, nopt)
+
+    def same(x, y):
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, list):
+            return len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+        if isinstance(x, np.ndarray):
+            return x.dtype == y.dtype and np.array_equal(x, y, equal_nan=True)
+        return x == y
+
+    return {"same": {k: same(a[k], b[k]) for k in a}, "norms": straight_norms == resumed_norms,
+            "layout": layout, "policy_keys": sorted(a["policy"]),
+            "policy_nonempty": bool(a["policy"]) or any(a["tensor_policy"])}
+
+
+def case_torch_layout(rank, world):
+    """The per-parameter state of a fusedclip optimizer under FSDP2 is laid out
+    as torch.optim.AdamW's: same keys, DTensors of the parameter's placements
+    (plain 0-d step counters), in the optimizer's and in torch's distributed
+    state_dict (get_optimizer_state_dict)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    def describe(osd):
+        out = {}
+        for pid, s in osd["state"].items():
+            out[str(pid)] = {k: (type(v).__name__, str(getattr(v, "placements", None)),
+                                 str(v.dtype), tuple(v.shape))
+                             for k, v in s.items() if isinstance(v, torch.Tensor)}
+        return out
+
+    layouts = []
+    for make in (lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=WD),
+                 lambda ps: fusedclip.FusedClipAdamW(ps, lr=LR, weight_decay=WD, clip=0.05)):
+        model = _fsdp_model()
+        opt = make(model.parameters())
+        x, y = _local_batch(0, rank, world)
+        _loss(model(x), y).backward()
+        opt.step()
+        layouts.append((describe(opt.state_dict()),
+                        describe(get_optimizer_state_dict(model, opt))))
+    return layouts
+
+
+def case_errors(rank, world):
+    """What is refused, before anything changes, and how copies treat norm_group."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+
+    out = {}
+
+    def refused(fn):
+        try:
+            fn()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    # norm_group arguments
+    out["bad_type"] = refused(lambda: fusedclip.FusedClipAdamW(_mlp().parameters(),
+                                                               norm_group="world"))
+    mesh2d = init_device_mesh("cpu", (1, world), mesh_dim_names=("a", "b"))
+    out["mesh_2d"] = refused(lambda: fusedclip.FusedClipSGD(_mlp().parameters(), lr=0.1,
+                                                            norm_group=mesh2d))
+    out["mesh_1d_ok"] = refused(lambda: fusedclip.FusedClipSGD(_mlp().parameters(), lr=0.1,
+                                                               norm_group=mesh2d["b"]))
+    # norm_group over the ranks of an FSDP2 mesh: counted twice
+    model = _fsdp_model()
+    opt = fusedclip.FusedClipAdamW(model.parameters(), lr=LR, clip=0.05,
+                                   norm_group=dist.group.WORLD)
+    x, y = _local_batch(0, rank, world)
+    _loss(model(x), y).backward()
+    before = _full(model.parameters())
+    out["overlap"] = refused(opt.step)
+    out["overlap_unchanged"] = (all(np.array_equal(a, b) for a, b in
+                                    zip(before, _full(model.parameters())))
+                                and len(opt.state) == 0)
+    # a Partial gradient
+    p = next(model.parameters())
+    good = p.grad
+    p.grad = DTensor.from_local(good.to_local(), p.device_mesh, [Partial()],
+                                shape=p.shape, stride=p.stride())
+    opt2 = fusedclip.FusedClipAdamW(model.parameters(), lr=LR, clip=0.05)
+    out["partial"] = refused(opt2.step)
+    # a plain gradient on a DTensor parameter
+    try:
+        p.grad = torch.zeros(p.shape)
+    except RuntimeError:  # torch may refuse it itself
+        out["plain_grad"] = "RuntimeError: refused by torch: DTensor"
+    else:
+        out["plain_grad"] = refused(opt2.step)
+    out["partial_unchanged"] = (all(np.array_equal(a, b) for a, b in
+                                    zip(before, _full(model.parameters())))
+                                and len(opt2.state) == 0)
+    # a Partial parameter
+    mesh = p.device_mesh
+    partial = nn.Parameter(DTensor.from_local(torch.ones(3), mesh, [Partial()]))
+    partial.grad = DTensor.from_local(torch.ones(3), mesh, [Partial()])
+    out["partial_param"] = refused(fusedclip.FusedClipSGD([partial], lr=0.1, clip=1.0).step)
+    # copies share the group, pickling says why it cannot
+    zopt = fusedclip.FusedClipAdamW(_mlp().parameters(), clip=1.0, norm_group=dist.group.WORLD)
+    out["deepcopy_shares"] = copy.deepcopy(zopt).norm_group is dist.group.WORLD
+    out["pickle"] = refused(lambda: pickle.dumps(zopt))
+    return out
+
+
+CASES = {name[len("case_"):]: fn for name, fn in list(globals().items())
+         if name.startswith("case_")}
+
+
+# -- the tests --------------------------------------------------------------------------------
+MAX_NORM = 0.5
+
+
+@pytest.mark.parametrize("spec", [
+    ("global", (MAX_NORM,)),
+    ("global", (0.2, math.inf)),
+    ("tensor", (0.3,)),
+    ("agc", (0.05,)),
+], ids=["GlobalNorm", "GlobalNorm-inf", "PerTensorNorm", "AGC"])
+def test_fsdp2_matches_single_process(pool2, spec):
+    results = pool2.run("fsdp", spec=spec)
+    params, norms = _reference(spec)
+    for res in results:
+        _assert_params_close(res["params"], params, f"FSDP2 {spec}")
+        assert res["host_reads"] == [], res["host_reads"]
+        assert res["skipped"] == 0
+    assert any("Shard" in p for p in results[0]["placements"])
+    _assert_norms(results, norms, spec[1][0] if spec[0] == "global" else None, f"FSDP2 {spec}")
+
+
+@pytest.mark.parametrize("spec", [
+    ("zclip", dict(warmup_steps=2, z_thresh=1.0, max_norm=0.8)),
+    ("adagc", dict(warmup_steps=2, lambda_abs=0.5, lambda_rel=1.0)),
+], ids=["ZClip", "AdaGC"])
+def test_fsdp2_stateful_policies(pool2, spec):
+    """ZClip (global norm, state) and AdaGC (per-tensor norms and state) under
+    FSDP2 equal the same policy on the whole model in one process."""
+    results = pool2.run("fsdp", spec=spec)
+    params, norms = _reference(spec)
+    for res in results:
+        _assert_params_close(res["params"], params, f"FSDP2 {spec[0]}")
+    _assert_norms(results, norms, None, f"FSDP2 {spec[0]}")
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_fsdp2_nonfinite_on_one_rank_skips_everywhere(pool2, norm_type):
+    """A NaN in rank 1's gradient shard at step 1 (rank 0's shards are finite):
+    every rank skips that step and reports a NaN norm; the run goes on as the
+    reference run without that step."""
+    spec = ("global", (MAX_NORM, norm_type))
+    results = pool2.run("fsdp", spec=spec, poison={1: (1, math.nan)})
+    params, norms = _reference(spec, skip_steps={1})
+    for res in results:
+        assert res["skipped"] == 1
+        _assert_params_close(res["params"], params, "FSDP2 NaN on rank 1")
+    _assert_norms(results, norms, None, "FSDP2 NaN on rank 1")
+    assert math.isnan(results[0]["norms"][1])
+
+
+def test_fsdp2_inf_on_one_rank_changes_nothing(pool2):
+    results = pool2.run("skip_unchanged", spec=("global", (MAX_NORM,)))
+    for res in results:
+        assert res["unchanged"] and res["skipped"] == 1 and res["norm"] == math.inf
+        assert res["steps"] in ({}, {"step": 0.0})  # no step counted (state made or not)
+
+
+@pytest.mark.parametrize("spec", [
+    ("global", (MAX_NORM,)), ("tensor", (0.3,)), ("agc", (0.05,)),
+], ids=["GlobalNorm", "PerTensorNorm", "AGC"])
+def test_tensor_parallel_with_a_plain_layer(pool2, spec):
+    """Colwise and rowwise layers (DTensors) and a LayerNorm and a Linear left
+    plain, in one optimizer (torch's own clip_grad_norm_ fails on this model)."""
+    results = pool2.run("tp", spec=spec)
+    params, norms = _reference(spec)
+    assert results[0]["kinds"].count("plain") == 4 and results[0]["kinds"].count("DTensor") == 4
+    for res in results:
+        _assert_params_close(res["params"], params, f"TP {spec}")
+    _assert_norms(results, norms, spec[1][0] if spec[0] == "global" else None, f"TP {spec}")
+
+
+def test_fsdp2_x_tp_on_a_2x2_mesh(pool4):
+    specs = [("global", (MAX_NORM,)), ("tensor", (0.3,)), ("agc", (0.05,))]
+    results = pool4.run("fsdp_tp", specs=specs)
+    for i, spec in enumerate(specs):
+        params, norms = _reference(spec)
+        per_rank = [res[i] for res in results]
+        assert any("Shard(dim=1)" in p for p in per_rank[0]["placements"])  # rowwise
+        for res in per_rank:
+            _assert_params_close(res["params"], params, f"FSDP2 x TP {spec}")
+            assert res["host_reads"] == [], res["host_reads"]
+        _assert_norms(per_rank, norms, spec[1][0] if spec[0] == "global" else None,
+                      f"FSDP2 x TP {spec}")
+
+
+def test_ddp(pool2):
+    spec = ("global", (MAX_NORM,))
+    results = pool2.run("ddp", spec=spec)
+    params, norms = _reference(spec)
+    for res in results:
+        _assert_params_close(res["params"], params, "DDP")
+    _assert_norms(results, norms, MAX_NORM, "DDP")
+
+
+def test_zero_redundancy_optimizer_with_norm_group(pool2):
+    """ZeroRedundancyOptimizer(optimizer_class=FusedClipAdamW, norm_group=WORLD):
+    each rank's optimizer holds some of the parameters, and clips by the norm
+    of all of them. Without norm_group each rank clips by its own part's norm
+    (the silent error the issue reports): the norms differ from the reference."""
+    spec = ("global", (MAX_NORM,))
+    results = pool2.run("zero", spec=spec)
+    params, norms = _reference(spec)
+    assert all(0 < res["local_params"] < 8 for res in results)
+    assert results[0]["consolidated"] == 8
+    for res in results:
+        _assert_params_close(res["params"], params, "ZeRO")
+    _assert_norms(results, norms, MAX_NORM, "ZeRO")
+    without = pool2.run("zero", spec=spec, norm_group=False)
+    assert all(res["norms"][0] < norms[0] * (1 - 1e-3) for res in without)
+
+
+def test_pipeline_stages_with_norm_group(pool2):
+    """Two pipeline stages, one per rank, each with its own optimizer and
+    norm_group=WORLD: one global norm; a NaN in stage 1 (step 2) skips both."""
+    spec = ("global", (MAX_NORM,))
+    results = pool2.run("pipeline", spec=spec, poison={2: (1, math.nan)})
+    params, norms = _reference(spec, skip_steps={2})
+    _assert_params_close(results[0]["params"] + results[1]["params"], params, "pipeline")
+    assert [res["skipped"] for res in results] == [1, 1]
+    _assert_norms(results, norms, None, "pipeline")
+
+
+@pytest.mark.parametrize("spec,optimizer", [
+    (("zclip", dict(warmup_steps=2, z_thresh=1.0, max_norm=0.8)), "adamw"),
+    (("adagc", dict(warmup_steps=2, lambda_abs=0.5)), "adagrad"),
+], ids=["AdamW-ZClip", "Adagrad-AdaGC"])
+def test_distributed_checkpoint_round_trip(pool2, tmp_path, spec, optimizer):
+    """torch.distributed.checkpoint save/load with get/set_optimizer_state_dict
+    under FSDP2: the resumed run equals the uninterrupted one bitwise (parameters,
+    optimizer state, the policy's state, the reported norms)."""
+    results = pool2.run("dcp", spec=spec, optimizer=optimizer, path=str(tmp_path / "ckpt"))
+    for res in results:
+        assert res["same"] == {"params": True, "state": True, "policy": True,
+                               "tensor_policy": True}, res["same"]
+        assert res["norms"]
+        assert res["policy_nonempty"]
+        assert any("clip_policy" in keys for keys in res["layout"].values()), res["layout"]
+
+
+def test_state_is_laid_out_as_torch_does(pool2):
+    results = pool2.run("torch_layout")
+    for (torch_sd, torch_dsd), (ours_sd, ours_dsd) in results:
+        assert ours_sd == torch_sd
+        assert ours_dsd == torch_dsd
+        assert any(v["exp_avg"][0] == "DTensor" for v in torch_sd.values())
+
+
+def test_clear_errors(pool2):
+    res = pool2.run("errors")[0]
+    assert res["bad_type"].startswith("TypeError") and "norm_group" in res["bad_type"]
+    assert res["mesh_2d"].startswith("ValueError") and "1-D DeviceMesh" in res["mesh_2d"]
+    assert res["mesh_1d_ok"] is None
+    assert res["overlap"].startswith("ValueError") and "norm_group" in res["overlap"]
+    assert "more than once" in res["overlap"] or "count them again" in res["overlap"]
+    assert res["overlap_unchanged"]
+    assert res["partial"].startswith("RuntimeError") and "Partial" in res["partial"]
+    assert "redistribute" in res["partial"]
+    assert res["plain_grad"].startswith("RuntimeError") and "DTensor" in res["plain_grad"]
+    assert res["partial_unchanged"]
+    assert res["partial_param"].startswith("ValueError") and "Partial" in res["partial_param"]
+    assert "Shard and Replicate" in res["partial_param"]
+    assert res["deepcopy_shares"]
+    assert res["pickle"].startswith("TypeError") and "state_dict" in res["pickle"]
