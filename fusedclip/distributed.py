@@ -259,6 +259,14 @@ def _all_reduce(packet: Tensor, group: Group, use_max: bool) -> Tensor:
     return values.masked_fill(nans > 0, float("nan"))
 
 
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor made at plan time, on ``device`` without a host sync (a
+    copy from pageable memory to a GPU would wait for it)."""
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 class Plan:
     """The reductions of one step's norms for one layout of parameters (cached
     by the optimizer while the layout stays the same).
@@ -301,11 +309,12 @@ class Plan:
         self.masks, self.tensor_pos, self.unit_pos = [], [], []
         for b, indices in enumerate(buckets):
             cls = torch.tensor([class_of[i] for i in indices], dtype=torch.int64)
-            self.masks.append((cls.unsqueeze(0) == torch.arange(n_classes).unsqueeze(1)).to(device))
+            self.masks.append(_to_device(
+                cls.unsqueeze(0) == torch.arange(n_classes).unsqueeze(1), device))
             if scope == "tensor":
                 pos = [k for k, i in enumerate(indices) if class_of[i] != 0]
                 if pos:
-                    self.tensor_pos.append((b, torch.tensor(pos, dtype=torch.int64, device=device)))
+                    self.tensor_pos.append((b, _to_device(torch.tensor(pos), device)))
                     entry_groups.extend(class_groups[class_of[indices[k]]] for k in pos)
         if scope == "unit":
             unit_entries: list[tuple] = []
@@ -319,7 +328,7 @@ class Plan:
                         unit_entries.extend([key] * count)
                     offset += count
                 if pos:
-                    self.unit_pos.append((b, torch.tensor(pos, dtype=torch.int64, device=device)))
+                    self.unit_pos.append((b, _to_device(torch.tensor(pos), device)))
             entry_groups.extend(unit_entries)
             if reads_params:
                 entry_groups.extend(unit_entries)
@@ -330,7 +339,7 @@ class Plan:
         self.group_index = []
         for g in range(len(self.groups)):
             idx = [e for e, groups in enumerate(entry_groups) if g in groups]
-            self.group_index.append(torch.tensor(idx, dtype=torch.int64, device=device))
+            self.group_index.append(_to_device(torch.tensor(idx, dtype=torch.int64), device))
 
     def check_norm_group(self, specs: list, describe) -> None:
         """Refuses a norm_group that shares two ranks or more with a DTensor's

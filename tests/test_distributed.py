@@ -17,12 +17,16 @@ where the reference takes the mean of the whole batch (a few ulps per element),
 (b) the clip norm: sums of the squares of float32 shard norms (see
 fusedclip/distributed.py, about 1e-7 relative) where torch takes the norm of
 the per-tensor norms, and (c) AdamW itself (torch's fused CPU AdamW in the
-reference, bit for bit fusedclip's step on the same inputs). Over 4 steps of
-lr 1e-2 these stay below 1e-6 of a parameter's scale (measured: under 2e-7);
-the parameters are compared with ``atol = rtol = 1e-5`` (PARAM_TOL) and the
-norms with ``rtol = 1e-5`` (NORM_RTOL), well below the effect of a norm that is
-not global (a shard's norm is ~0.7 of the whole, and clipping is active in
-every case: the reference norms are asserted above max_norm). The reported
+reference, bit for bit fusedclip's step on the same inputs). Measured over the
+4 steps of lr 1e-2 of every case here: parameters within 8.2e-8 (1 + |p|), norms
+within 1.1e-7 relative (one float32 ulp). The parameters are compared with
+``atol = rtol = 1e-6`` (PARAM_TOL) and the norms with ``rtol = 1e-6``
+(NORM_RTOL): about 10x those, and far below what a norm that is not global does
+(a shard's norm is ~0.7 of the whole; clipping moves the parameters by 5e-3
+here, and it is active in every case: the reference norms are asserted above
+max_norm). Runs with the reduction removed, with replicated dims counted, with
+split AGC units left local or with NaN dropped by the MAX all-reduce each fail
+some of these tests. The reported
 ``grad_norm`` is bitwise equal on every rank (every rank computes it from the
 same reduced values), and the DCP round trip is bitwise.
 """
@@ -30,9 +34,7 @@ same reduced values), and the DCP round trip is bitwise.
 from __future__ import annotations
 
 import copy
-import io
 import math
-import os
 import pickle
 import traceback
 from datetime import timedelta
@@ -49,8 +51,8 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()),
     reason="torch.distributed with gloo is not available")
 
-PARAM_TOL = 1e-5
-NORM_RTOL = 1e-5
+PARAM_TOL = 1e-6
+NORM_RTOL = 1e-6
 STEPS = 4
 LR = 1e-2
 WD = 0.1
@@ -227,7 +229,11 @@ class _Pool:
             if not conn.poll(CASE_TIMEOUT_S):
                 self.broken = True
                 pytest.fail(f"{name}: rank {rank} did not answer within {CASE_TIMEOUT_S} s")
-            replies.append(conn.recv())
+            try:
+                replies.append(conn.recv())
+            except (EOFError, OSError) as exc:
+                self.broken = True
+                pytest.fail(f"{name}: rank {rank} exited ({exc!r}); its error is above")
         errors = [f"rank {r}:\n{v}" for r, (status, v) in enumerate(replies) if status != "ok"]
         if errors:
             pytest.fail(f"{name} failed:\n" + "\n".join(errors))
@@ -475,8 +481,21 @@ def case_pipeline(rank, world, spec, poison=None):
         types.append(type(opt.clip_stats["grad_norm"]).__name__)
         norms.append(float(opt.clip_stats["grad_norm"]))
         opt.zero_grad()
-    return {"norms": norms, "norm_types": types, "skipped": int(opt.clip_stats["skipped"]),
-            "params": _full(stage.parameters())}
+    out = {"norms": norms, "norm_types": types, "skipped": int(opt.clip_stats["skipped"]),
+           "params": _full(stage.parameters())}
+    # A step in which stage 0 has no gradient: it joins norm_group's
+    # all-reduce with nothing to add, and stage 1 clips by its own norm.
+    if rank == 1:
+        h = torch.randn(BATCH, 12, generator=torch.Generator().manual_seed(7))
+        _loss(stage(h), _batch(0)[1]).backward()
+        own = float(torch.nn.utils.get_total_norm([p.grad for p in stage.parameters()]))
+    opt.step()
+    out["alone"] = (own, float(opt.clip_stats["grad_norm"])) if rank == 1 else None
+    return out
+
+
+def _full_dict(d, full):
+    return {k: full(v) for k, v in sorted(d.items())}
 
 
 def case_dcp(rank, world, spec, optimizer, path):
@@ -517,7 +536,7 @@ def case_dcp(rank, world, spec, optimizer, path):
         params = list(model.parameters())
         state = [{k: full(v) for k, v in sorted(opt.state[p].items())} for p in params]
         policy = {k: full(v) for k, v in sorted(opt._policy_state.items())}
-        tensor_policy = [{k: full(v) for k, v in sorted(opt._policy_tensor_state.get(p, {}).items())}
+        tensor_policy = [_full_dict(opt._policy_tensor_state.get(p, {}), full)
                          for p in params]
         return {"params": _full(params), "state": state, "policy": policy,
                 "tensor_policy": tensor_policy}
@@ -768,6 +787,8 @@ def test_pipeline_stages_with_norm_group(pool2):
     _assert_params_close(results[0]["params"] + results[1]["params"], params, "pipeline")
     assert [res["skipped"] for res in results] == [1, 1]
     _assert_norms(results, norms, None, "pipeline")
+    own, reported = results[1]["alone"]
+    assert reported == pytest.approx(own, rel=NORM_RTOL, abs=0)
 
 
 @pytest.mark.parametrize("spec,optimizer", [
