@@ -65,11 +65,18 @@ def is_plain(t: Tensor) -> bool:
     return type(t) in _PLAIN_TYPES
 
 
+_DTENSOR = []  # DTensor's class, once torch.distributed.tensor is imported
+
+
 def _dtensor_type():
     """DTensor's class, or None while ``torch.distributed.tensor`` is not
     imported (no DTensor can exist then; importing it costs 0.4 s)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None)
+    if not _DTENSOR:
+        cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+        if cls is None:
+            return None
+        _DTENSOR.append(cls)
+    return _DTENSOR[0]
 
 
 def is_dtensor(t) -> bool:
@@ -80,7 +87,8 @@ def is_dtensor(t) -> bool:
 def local(t: Tensor) -> Tensor:
     """The tensor the fused ops see for ``t``: its local shard for a DTensor
     (the same storage: in-place updates of it update the DTensor), else itself."""
-    if is_dtensor(t):
+    cls = _dtensor_type()
+    if cls is not None and isinstance(t, cls):
         return t.to_local()
     return t
 

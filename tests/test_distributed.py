@@ -425,6 +425,20 @@ def case_fsdp_tp(rank, world, specs):
     return outs
 
 
+def case_hsdp(rank, world, spec):
+    """FSDP2 on a 2-D (replicate, shard) mesh: HSDP, placements (Replicate, Shard(0))."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+    model = _fsdp_model(mesh)
+    opt = fusedclip.FusedClipAdamW(model.parameters(), lr=LR, weight_decay=WD,
+                                   clip=_fused_policy(spec))
+    out = _train(model, opt, STEPS, rank, world)
+    out["params"] = _full(model.parameters())
+    out["placements"] = [str(p.placements) for p in model.parameters()]
+    return out
+
+
 def case_ddp(rank, world, spec):
     from torch.nn.parallel import DistributedDataParallel
 
@@ -750,6 +764,18 @@ def test_fsdp2_x_tp_on_a_2x2_mesh(pool4):
             assert res["host_reads"] == [], res["host_reads"]
         _assert_norms(per_rank, norms, spec[1][0] if spec[0] == "global" else None,
                       f"FSDP2 x TP {spec}")
+
+
+@pytest.mark.parametrize("spec", [("global", (MAX_NORM,)), ("agc", (0.05,))],
+                         ids=["GlobalNorm", "AGC"])
+def test_hsdp_replicate_and_shard(pool4, spec):
+    """The replicated mesh dim is not counted: 4 ranks, each pair holding the same shards."""
+    results = pool4.run("hsdp", spec=spec)
+    params, norms = _reference(spec)
+    assert results[0]["placements"][0] == "(Replicate(), Shard(dim=0))"
+    for res in results:
+        _assert_params_close(res["params"], params, f"HSDP {spec}")
+    _assert_norms(results, norms, spec[1][0] if spec[0] == "global" else None, f"HSDP {spec}")
 
 
 def test_ddp(pool2):
