@@ -129,6 +129,12 @@ class GroupRef:
             "to this run's processes); save its state_dict() instead")
 
 
+def initialized() -> bool:
+    """Whether this process is part of a torch.distributed run."""
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
 def _dist():
     import torch.distributed as dist
 

@@ -450,6 +450,42 @@ def case_ddp(rank, world, spec):
     return out
 
 
+def case_ddp_state(rank, world, spec):
+    """Under DDP (plain parameters; torch.distributed initialized) the policy's
+    state rides in the per-parameter state, so torch's get/set_optimizer_state_dict
+    carry it; a torch.optim.AdamW that loads it (casting it to float32) hands it
+    back with the policy's dtypes."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict, set_optimizer_state_dict,
+    )
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(_mlp())
+
+    def make():
+        return fusedclip.FusedClipAdamW(model.parameters(), lr=LR, weight_decay=WD,
+                                        clip=_fused_policy(spec))
+
+    opt = make()
+    _train(model, opt, 3, rank, world)
+    osd = get_optimizer_state_dict(model, opt)
+    fresh = make()
+    set_optimizer_state_dict(model, fresh, osd)
+
+    def described(o):
+        return {k: (str(v.dtype), v.tolist()) for k, v in sorted(o._policy_state.items())}
+
+    topt = torch.optim.AdamW(model.parameters(), lr=LR)
+    topt.load_state_dict(opt.state_dict())
+    back = make()
+    back.load_state_dict(topt.state_dict())
+    return {"nested": [k for k, s in osd["state"].items() if "clip_policy" in s],
+            "restored": described(fresh) == described(opt),
+            "dtypes": {k: v[0] for k, v in described(back).items()},
+            "expected_dtypes": {k: v[0] for k, v in described(opt).items()},
+            "count": (int(back._policy_state["count"]), int(opt._policy_state["count"]))}
+
+
 def case_zero(rank, world, spec, norm_group=True):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
@@ -785,6 +821,14 @@ def test_ddp(pool2):
     for res in results:
         _assert_params_close(res["params"], params, "DDP")
     _assert_norms(results, norms, MAX_NORM, "DDP")
+
+
+def test_ddp_policy_state_in_distributed_state_dict(pool2):
+    res = pool2.run("ddp_state", spec=("zclip", dict(warmup_steps=2, z_thresh=1.0)))[0]
+    assert len(res["nested"]) == 1
+    assert res["restored"]
+    assert res["dtypes"] == res["expected_dtypes"] and res["dtypes"]["count"] == "torch.int64"
+    assert res["count"][0] == res["count"][1] == 2
 
 
 def test_zero_redundancy_optimizer_with_norm_group(pool2):

@@ -790,11 +790,11 @@ class FusedClipOptimizer(Optimizer):
         "tensor_state": {param id: {...}}}``, with the parameter ids of
         ``"state"``. torch.optim's ``load_state_dict`` ignores that key.
 
-        A distributed optimizer (DTensor parameters, or a ``norm_group``) keeps
-        the policy's state in the per-parameter state instead (see
-        ``_nest_policy_state``): torch's ``get_optimizer_state_dict`` and
-        ``torch.distributed.checkpoint`` carry only ``"state"`` and
-        ``"param_groups"``."""
+        In a distributed run (torch.distributed initialized, DTensor
+        parameters or a ``norm_group``) the policy's state is kept in the
+        per-parameter state instead (see ``_nest_policy_state``): torch's
+        ``get_optimizer_state_dict`` and ``torch.distributed.checkpoint``
+        carry only ``"state"`` and ``"param_groups"``. Either form loads."""
         state_dict = super().state_dict()
         for group in state_dict["param_groups"]:
             # Copied into the groups by ZeroRedundancyOptimizer each step; the
@@ -822,19 +822,22 @@ class FusedClipOptimizer(Optimizer):
 
     def _is_distributed(self) -> bool:
         """Whether this optimizer's state dict is a distributed one (see state_dict)."""
-        return self._norm_group is not None or any(
+        return self._norm_group is not None or distributed.initialized() or any(
             not distributed.is_plain(p) and distributed.is_dtensor(p)
             for group in self.param_groups for p in group["params"])
 
     def _nest_policy_state(self, state_dict: dict) -> None:
         """Puts the policy's state into ``state_dict["state"]``, where torch's
         distributed state_dict helpers keep it: under the key ``"clip_policy"``
-        of the first parameter's entry ``{"policy": class name, "state": {...}}``
-        and of every parameter's entry with per-tensor state ``{"tensor_state":
-        {...}}``. The state is there from construction on (the policy's initial
-        state before the first step), so that the state_dict a checkpoint is
-        loaded into already has every key. Entries are copies: the optimizer's
-        own state dicts are not changed."""
+        of the first parameter's entry ``{"state": {...}}`` and of every
+        parameter's entry with per-tensor state ``{"tensor_state": {...}}``.
+        Tensors only (no class name: torch.optim's load_state_dict would turn a
+        string into a generator, and the flattened DCP form refuses one); a
+        policy whose state has other keys refuses it on load. The state is
+        there from construction on (the policy's initial state before the first
+        step), so that the state_dict a checkpoint is loaded into already has
+        every key. Entries are copies: the optimizer's own state dicts are not
+        changed."""
         policy = self.clip_policy
         first = None
         device = self._skips["streak"].device
@@ -843,7 +846,6 @@ class FusedClipOptimizer(Optimizer):
                 entry = {}
                 if first is None:
                     first = pid
-                    entry["policy"] = type(policy).__name__
                     global_state = self._policy_state or policy.init_state(device)
                     if global_state:
                         entry["state"] = dict(global_state)
@@ -868,7 +870,7 @@ class FusedClipOptimizer(Optimizer):
         The policy state of a distributed optimizer's state_dict (in the
         per-parameter state) loads into any fusedclip optimizer."""
         saved = state_dict.get("clip_policy")
-        nested = _unnest_policy_state(state_dict)
+        nested = _unnest_policy_state(state_dict, self.clip_policy, self._skips["streak"].device)
         if nested is not None:
             saved, state_dict = nested
         policy = self.clip_policy
@@ -903,27 +905,56 @@ class FusedClipOptimizer(Optimizer):
                     }
 
 
-def _unnest_policy_state(state_dict: dict):
+def _unnest_policy_state(state_dict: dict, policy, device):
     """``(saved policy state in the top-level form, state_dict without it)``
     for a state_dict that keeps the policy state in its per-parameter state
-    (``FusedClipOptimizer._nest_policy_state``), else None."""
+    (``FusedClipOptimizer._nest_policy_state``), else None. The values get the
+    dtypes of ``policy``'s own state where it has the key: a torch.optim
+    optimizer that loaded such a state_dict casts every tensor of a
+    parameter's state to the parameter's dtype (an int64 count to float32)."""
     per_param = state_dict.get("state", {})
     if not any(isinstance(s, dict) and "clip_policy" in s for s in per_param.values()):
         return None
     saved = {"policy": None, "state": {}, "tensor_state": {}}
+    initial = policy.init_state(device) if policy is not None else {}
+    initial_tensor = (policy.init_tensor_state(torch.float32, device)
+                      if policy is not None and policy.scope == "tensor" else {})
     state = {}
     for pid, s in per_param.items():
         entry = s.get("clip_policy") if isinstance(s, dict) else None
         if entry is None:
             state[pid] = s
             continue
-        state[pid] = {k: v for k, v in s.items() if k != "clip_policy"}
-        if "policy" in entry:
-            saved["policy"] = entry["policy"]
-            saved["state"] = dict(entry.get("state", {}))
+        rest = {k: v for k, v in s.items() if k != "clip_policy"}
+        if rest:
+            state[pid] = rest
+        if "state" in entry:
+            saved["state"] = _like(entry["state"], initial)
         if entry.get("tensor_state"):
-            saved["tensor_state"][pid] = dict(entry["tensor_state"])
+            # (floating values keep their dtype: the norms', the parameter's)
+            saved["tensor_state"][pid] = _like(entry["tensor_state"], initial_tensor,
+                                               floating=False)
+    # The saved state is this policy's if it has this policy's keys.
+    keys = sorted(saved["state"])
+    tensor_keys = sorted({k for s in saved["tensor_state"].values() for k in s})
+    if keys == sorted(initial) and tensor_keys in ([], sorted(initial_tensor)):
+        saved["policy"] = type(policy).__name__ if policy is not None else None
+    else:
+        saved["policy"] = f"<a policy with state {keys} and per-tensor state {tensor_keys}>"
     return saved, {**state_dict, "state": state}
+
+
+def _like(values: dict, initial: dict, floating: bool = True) -> dict:
+    """``values`` with the dtype of ``initial``'s tensor of the same key (only
+    where that is not a floating dtype, unless ``floating``)."""
+    out = {}
+    for key, value in values.items():
+        ref = initial.get(key)
+        if (isinstance(value, Tensor) and isinstance(ref, Tensor) and value.dtype != ref.dtype
+                and (floating or not ref.is_floating_point())):
+            value = value.to(ref.dtype)
+        out[key] = value
+    return out
 
 
 def _in_order(per_bucket: list[Tensor], order, device,
