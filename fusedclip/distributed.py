@@ -101,7 +101,6 @@ class Group:
     pg: object  # torch.distributed.ProcessGroup
     name: str
     ranks: tuple
-    what: str  # for messages: "mesh dim 'dp' of DeviceMesh(...)", "norm_group"
 
     @property
     def size(self) -> int:
@@ -173,7 +172,7 @@ def resolve_norm_group(norm_group, owner: str) -> GroupRef | None:
         raise ValueError(
             f"{owner}: this rank ({dist.get_rank()}) is not a member of norm_group "
             f"(ranks {list(ranks)})")
-    return GroupRef(norm_group, Group(pg, pg.group_name, ranks, "norm_group"))
+    return GroupRef(norm_group, Group(pg, pg.group_name, ranks))
 
 
 # -- what each DTensor parameter needs ---------------------------------------------------------
@@ -211,7 +210,8 @@ def _make_spec(mesh, placements, ndim: int, what: str, groups: dict) -> Spec:
         try:
             dim = _shard_dim(placement, ndim)
         except ValueError:
-            kind = "Partial" if placement.is_partial() else type(placement).__name__
+            partial = getattr(placement, "is_partial", lambda: False)()
+            kind = "Partial" if partial else type(placement).__name__
             raise ValueError(
                 f"{what} is a DTensor with placement {placement} ({kind}) on mesh dim "
                 f"{names[i] if names else i} of {mesh}: fused clipping updates each rank's "
@@ -223,9 +223,8 @@ def _make_spec(mesh, placements, ndim: int, what: str, groups: dict) -> Spec:
         pg = mesh.get_group(i)
         group = groups.get(pg.group_name)
         if group is None or group.pg is not pg:
-            label = f"mesh dim {names[i]!r}" if names else f"mesh dim {i}"
             group = groups[pg.group_name] = Group(
-                pg, pg.group_name, tuple(dist.get_process_group_ranks(pg)), f"{label} of {mesh}")
+                pg, pg.group_name, tuple(dist.get_process_group_ranks(pg)))
         norm.append(group)
         if ndim <= 1 or dim >= 1:
             unit.append(group)
@@ -349,7 +348,6 @@ class Plan:
         self.reads_params = reads_params and scope == "unit"
         self.n_class_entries = n_classes - 1
         entry_groups.append(tuple(range(len(self.groups))))  # the flag goes everywhere
-        self.n_entries = len(entry_groups)
         self.group_index = []
         for g in range(len(self.groups)):
             idx = [e for e, groups in enumerate(entry_groups) if g in groups]
