@@ -12,7 +12,11 @@
 
 #include <ATen/ATen.h>
 
+#include <torch/library.h>
+
+#include "flat_tensors.h"
 #include "fusedclip/rule.h"
+#include "fusedclip/rules.h"
 
 namespace fusedclip {
 
@@ -36,6 +40,20 @@ struct UpdateCall {
   std::optional<at::TensorList> unit_coefs;
   bool maximize;
 };
+
+// Tensor i's param, grad and states as flat-walkable arrays, in that order
+// (FlatTensors: stand-ins where they do not share a dense layout, queued to be
+// copied home; row-major where per-unit coefficients need it).
+inline std::vector<at::Tensor> flat_update_arrays(FlatTensors& flat, const UpdateCall& call,
+                                                  size_t i) {
+  std::vector<at::Tensor> arrays = {call.params[i], call.grads[i]};
+  std::vector<bool> written = {true, false};
+  for (const at::TensorList& state : call.states) {
+    arrays.push_back(state[i]);
+    written.push_back(true);
+  }
+  return flat.take(std::move(arrays), written, call.unit_coefs.has_value());
+}
 
 // What the one argument check needs to know of the rule and its hyperparameters.
 struct RuleCheck {
@@ -92,6 +110,16 @@ void update_op(at::TensorList params, at::TensorList grads, at::TensorList state
   for (size_t s = 0; s < k; ++s) call.states.push_back(states.slice(s * n, n));
   if (params.empty()) return;
   Driver<Rule>::run(call, h);
+}
+
+// Registers Driver's update op for every rule of rules.h, in a backend's
+// TORCH_LIBRARY_IMPL block.
+template <template <class> class Driver>
+void register_update_ops(torch::Library& m) {
+#define FUSEDCLIP_REGISTER_UPDATE(Rule) \
+  m.impl((std::string(Rule::kName) + "_").c_str(), &update_op<Rule, Driver>);
+  FUSEDCLIP_FOR_EACH_RULE(FUSEDCLIP_REGISTER_UPDATE)
+#undef FUSEDCLIP_REGISTER_UPDATE
 }
 
 }  // namespace fusedclip

@@ -461,11 +461,11 @@ def test_signature_matches_torch(ours, theirs):
     mine = inspect.signature(ours.__init__).parameters
     torchs = {k: v for k, v in inspect.signature(theirs.__init__).parameters.items()
               if k not in TORCH_ONLY}
-    assert [n for n in mine if n not in ("clip", "nonfinite")] == list(torchs)
+    assert [n for n in mine if n not in ("clip", "nonfinite", "norm_group")] == list(torchs)
     for name, p in torchs.items():
         assert mine[name].default == p.default, name
         assert mine[name].kind == p.kind, name
-    for name in ("clip", "nonfinite"):
+    for name in ("clip", "nonfinite", "norm_group"):
         assert mine[name].kind is inspect.Parameter.KEYWORD_ONLY
     assert mine["clip"].default is None and mine["nonfinite"].default == "skip"
     p = torch.nn.Parameter(torch.zeros(2))

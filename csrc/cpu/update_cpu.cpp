@@ -15,7 +15,6 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
-#include "../flat_tensors.h"
 #include "../update_op.h"
 #include "fusedclip/grad_transform.h"
 #include "fusedclip/rules.h"
@@ -110,7 +109,7 @@ struct ScalarsOf {
 
 template <class Rule>
 struct CpuDriver {
-  static void run_call(const UpdateCall& call, const typename Rule::Hyper& hyper) {
+  static void run(const UpdateCall& call, const typename Rule::Hyper& hyper) {
     const HostScalars host = HostScalars::read(call.lr, call.lr_tensor, call.clip_coef,
                                                call.grad_scale, call.found_inf);
     // A skipped step changes nothing, not even the step counters.
@@ -118,20 +117,12 @@ struct CpuDriver {
     const size_t n = call.params.size();
     const size_t k = call.states.size();
     const bool spike = call.spike_theta.has_value();
-    const bool units = call.unit_coefs.has_value();
 
     FlatTensors flat_tensors;
     std::vector<TensorArrays> arrays(n);
     std::vector<TensorWork<Rule>> work(n);
     for (size_t i = 0; i < n; ++i) {
-      std::vector<at::Tensor> group = {call.params[i], call.grads[i]};
-      std::vector<bool> written = {true, false};
-      for (size_t s = 0; s < k; ++s) {
-        group.push_back(call.states[s][i]);
-        written.push_back(true);
-      }
-      // Per-unit coefficients need row-major runs.
-      const std::vector<at::Tensor> flat = flat_tensors.take(std::move(group), written, units);
+      const std::vector<at::Tensor> flat = flat_update_arrays(flat_tensors, call, i);
       arrays[i].param = flat[0].data_ptr();
       arrays[i].grad = flat[1].const_data_ptr();
       for (size_t s = 0; s < k; ++s) arrays[i].states[s] = flat[2 + s].data_ptr();
@@ -174,19 +165,12 @@ struct CpuDriver {
         });
     flat_tensors.copy_home();
   }
-
-  static void run(const UpdateCall& call, const typename Rule::Hyper& hyper) {
-    run_call(call, hyper);
-  }
 };
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
-#define FUSEDCLIP_REGISTER_CPU(Rule) \
-  m.impl((std::string(Rule::kName) + "_").c_str(), &update_op<Rule, CpuDriver>);
-  FUSEDCLIP_FOR_EACH_RULE(FUSEDCLIP_REGISTER_CPU)
-#undef FUSEDCLIP_REGISTER_CPU
+  register_update_ops<CpuDriver>(m);
 }
 
 }  // namespace fusedclip::cpu

@@ -24,7 +24,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "../flat_tensors.h"
 #include "../update_op.h"
 #include "device_scalars.cuh"
 #include "fusedclip/grad_transform.h"
@@ -106,7 +105,6 @@ struct CudaDriver {
   static void run(const UpdateCall& call, const typename Rule::Hyper& hyper) {
     const c10::cuda::CUDAGuard device_guard(call.params[0].device());
     const size_t n = call.params.size();
-    const size_t k = call.states.size();
     const bool units = call.unit_coefs.has_value();
 
     StepCounters counters(call.steps);
@@ -127,13 +125,7 @@ struct CudaDriver {
     std::vector<std::vector<at::Tensor>> flat(n);
     std::vector<UpdateSlot> slots(n);
     for (size_t i = 0; i < n; ++i) {
-      std::vector<at::Tensor> group = {call.params[i], call.grads[i]};
-      std::vector<bool> written = {true, false};
-      for (size_t s = 0; s < k; ++s) {
-        group.push_back(call.states[s][i]);
-        written.push_back(true);
-      }
-      flat[i] = flat_tensors.take(std::move(group), written, units);
+      flat[i] = flat_update_arrays(flat_tensors, call, i);
       if (!call.steps.empty()) slots[i].step = counters.ptr(i);
       if (units) {
         coefs.push_back((*call.unit_coefs)[i].contiguous());
@@ -174,10 +166,7 @@ struct CudaDriver {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fusedclip, CUDA, m) {
-#define FUSEDCLIP_REGISTER_CUDA(Rule) \
-  m.impl((std::string(Rule::kName) + "_").c_str(), &update_op<Rule, CudaDriver>);
-  FUSEDCLIP_FOR_EACH_RULE(FUSEDCLIP_REGISTER_CUDA)
-#undef FUSEDCLIP_REGISTER_CUDA
+  register_update_ops<CudaDriver>(m);
 }
 
 }  // namespace fusedclip::cuda
