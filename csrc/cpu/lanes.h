@@ -52,15 +52,22 @@ template <>
 struct Lanes<at::Half> : ReducedLanes<at::Half> {};
 
 // Where torch's fused CPU kernels start their scalar code in a tensor of
-// `numel` elements of scalar_t: they leave the last t = numel % W elements
-// (W the vector width) to a scalar loop that the compiler vectorizes once at
-// half the width, so only the last t % (W / 2) are scalar (see
-// include/fusedclip/sgd.h). The rules whose scalar code rounds differently run
-// those elements with SCALAR_TAIL.
+// `numel` elements of scalar_t. They leave the last t = numel % W elements (W
+// the vector width) to a scalar loop. In torch's AVX-512 kernels the compiler
+// vectorizes that loop once at half the width, so only the last t % (W / 2)
+// are scalar; in its AVX2 kernels all t are (measured on torch 2.13 for every
+// t: tests/test_bitwise_torch.py, run on both). The rules whose scalar code
+// rounds differently (include/fusedclip/sgd.h, adam.h) run those elements
+// with SCALAR_TAIL. This build's vector set is torch's at run time where both
+// follow the CPU (ATEN_CPU_CAPABILITY can make them differ).
 template <typename scalar_t>
 int64_t scalar_tail_begin(int64_t numel) {
-  constexpr int64_t kHalf = Lanes<scalar_t>::kWidth / 2;
-  return numel - numel % Lanes<scalar_t>::kWidth % kHalf;
+  constexpr int64_t kWidth = Lanes<scalar_t>::kWidth;
+#if defined(CPU_CAPABILITY_AVX512)
+  return numel - numel % kWidth % (kWidth / 2);
+#else
+  return numel - numel % kWidth;
+#endif
 }
 
 // Software prefetch, prefetch_distance() bytes ahead of the element a loop is
