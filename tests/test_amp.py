@@ -1,5 +1,5 @@
-"""Mixed precision on the CPU: torch.amp.GradScaler("cpu") with bfloat16 and
-float16 autocast, for each of the four optimizer families, against torch's
+"""Mixed precision: torch.amp.GradScaler with bfloat16 and float16 autocast,
+on the CPU and (with a GPU and the CUDA kernels) on CUDA, for every optimizer with a torch.optim twin, against torch's
 recipe
 
     scaler.scale(loss).backward(); scaler.unscale_(opt)
@@ -18,21 +18,13 @@ import math
 import pytest
 import torch
 
-import fusedclip
-
-from conftest import assert_close, bitwise_equal
+from helpers import assert_close, bitwise_equal
+from registry import on_devices, spec_params
 from tolerances import TORCH_PARITY
 
 MAX_NORM = 0.5
 STEPS = 8
 INF_STEP = 3
-# Configurations as data: id -> (torch class, fused class, hyperparameters).
-OPTIMIZERS = {
-    "Adam": (torch.optim.Adam, fusedclip.FusedClipAdam, dict(lr=0.01, amsgrad=True)),
-    "AdamW": (torch.optim.AdamW, fusedclip.FusedClipAdamW, dict(lr=0.01, weight_decay=0.1)),
-    "SGD": (torch.optim.SGD, fusedclip.FusedClipSGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
-    "Adagrad": (torch.optim.Adagrad, fusedclip.FusedClipAdagrad, dict(lr=0.05, lr_decay=0.01)),
-}
 
 
 def _model(seed: int) -> torch.nn.Module:
@@ -40,34 +32,34 @@ def _model(seed: int) -> torch.nn.Module:
     return torch.nn.Sequential(torch.nn.Linear(12, 32), torch.nn.GELU(), torch.nn.Linear(32, 5))
 
 
-def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(step: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 + step)
     x = torch.randn(16, 12, generator=gen) * 3
     y = torch.randn(16, 5, generator=gen)
     if step == INF_STEP:
         x[2, 4] = math.inf
-    return x, y
+    return x.to(device), y.to(device)
 
 
 def _loss(model, x, y, amp_dtype):
-    with torch.autocast("cpu", dtype=amp_dtype):
+    with torch.autocast(x.device.type, dtype=amp_dtype):
         out = model(x)
     return torch.nn.functional.mse_loss(out.float(), y)
 
 
 @pytest.mark.parametrize("user_unscales", [True, False], ids=["unscale_", "no-unscale_"])
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("kind", list(OPTIMIZERS))
-def test_grad_scaler_recipe(kind, amp_dtype, user_unscales):
-    torch_cls, fused_cls, hyper = OPTIMIZERS[kind]
-    tmodel, fmodel = _model(0), _model(0)
-    topt = torch_cls(tmodel.parameters(), foreach=False, **hyper)
-    fopt = fused_cls(fmodel.parameters(), clip=MAX_NORM, **hyper)
-    tscaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
-    fscaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=2)
+@pytest.mark.parametrize("device,spec", on_devices(spec_params(twin=True), lambda v: v[0]))
+def test_grad_scaler_recipe(device, spec, amp_dtype, user_unscales):
+    kind = spec.name
+    tmodel, fmodel = _model(0).to(device), _model(0).to(device)
+    topt = spec.twin(tmodel.parameters(), foreach=False, **spec.example, **spec.ctor)
+    fopt = spec.fused(fmodel.parameters(), clip=MAX_NORM, **spec.example, **spec.ctor)
+    tscaler = torch.amp.GradScaler(device, init_scale=2.0**12, growth_interval=2)
+    fscaler = torch.amp.GradScaler(device, init_scale=2.0**12, growth_interval=2)
     clipped = 0
     for step in range(STEPS):
-        x, y = _batch(step)
+        x, y = _batch(step, device)
         before = [p.detach().clone() for p in fmodel.parameters()]
         scale = fscaler.get_scale()
 
@@ -102,5 +94,5 @@ def test_grad_scaler_recipe(kind, amp_dtype, user_unscales):
         fopt.zero_grad()
     assert clipped >= 3  # the clipping was exercised
     assert fscaler.get_scale() > scale_after_inf  # and the scale grew back
-    for p, p0 in zip(fmodel.parameters(), _model(0).parameters()):
+    for p, p0 in zip(fmodel.parameters(), _model(0).to(device).parameters()):
         assert not torch.equal(p.detach(), p0.detach())  # every parameter was trained

@@ -1,8 +1,9 @@
-"""torch.compile(opt.step, fullgraph=True): the step traces without a graph
-break and gives what the eager step gives.
+"""torch.compile(opt.step, fullgraph=True), for every fused optimizer: the step
+traces without a graph break and gives what the eager step gives, on the CPU
+and (with a GPU and the CUDA kernels) on CUDA.
 
-The helpers take a device, so tests/test_cuda.py runs the same checks on CUDA.
-On the CPU a compile costs a few seconds; the cases here are few and small.
+On the CPU the first compile costs a few seconds (later ones hit inductor's
+cache); the cases here are small.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ import torch
 
 import fusedclip
 
-from conftest import assert_states_close, assert_unchanged, make_tensor, snapshot
+from helpers import (
+    assert_same_optimizers, assert_states_close, assert_unchanged, make_params,
+    params_of, set_step_grads, snapshot,
+)
+from registry import POLICY_CASES, SPECS, on_devices, spec_params
 from tolerances import TORCH_PARITY
 
 # Small, with a 0-d, an empty, a transposed and a strided parameter.
@@ -22,51 +27,35 @@ COMPILE_SPECS = [((7,), "contiguous"), ((4, 5), "transposed"), ((), "contiguous"
                  ((0,), "contiguous"), ((3, 6), "slice"), ((33,), "contiguous")]
 
 
-def make_params(device, dtype=torch.float32, specs=COMPILE_SPECS, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(make_tensor(s, lay, gen, dtype).to(device)) for s, lay in specs]
-
-
-def set_step_grads(params, step: int, poison: bool = False) -> None:
-    """Step `step`'s gradients, the same on every call; `poison` puts a NaN in
-    the first one."""
-    gen = torch.Generator().manual_seed(1000 + step)
-    for i, p in enumerate(params):
-        g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype).to(p.device)
-        if poison and i == 0:
-            g.view(-1)[1] = math.nan
-        if p.grad is None:
-            p.grad = g
-        else:
-            p.grad.copy_(g)  # in place: a captured or compiled step keeps reading .grad
-
-
-def make_opt(params, *, lr_tensor: bool, **kwargs):
+def make_opt(spec, params, *, lr_tensor: bool, **kwargs):
+    """The spec's example optimizer over `params`, lr 0.01 (a tensor on the
+    parameters' device if asked), clip=1.0 unless given."""
     device = params[0].device
-    lr = torch.tensor(0.01, device=device) if lr_tensor else 0.01
+    hyper = dict(spec.example, **spec.ctor)
+    hyper["lr"] = torch.tensor(0.01, device=device) if lr_tensor else 0.01
     kwargs.setdefault("clip", 1.0)
-    return fusedclip.FusedClipAdamW(params, lr=lr, weight_decay=0.1, **kwargs)
+    return spec.fused(params, **hyper, **kwargs)
 
 
-def run_compiled_vs_eager(device, *, dtype=torch.float32, lr_tensor=False, steps=3,
+def run_compiled_vs_eager(spec, device, *, dtype=torch.float32, lr_tensor=False, steps=3,
                           eager_first=True, poison_step=None, opt_kwargs=None):
     """Runs `steps` steps eagerly on one parameter set and through
     torch.compile(opt.step, fullgraph=True) on another, with the same
-    gradients; returns both (params, opt) pairs.
+    gradients (a NaN in step `poison_step`); returns both (params, opt) pairs.
 
     With `eager_first`, both first take one eager step, so the compiled step
     finds its state initialized; after its first call it must not recompile.
     """
     opt_kwargs = opt_kwargs or {}
-    eager_p, comp_p = make_params(device, dtype), make_params(device, dtype)
-    eager = make_opt(eager_p, lr_tensor=lr_tensor, **opt_kwargs)
-    comp = make_opt(comp_p, lr_tensor=lr_tensor, **opt_kwargs)
+    eager_p = make_params(COMPILE_SPECS, dtype, device=device)
+    comp_p = make_params(COMPILE_SPECS, dtype, device=device)
+    eager = make_opt(spec, eager_p, lr_tensor=lr_tensor, **opt_kwargs)
+    comp = make_opt(spec, comp_p, lr_tensor=lr_tensor, **opt_kwargs)
     torch._dynamo.reset()
     compiled = torch.compile(comp.step, fullgraph=True)
     for step in range(steps):
-        poison = step == poison_step
-        set_step_grads(eager_p, step, poison)
-        set_step_grads(comp_p, step, poison)
+        set_step_grads(eager_p, step, nan_at=poison_step, in_place=True)
+        set_step_grads(comp_p, step, nan_at=poison_step, in_place=True)
         eager.step()
         if eager_first and step == 0:
             comp.step()
@@ -99,28 +88,51 @@ def _reset_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("lr_tensor", [False, True], ids=["lr-float", "lr-tensor"])
-def test_compiled_step_matches_eager(lr_tensor):
-    eager, comp = run_compiled_vs_eager("cpu", lr_tensor=lr_tensor, steps=4)
-    assert_same_run(eager, comp)
+def _matches_eager_cases():
+    cases = on_devices([pytest.param(spec, torch.float32, lr_tensor,
+                                     id=f"{spec.name}-{'lr-tensor' if lr_tensor else 'lr-float'}")
+                        for spec in SPECS.values() for lr_tensor in (False, True)],
+                       lambda values: values[0])
+    # bfloat16 too on CUDA (on the CPU the dtype changes nothing of what compiles)
+    cases += [c for c in on_devices([pytest.param(spec, torch.bfloat16, lr_tensor,
+                                                  id=f"{spec.name}-bf16-"
+                                                     f"{'lr-tensor' if lr_tensor else 'lr-float'}")
+                                     for spec in SPECS.values() for lr_tensor in (False, True)],
+                                    lambda values: values[0]) if c.values[0] == "cuda"]
+    return cases
 
 
-def test_compiled_step_initializes_state():
+@pytest.mark.parametrize("device,spec,dtype,lr_tensor", _matches_eager_cases())
+def test_compiled_step_matches_eager(device, spec, dtype, lr_tensor):
+    """Four steps, the first eager on both sides; a NaN in the first step (with
+    a tensor lr: the compiled step then takes the state's first real step,
+    SGD's buffer its first) or in the third (with a float lr: a compiled
+    skip)."""
+    poison_step = 0 if lr_tensor else 2
+    eager, comp = run_compiled_vs_eager(spec, device, dtype=dtype, lr_tensor=lr_tensor, steps=4,
+                                        poison_step=poison_step)
+    assert_same_run(eager, comp, dtype)
+    assert int(comp[1].clip_stats["skipped"]) == 1
+
+
+@pytest.mark.parametrize("spec", spec_params())
+def test_compiled_step_initializes_state(spec):
     # No eager step first: the compiled step creates the state (the second call
     # recompiles, for the state that now exists; that is not a graph break).
-    eager, comp = run_compiled_vs_eager("cpu", steps=3, eager_first=False,
+    eager, comp = run_compiled_vs_eager(spec, "cpu", steps=3, eager_first=False,
                                         opt_kwargs={"clip": fusedclip.GlobalNorm(0.5, math.inf)})
     assert_same_run(eager, comp)
 
 
-def test_compiled_step_skips_nonfinite():
-    eager, comp = run_compiled_vs_eager("cpu", steps=4, poison_step=2)
+@pytest.mark.parametrize("spec", spec_params())
+def test_compiled_step_skips_nonfinite(spec):
+    eager, comp = run_compiled_vs_eager(spec, "cpu", steps=4, poison_step=2)
     assert_same_run(eager, comp)
     assert int(comp[1].clip_stats["skipped"]) == 1
     # And the skipped step itself changed nothing, compiled.
     params, opt = comp
     before = snapshot(opt, params)
-    set_step_grads(params, 9, poison=True)
+    set_step_grads(params, 9, nan_at=9, in_place=True)
     with torch.compiler.set_stance("fail_on_recompile"):
         torch.compile(opt.step, fullgraph=True)()
     assert_unchanged(opt, params, before, "compiled skipped step")
@@ -129,46 +141,30 @@ def test_compiled_step_skips_nonfinite():
 
 
 # -- every clip policy with every optimizer ------------------------------------------------------
-POLICY_CASES = {
-    "None": lambda: None,
-    "GlobalNorm": lambda: 1.0,
-    "GlobalNorm-inf": lambda: fusedclip.GlobalNorm(0.5, norm_type=math.inf),
-    "PerTensorNorm": lambda: fusedclip.PerTensorNorm(0.4),
-    "SmoothClip": lambda: fusedclip.SmoothClip(2.0),
-    "Normalize": lambda: fusedclip.Normalize(),
-    "AutoClip": lambda: fusedclip.AutoClip(10.0, history=8),
-    "ZClip": lambda: fusedclip.ZClip(warmup_steps=3),
-    "AdaGC": lambda: fusedclip.AdaGC(warmup_steps=4),
-    "ValueClip": lambda: fusedclip.ValueClip(0.3),
-    "AGC": lambda: fusedclip.AGC(0.3),
-}
-OPTIMIZER_CASES = {
-    "AdamW": (fusedclip.FusedClipAdamW, dict(lr=0.01, weight_decay=0.1)),
-    "Adam": (fusedclip.FusedClipAdam, dict(lr=0.01, amsgrad=True)),
-    "SGD": (fusedclip.FusedClipSGD, dict(lr=0.01, momentum=0.9)),
-    "Adagrad": (fusedclip.FusedClipAdagrad, dict(lr=0.01)),
-}
+SHAPES = [(7,), (4, 5), (), (33,)]
 
 
-@pytest.mark.parametrize("policy", list(POLICY_CASES))
-@pytest.mark.parametrize("kind", list(OPTIMIZER_CASES))
-def test_every_policy_compiles_to_the_eager_step(kind, policy):
+def _policy_cases():
+    for spec in SPECS.values():
+        for policy in spec.policies:
+            yield pytest.param(spec, policy, id=f"{spec.name}-{policy}")
+
+
+@pytest.mark.parametrize("spec,policy", list(_policy_cases()))
+def test_every_policy_compiles_to_the_eager_step(spec, policy):
     """torch.compile(opt.step, fullgraph=True) gives, step after step for 40
     steps (two of them skipped for a NaN), the parameters, state, policy
     state and clip_stats of the eager step, bit for bit."""
-    from test_dropin import assert_same, make_params, set_grads
-
-    cls, kwargs = OPTIMIZER_CASES[kind]
-    eager_params, comp_params = make_params(), make_params()
-    eager = cls(eager_params, clip=POLICY_CASES[policy](), **kwargs)
-    comp = cls(comp_params, clip=POLICY_CASES[policy](), **kwargs)
+    specs = [(s, "contiguous") for s in SHAPES]
+    eager = spec.fused(make_params(specs), clip=POLICY_CASES[policy](), **spec.example)
+    comp = spec.fused(make_params(specs), clip=POLICY_CASES[policy](), **spec.example)
     torch._dynamo.reset()
     compiled = torch.compile(comp.step, fullgraph=True)
     for step in range(40):
         nan_at = step if step in (5, 23) else None
-        set_grads(eager_params, step, nan_at)
-        set_grads(comp_params, step, nan_at)
+        set_step_grads(params_of(eager), step, nan_at)
+        set_step_grads(params_of(comp), step, nan_at)
         eager.step()
         compiled()
-        assert_same(comp, eager, f"{kind} {policy} step {step}")
+        assert_same_optimizers(comp, eager, f"{spec.name} {policy} step {step}")
     assert int(comp.clip_stats["skipped"]) == 2

@@ -11,9 +11,14 @@ import torch
 import fusedclip
 
 import legacy_ops
-from conftest import assert_unchanged, snapshot
+from helpers import assert_unchanged, snapshot
+from registry import SPECS
 
+# The Adam family's own hyperparameter checks (SGD's and Adagrad's are in
+# test_sgd.py and test_adagrad.py); what every optimizer refuses is checked
+# for every spec of the registry below.
 OPTIMIZERS = [fusedclip.FusedClipAdam, fusedclip.FusedClipAdamW]
+EVERY = [pytest.param(s.fused, id=s.name) for s in SPECS.values()]
 
 
 def _params(n=2, dtype=torch.float32):
@@ -102,7 +107,7 @@ def test_hyperparameters_per_group_are_checked():
 
 
 # -- failures at step time leave everything as it was ------------------------------------
-@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("cls", EVERY)
 def test_sparse_gradient(cls):
     opt, params = _trained(cls, clip=1.0)
     before = snapshot(opt, params)
@@ -114,7 +119,7 @@ def test_sparse_gradient(cls):
     assert_unchanged(opt, params, before, "sparse gradient")
 
 
-@pytest.mark.parametrize("cls", OPTIMIZERS)
+@pytest.mark.parametrize("cls", EVERY)
 def test_complex32_parameter(cls):
     """complex64/128 are optimized as torch does (tests/test_dropin.py);
     complex32 has no real view the kernels take, and is refused."""
@@ -131,11 +136,12 @@ def test_complex32_parameter(cls):
     assert_unchanged(opt, [real, z], before, "complex32 parameter")
 
 
-def test_unsupported_parameter_dtype():
+@pytest.mark.parametrize("cls", EVERY)
+def test_unsupported_parameter_dtype(cls):
     """A float8 (or other unsupported) parameter is refused by name."""
     p = torch.nn.Parameter(torch.zeros(3, dtype=torch.float8_e4m3fn), requires_grad=False)
     p.grad = torch.zeros(3, dtype=torch.float8_e4m3fn)
-    opt = fusedclip.FusedClipAdam([p])
+    opt = cls([p])
     with pytest.raises(RuntimeError, match="supports float32, float64, float16 and bfloat16"):
         opt.step()
 
@@ -163,76 +169,7 @@ def test_bad_hyperparameter_set_after_construction(cls, key, value, match):
     assert_unchanged(opt, params, before, f"bad {key}")
 
 
-# -- the ops' own checks --------------------------------------------------------------------
-def _adam_args(n=3, dtype=torch.float32, amsgrad=False):
-    g = torch.Generator().manual_seed(1)
-    params = [torch.randn(5, 2, generator=g, dtype=dtype) for _ in range(n)]
-    grads = [torch.randn(5, 2, generator=g, dtype=dtype) for _ in range(n)]
-    m = [torch.zeros(5, 2, dtype=dtype) for _ in range(n)]
-    v = [torch.zeros(5, 2, dtype=dtype) for _ in range(n)]
-    mx = [torch.zeros(5, 2, dtype=dtype) for _ in range(n)] if amsgrad else []
-    steps = [torch.zeros(()) for _ in range(n)]
-    kwargs = dict(lr=1e-3, lr_tensor=None, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                  amsgrad=amsgrad, maximize=False, decoupled_weight_decay=False,
-                  clip_coef=None, grad_scale=None, found_inf=None)
-    return [params, grads, m, v, mx, steps], kwargs
-
-
-def _op_breakers():
-    def at(list_index, i, tensor):
-        def apply(args, kwargs):
-            args[list_index][i] = tensor
-        return apply
-
-    def kw(**changes):
-        def apply(args, kwargs):
-            kwargs.update(changes)
-        return apply
-
-    def drop_step(args, kwargs):
-        args[5].pop()
-
-    return [
-        pytest.param(at(1, 2, torch.zeros(5, 3)), r"grads\[2\] has shape \[5, 3\] but params\[2\] has shape \[5, 2\]", id="grad-shape"),
-        pytest.param(at(3, 0, torch.zeros(2, 5)), r"exp_avg_sqs\[0\] has shape", id="state-shape"),
-        pytest.param(at(1, 1, torch.zeros(5, 2, dtype=torch.float64)), "must have one dtype, but grads\\[1\\] is Double", id="mixed-dtype"),
-        pytest.param(at(0, 2, torch.zeros(5, 2, dtype=torch.float64)), "must have one dtype", id="mixed-param-dtype"),
-        pytest.param(at(1, 0, torch.zeros(5, 2, dtype=torch.complex64)), r"grads\[0\] is complex", id="complex"),
-        pytest.param(at(1, 0, torch.zeros(5, 2, dtype=torch.int32)), r"grads\[0\] has dtype Int", id="int"),
-        # A sparse tensor never reaches the kernel's own check: the dispatcher
-        # refuses it first, naming the backend (the optimizer checks gradients
-        # itself, with its own message, see test_sparse_gradient).
-        pytest.param(at(1, 0, torch.zeros(5, 2).to_sparse()), "'fusedclip::adam_' with arguments from the 'SparseCPU' backend", id="sparse"),
-        pytest.param(drop_step, "steps has 2 tensors but params has 3", id="steps-count"),
-        pytest.param(kw(lr=-1.0), "invalid learning rate -1", id="lr"),
-        pytest.param(kw(lr_tensor=torch.tensor(-1.0)), "invalid learning rate -1 in lr_tensor", id="lr-tensor"),
-        pytest.param(kw(eps=-1.0), "invalid eps -1", id="eps"),
-        pytest.param(kw(beta1=1.0), r"invalid beta1 1 \(must be in \[0, 1\)\)", id="beta1"),
-        pytest.param(kw(beta2=-0.5), "invalid beta2 -0.5", id="beta2"),
-        pytest.param(kw(weight_decay=-1.0), "invalid weight_decay -1", id="weight-decay"),
-        pytest.param(kw(amsgrad=True), r"max_exp_avg_sqs has 0 tensors but params has 3", id="amsgrad-no-max"),
-        pytest.param(kw(clip_coef=torch.ones(2)), r"clip_coef must have 1 or one per tensor \(3\) elements, got 2", id="clip-coef-numel"),
-        pytest.param(kw(clip_coef=torch.ones((), dtype=torch.float16)), "clip_coef must be a dense float32 or float64", id="clip-coef-dtype"),
-        pytest.param(kw(found_inf=torch.zeros((), dtype=torch.int32)), "found_inf must be a dense float32 or float64", id="found-inf-dtype"),
-        pytest.param(kw(grad_scale=torch.ones(3)), "grad_scale must have 1 elements, got 3", id="grad-scale-numel"),
-        pytest.param(kw(lr_tensor=torch.ones(1, 1)), "lr_tensor must be 0-d or 1-d", id="lr-tensor-dim"),
-    ]
-
-
-@pytest.mark.parametrize("breaker,match", _op_breakers())
-def test_adam_op_errors(breaker, match):
-    """The op refuses bad calls by name, before writing anything."""
-    args, kwargs = _adam_args()
-    breaker(args, kwargs)
-    before = [[t.clone() for t in group] for group in args]
-    with pytest.raises(RuntimeError, match=match):
-        legacy_ops.call("adam", *args, **kwargs)
-    for group, old in zip(args, before):
-        for t, o in zip(group, old):
-            if t.layout == torch.strided:
-                assert torch.equal(t, o)
-
-
+# -- the norm op's own checks (the update ops': test_ops.py) ------------------------------------
 @pytest.mark.parametrize("tensors,norm_type,match", [
     pytest.param([torch.ones(3)], 1.0, "norm_type must be 2.0 or inf, got 1", id="norm-type"),
     pytest.param([torch.ones(3)], -math.inf, "norm_type must be 2.0 or inf", id="-inf"),

@@ -1,4 +1,5 @@
-"""The three non-finite policies: "skip" (default), "raise" and "propagate"."""
+"""The three non-finite policies, for every fused optimizer: "skip" (default),
+"raise" and "propagate"."""
 
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ import torch
 
 import fusedclip
 
-from conftest import (
-    Problem, assert_states_close, assert_unchanged, flat, make_fused_opt, make_torch_opt,
-    set_grads, snapshot, torch_clip,
+from helpers import (
+    Problem, assert_states_close, assert_unchanged, bitwise_equal, clip_policy, flat, make_params,
+    no_host_reads, poisoned, set_grads, snapshot, torch_clip,
 )
+from registry import SPECS, on_devices, spec_params
 from tolerances import TORCH_PARITY
 
-SPECS = [((5, 7), "contiguous"), ((), "contiguous"), ((0,), "contiguous"), ((6, 4), "transposed"),
-         ((3, 8), "slice"), ((1031,), "contiguous")]
+SPECS_6 = [((5, 7), "contiguous"), ((), "contiguous"), ((0,), "contiguous"),
+           ((6, 4), "transposed"), ((3, 8), "slice"), ((1031,), "contiguous")]
 CLIPS = [
     pytest.param(None, id="noclip"),
     pytest.param(1.0, id="clip1.0"),
@@ -29,43 +31,42 @@ BAD = [
     pytest.param((4, 5, math.nan), id="nan-slice"),
     pytest.param((5, 1030, math.nan), id="nan-last"),
 ]
+TWINNED = spec_params(twin=True)
+# Every spec with a twin, on every device, with every bad value and clip.
+ON_DEVICES = on_devices([pytest.param(spec.values[0], where.values[0], clip.values[0],
+                                      id=f"{spec.id}-{where.id}-{clip.id}")
+                         for spec in TWINNED for where in BAD for clip in CLIPS],
+                        lambda v: v[0])
 
 
-def _problem(dtype=torch.float32) -> Problem:
-    return Problem(
-        groups=[{"specs": SPECS[:3], "lr": 0.01, "amsgrad": True},
-                {"specs": SPECS[3:], "lr": "tensor:0.003", "weight_decay": 0.1,
-                 "maximize": True}],
-        dtype=dtype, grad_std=0.5, seed=31,
-    )
-
-
-def _clip_policy(clip):
-    return fusedclip.GlobalNorm(clip[1], clip[2]) if isinstance(clip, tuple) else clip
+def _problem(spec, dtype=torch.float32, seed=31) -> Problem:
+    """The spec's state dict groups (every option its state depends on) over
+    six parameters (an empty and a 0-d one among them); the second group's
+    lr a tensor."""
+    groups = [dict(g) for g in spec.state_dict_groups]
+    cuts = [0, 3, 5, 6][:len(groups)] + [6]
+    for i, (group, a, b) in enumerate(zip(groups, cuts, cuts[1:])):
+        group["specs"] = SPECS_6[a:b]
+        if i == 1:
+            group["lr"] = f"tensor:{group['lr']}"
+    return Problem(groups=groups, dtype=dtype, grad_std=0.5, seed=seed)
 
 
 def _poison(grads, where):
     index, element, value = where
-    grads = list(grads)
-    g = grads[index].clone()
-    assert g.is_contiguous()
-    g.view(-1)[element] = value
-    grads[index] = g
-    return grads
+    return poisoned(grads, index, value, element)
 
 
 # -- skip ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("clip", CLIPS)
-@pytest.mark.parametrize("where", BAD)
-@pytest.mark.parametrize("kind", ["Adam", "AdamW"])
-def test_skip_changes_nothing_and_training_goes_on(kind, where, clip):
+@pytest.mark.parametrize("device,spec,where,clip", ON_DEVICES)
+def test_skip_changes_nothing_and_training_goes_on(device, spec, where, clip):
     """A bad step changes no parameter and no state tensor (step included),
     counts in clip_stats['skipped'], and later steps match torch, which never
     saw the bad gradients."""
-    problem = _problem()
-    tparams, fparams = problem.params(), problem.params()
-    topt = make_torch_opt(kind, problem, tparams, {})
-    fopt = make_fused_opt(kind, problem, fparams, {}, clip=_clip_policy(clip))
+    problem = _problem(spec)
+    tparams, fparams = problem.params(device), problem.params(device)
+    topt = spec.make_torch(problem, tparams, spec.ctor, device)
+    fopt = spec.make_fused(problem, fparams, spec.ctor, device, clip=clip_policy(clip))
     assert fopt.nonfinite == "skip"  # the default
     tflat, fflat = flat(tparams), flat(fparams)
     torch_step = 0
@@ -91,26 +92,32 @@ def test_skip_changes_nothing_and_training_goes_on(kind, where, clip):
         assert torch.isfinite(fopt.clip_stats["grad_norm"])
     assert_states_close(fopt, topt, fflat, tflat, TORCH_PARITY[torch.float32], "after skips")
     for p in fflat:
-        assert float(fopt.state[p]["step"]) == torch_step
+        if "step" in fopt.state.get(p, {}):
+            assert float(fopt.state[p]["step"]) == torch_step
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
-def test_skip_on_the_first_step(dtype):
+@pytest.mark.parametrize("spec", spec_params())
+def test_skip_on_the_first_step(spec, dtype):
     """A first step that is skipped leaves the parameters as they were and the
-    optimizer as if it had not run: any state it holds is zero with step 0,
-    and the next steps are those of a fresh optimizer."""
-    problem = _problem(dtype)
+    optimizer as if it had not run: any state it holds is zero with step 0
+    (or, made eagerly, what a fresh optimizer holds), and the next steps are
+    those of a fresh optimizer."""
+    problem = _problem(spec, dtype)
     params, fresh = problem.params(), problem.params()
-    opt = make_fused_opt("AdamW", problem, params, {}, clip=1.0)
-    fresh_opt = make_fused_opt("AdamW", problem, fresh, {}, clip=1.0)
+    opt = spec.make_fused(problem, params, spec.ctor, clip=1.0)
+    fresh_opt = spec.make_fused(problem, fresh, spec.ctor, clip=1.0)
     before = [p.detach().clone() for p in flat(params)]
     set_grads(flat(params), _poison(problem.grads(0), (0, 0, math.nan)))
     opt.step()
     assert int(opt.clip_stats["skipped"]) == 1
-    for p, b in zip(flat(params), before):
+    for p, q, b in zip(flat(params), flat(fresh), before):
         assert torch.equal(p.detach(), b)
         for key, value in opt.state.get(p, {}).items():
-            assert not value.any(), key
+            if spec.eager_state:
+                assert bitwise_equal(value, fresh_opt.state[q][key]), key
+            else:
+                assert not value.any(), key
     for step in range(4):
         grads = problem.grads(step)
         set_grads(flat(params), grads)
@@ -123,16 +130,17 @@ def test_skip_on_the_first_step(dtype):
             assert torch.equal(opt.state[a][key], value), key
 
 
-def test_skip_covers_every_dtype_bucket():
+@pytest.mark.parametrize("spec", spec_params())
+def test_skip_covers_every_dtype_bucket(spec):
     """An inf in a float16 gradient skips the float32 and float64 groups too:
     the flag is global, like the norm."""
     groups = []
-    problems = [Problem(groups=[{"specs": SPECS[:2], "lr": 0.01}], dtype=dt, seed=40 + i)
+    problems = [Problem(groups=[{"specs": SPECS_6[:2], "lr": 0.01}], dtype=dt, seed=40 + i)
                 for i, dt in enumerate((torch.float32, torch.float64, torch.float16))]
     params = [pr.params() for pr in problems]
     for pr, ps in zip(problems, params):
         groups += pr.param_groups(ps)
-    opt = fusedclip.FusedClipAdam(groups, clip=1.0)
+    opt = spec.fused(groups, clip=1.0, **spec.ctor)
     everything = [p for ps in params for p in flat(ps)]
     for step in range(2):
         for pr, ps in zip(problems, params):
@@ -147,10 +155,11 @@ def test_skip_covers_every_dtype_bucket():
     assert int(opt.clip_stats["skipped"]) == 1
 
 
-def test_skip_overflowing_low_precision_gradient():
+@pytest.mark.parametrize("spec", spec_params())
+def test_skip_overflowing_low_precision_gradient(spec):
     """A bfloat16 gradient that overflowed to inf in the backward pass."""
     w = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.bfloat16))
-    opt = fusedclip.FusedClipAdam([w], lr=0.1)
+    opt = spec.fused([w], lr=0.1)
     x = torch.full((4, 4), 3e38, dtype=torch.bfloat16)
     (w * x * 4).sum().backward()
     assert torch.isinf(w.grad).all()
@@ -160,13 +169,13 @@ def test_skip_overflowing_low_precision_gradient():
 
 
 # -- raise ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("clip", CLIPS)
-@pytest.mark.parametrize("where", BAD)
-def test_raise_before_anything_changes(where, clip):
-    problem = _problem()
-    tparams, fparams = problem.params(), problem.params()
-    topt = make_torch_opt("Adam", problem, tparams, {})
-    fopt = make_fused_opt("Adam", problem, fparams, {}, clip=_clip_policy(clip), nonfinite="raise")
+@pytest.mark.parametrize("device,spec,where,clip", ON_DEVICES)
+def test_raise_before_anything_changes(device, spec, where, clip):
+    problem = _problem(spec)
+    tparams, fparams = problem.params(device), problem.params(device)
+    topt = spec.make_torch(problem, tparams, spec.ctor, device)
+    fopt = spec.make_fused(problem, fparams, spec.ctor, device, clip=clip_policy(clip),
+                           nonfinite="raise")
     tflat, fflat = flat(tparams), flat(fparams)
     for step in range(8):
         grads = problem.grads(step)
@@ -188,31 +197,34 @@ def test_raise_before_anything_changes(where, clip):
     assert_states_close(fopt, topt, fflat, tflat, TORCH_PARITY[torch.float32], "after raise")
 
 
-def test_raise_on_the_first_step_leaves_no_state():
-    problem = _problem()
+@pytest.mark.parametrize("spec", spec_params())
+def test_raise_on_the_first_step_leaves_no_state(spec):
+    """Nothing changes, not even on the first step: no state is made (but for
+    state made eagerly, when the parameters joined)."""
+    problem = _problem(spec)
     params = problem.params()
-    opt = make_fused_opt("AdamW", problem, params, {}, nonfinite="raise")
+    opt = spec.make_fused(problem, params, spec.ctor, nonfinite="raise")
     set_grads(flat(params), _poison(problem.grads(0), (3, 2, math.inf)))
     before = snapshot(opt, flat(params))
-    with pytest.raises(RuntimeError, match="inf or nan"):
+    with pytest.raises(RuntimeError, match=r"inf or nan.*nonfinite='raise'"):
         opt.step()
     assert_unchanged(opt, flat(params), before, "raised first step")
-    assert len(opt.state) == 0
+    if not spec.eager_state:
+        assert len(opt.state) == 0
 
 
 # -- propagate -------------------------------------------------------------------------------
-@pytest.mark.parametrize("clip", CLIPS)
-@pytest.mark.parametrize("where", BAD)
-@pytest.mark.parametrize("kind", ["Adam", "AdamW"])
-def test_propagate_is_torchs_behaviour(kind, where, clip):
+@pytest.mark.parametrize("device,spec,where,clip", ON_DEVICES)
+def test_propagate_is_torchs_behaviour(device, spec, where, clip):
     """inf/nan flow into parameters and state exactly where torch.optim +
     clip_grad_norm_ put them (a clip coefficient of 0 from an inf norm turns an
     inf gradient into nan and every finite one into 0; a nan norm makes every
     gradient nan; without clipping only the bad tensor is hit)."""
-    problem = _problem()
-    tparams, fparams = problem.params(), problem.params()
-    topt = make_torch_opt(kind, problem, tparams, {})
-    fopt = make_fused_opt(kind, problem, fparams, {}, clip=_clip_policy(clip), nonfinite="propagate")
+    problem = _problem(spec)
+    tparams, fparams = problem.params(device), problem.params(device)
+    topt = spec.make_torch(problem, tparams, spec.ctor, device)
+    fopt = spec.make_fused(problem, fparams, spec.ctor, device, clip=clip_policy(clip),
+                           nonfinite="propagate")
     tflat, fflat = flat(tparams), flat(fparams)
     for step in range(6):
         grads = problem.grads(step)
@@ -233,5 +245,36 @@ def test_propagate_is_torchs_behaviour(kind, where, clip):
             assert torch.isnan(fopt.clip_stats["grad_norm"])
         assert int(fopt.clip_stats["skipped"]) == 0
     assert any(not torch.isfinite(p).all() for p in tflat), "the test must reach nan/inf"
+    if clip is not None and math.isnan(where[2]):  # a nan norm: every parameter nan
+        assert all(torch.isnan(p).all() for p in tflat)
     assert_states_close(fopt, topt, fflat, tflat, TORCH_PARITY[torch.float32], "propagate",
                         equal_nan=True)
+
+
+# -- no host read ----------------------------------------------------------------------------
+@pytest.mark.parametrize("device,spec,dtype,clip", on_devices(
+    [pytest.param(spec, dtype, clip.values[0], id=f"{spec.name}-{str(dtype)[6:]}-{clip.id}")
+     for spec in SPECS.values()
+     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+     for clip in CLIPS], lambda v: v[0]))
+def test_skip_reads_no_device_value(device, spec, dtype, clip):
+    """A step with a NaN gradient is skipped without reading a value on the
+    host: the skip flag stays on the device (CUDA: torch's sync debug mode
+    fails on a sync; CPU: every Tensor method that reads a value fails), with
+    the lr a tensor on the device (a float on the CPU, where the optimizer
+    reads a CPU lr tensor's value to check it, which costs no sync)."""
+    params = make_params(SPECS_6[:5] + [((70001,), "contiguous")], dtype, seed=5, device=device)
+    lr = torch.tensor(0.01, device=device) if device != "cpu" else 0.01
+    hyper = dict(spec.example, lr=lr, **spec.ctor)
+    opt = spec.fused(params, clip=clip_policy(clip), **hyper)
+    for step in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if step == 2:
+            before = snapshot(opt, params)
+            params[5].grad[70000] = math.nan
+        with no_host_reads(device):
+            opt.step()
+    assert_unchanged(opt, params, before, "skipped step")
+    assert int(opt.clip_stats["skipped"]) == 1
+    assert all(float(opt.state[p]["step"]) == 2.0 for p in params if "step" in opt.state[p])

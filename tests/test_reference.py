@@ -1,11 +1,13 @@
-"""FusedClipAdam / FusedClipAdamW against the float64 reference
-(fusedclip/reference.py), whole trajectories of 10+ steps.
+"""Every fused optimizer against its float64 reference (fusedclip/reference.py),
+whole trajectories of 10+ steps, on the CPU and (with a GPU and the CUDA
+kernels) on CUDA, where the CPU kernels are a second oracle
+(registry.run_against_reference).
 
 float64 and float32 runs are compared with the unrounded reference; bfloat16
 and float16 runs with a reference that rounds parameters and state to the
 storage dtype after every step (``round_to``), which is what fusedclip does:
 the tighter check of low precision (torch.optim rounds every intermediate, see
-test_adam_parity.py).
+registry.run_parity).
 """
 
 from __future__ import annotations
@@ -18,101 +20,52 @@ import torch
 import fusedclip
 from fusedclip.reference import ReferenceAdam, global_norm, global_norm_coefficient
 
-from conftest import (
-    LOW_PRECISION, Problem, assert_close, clip_args, clip_policy, flat, make_fused_opt,
-    random_configs, set_grads, torch_defaults,
-)
+from helpers import Problem, assert_close, flat, set_grads
+from registry import SPECS, on_devices, run_against_reference, spec_params
 from tolerances import NORM, NORM_OUT_DTYPE, REFERENCE
 
-CONFIGS = random_configs(28, seed=7_000_003, against="reference")
+CONFIGS = [c for s in SPECS.values() for c in s.configs("reference")]
+# The CUDA norm op's launch takes 111 tensors at most (csrc/cuda/multi_tensor_apply.cuh).
+NORM_TENSORS_PER_LAUNCH = 111
 
 
-def make_reference(kind: str, problem: Problem, params, clip, ctor: dict) -> ReferenceAdam:
-    """The reference of a configuration; `ctor` holds the constructor
-    arguments the fused optimizer was given."""
-    args = clip_args(clip)
-    return ReferenceAdam(
-        problem.reference_groups(params, {**torch_defaults(kind), **ctor}),
-        clip=None if args is None else args[0],
-        norm_type=2.0 if args is None else args[1],
-        round_to=problem.dtype if problem.dtype in LOW_PRECISION else None,
-    )
+@pytest.mark.parametrize("device,config", on_devices(CONFIGS, lambda values: values[0]["spec"]))
+def test_trajectory_matches_reference(device, config):
+    run_against_reference(config, device)
 
 
-def assert_matches_reference(fopt, fparams: list, ref: ReferenceAdam, problem: Problem,
-                             tol, what: str) -> None:
-    """Parameters and state of the fused optimizer against the reference's, each
-    quantity judged against its largest value over all parameters."""
-    dtype = problem.dtype
-    rparams = ref.params()
-    keys = [(gi, pi) for gi, g in enumerate(problem.groups) for pi in range(len(g["specs"]))]
-    amsgrad = [g["amsgrad"] for g in fopt.param_groups for _ in g["params"]]
-    quantities = {"param": [(p.detach(), r.to(dtype)) for p, r in zip(fparams, rparams)]}
-    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-        pairs = []
-        for i, (p, k) in enumerate(zip(fparams, keys)):
-            if k not in ref.states:
-                assert p not in fopt.state, f"{what}: param[{i}] has state, the reference none"
-                continue
-            if key == "max_exp_avg_sq" and not amsgrad[i]:
-                assert key not in fopt.state[p]
-                continue
-            pairs.append((fopt.state[p][key], ref.states[k][key].to(dtype)))
-        quantities[key] = pairs
-    for name, pairs in quantities.items():
-        scale = max((float(e.abs().max()) for _, e in pairs if e.numel()), default=0.0)
-        for i, (actual, expected) in enumerate(pairs):
-            assert_close(actual, expected, tol, f"{what} {name}[{i}]", scale=scale)
-    for i, (p, k) in enumerate(zip(fparams, keys)):
-        if k in ref.states:
-            assert float(fopt.state[p]["step"]) == ref.states[k]["step"], f"{what} step[{i}]"
-
-
-def run_against_reference(config: dict) -> None:
-    kind, problem, clip = config["kind"], config["problem"], config["clip"]
-    tol = REFERENCE[problem.dtype]
-    fparams = problem.params()
-    fopt = make_fused_opt(kind, problem, fparams, config["defaults"], clip=clip_policy(clip))
-    ref = make_reference(kind, problem, problem.params(), clip, config["defaults"])
-    fflat = flat(fparams)
-    for step in range(config["steps"]):
-        grads = problem.grads(step)
-        set_grads(fflat, grads)
-        fopt.step()
-        ref.step(grads)
-        if "grad_norm" in fopt.clip_stats:
-            norm = fopt.clip_stats["grad_norm"]
-            assert_close(norm, ref.last_norm.to(norm.dtype), NORM[problem.dtype],
-                         f"step {step} grad_norm")
-    assert_matches_reference(fopt, fflat, ref, problem, tol, f"{kind} after {config['steps']} steps")
-
-
-@pytest.mark.parametrize("config", CONFIGS)
-def test_trajectory_matches_reference(config):
-    run_against_reference(config)
-
-
-def test_reference_configurations_cover_every_dtype():
-    configs = [p.values[0] for p in CONFIGS]
-    assert {c["problem"].dtype for c in configs} == {
-        torch.float32, torch.float64, torch.bfloat16, torch.float16}
-    assert any(len(c["problem"].specs) > 1000 for c in configs)
+@pytest.mark.parametrize("spec", spec_params())
+def test_reference_configurations_cover_every_argument(spec):
+    """The configurations against the reference (over the spec's generator's
+    stream) reach every dtype, both values of every flag, weight decay, a
+    tensor lr, no clip, a float clip and the inf norm, and more tensors than
+    one CUDA launch takes."""
+    configs = [p.values[0] for p in spec.stream("reference")]
+    groups = [{**c["defaults"], **g} for c in configs for g in c["problem"].groups]
+    assert {c["problem"].dtype for c in configs} == set(spec.dtypes)
+    for key in spec.bool_keys:
+        assert {g.get(key) for g in groups} >= {True, False}, key
+    assert any(g.get("weight_decay") for g in groups)
+    assert any(isinstance(g["lr"], str) for g in groups)
+    clips = [c["clip"] for c in configs]
+    assert None in clips and any(isinstance(c, float) for c in clips)
+    assert any(isinstance(c, tuple) and math.isinf(c[2]) for c in clips)
+    assert any(len(c["problem"].specs) > max(1000, NORM_TENSORS_PER_LAUNCH) for c in configs)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("kind", ["Adam", "AdamW"])
-def test_low_precision_weight_decay(kind, dtype):
+@pytest.mark.parametrize("spec", spec_params(s for s in SPECS.values() if s.low_precision_groups))
+def test_low_precision_weight_decay(spec, dtype):
     """L2 weight decay in low precision with small gradients, where g and
     weight_decay * param nearly cancel (left out of the torch comparison, whose
     bfloat16 rounding of that sum decides its sign), and decoupled decay smaller
-    than half an ulp of the weights (which torch's separate rounding loses)."""
+    than half an ulp of the weights (which torch's separate rounding loses),
+    against the rounding reference."""
     specs = [((129,), "contiguous"), ((7, 9), "transposed"), ((), "contiguous"), ((4, 6), "slice")]
-    problem = Problem(
-        groups=[{"specs": specs[:2], "lr": 0.01, "weight_decay": 0.1, "eps": 1e-6},
-                {"specs": specs[2:], "lr": 0.03, "weight_decay": 0.01, "amsgrad": True}],
-        dtype=dtype, grad_std=0.01, seed=21,
-    )
-    config = {"kind": kind, "problem": problem, "clip": 1.0, "steps": 12, "defaults": {}}
+    first, second = spec.low_precision_groups
+    problem = Problem(groups=[dict(first, specs=specs[:2]), dict(second, specs=specs[2:])],
+                      dtype=dtype, grad_std=0.01, seed=21)
+    config = {"spec": spec, "problem": problem, "clip": 1.0, "steps": 12, "defaults": {}}
     run_against_reference(config)
 
 
@@ -131,9 +84,8 @@ def test_mixed_groups_one_dtype_each(dtype, norm_type):
     lp, hp = low.params(), high.params()
     opt = fusedclip.FusedClipAdamW(low.param_groups(lp) + high.param_groups(hp),
                                    clip=fusedclip.GlobalNorm(0.5, norm_type))
-    defaults = torch_defaults("AdamW")
     both = Problem(groups=groups, dtype=torch.float64, seed=0)
-    ref = ReferenceAdam(both.reference_groups([lp[0], hp[0]], defaults), clip=0.5,
+    ref = ReferenceAdam(both.reference_groups([lp[0], hp[0]], SPECS["AdamW"].defaults), clip=0.5,
                         norm_type=norm_type)
     for step in range(10):
         lg, hg = low.grads(step), high.grads(step)
