@@ -1,29 +1,32 @@
 """The one registry of the tests: what the suite knows about each optimizer.
 
 An ``OptimizerSpec`` says, for one fused optimizer: its torch.optim twin (None
-where torch has none: then the parity-against-torch tests leave it out and the
+where torch has none: Lion; then the tests against torch leave it out and the
 float64 reference is its only oracle), its float64 reference
 (fusedclip/reference.py), its state keys, its hyperparameters and their
-defaults, how to draw random configurations of them, which clip policies and
-dtypes apply, and its update rule. A ``RuleSpec`` says, for one update rule (one
+defaults, its random configuration generator, which clip policies and dtypes
+apply, and its update rule. A ``RuleSpec`` says, for one update rule (one
 fused op: Adam and AdamW share ``adam``), how the optimizer's state maps onto
 the op's state lists, the hyperparameters the op takes, how to make sample
 state for op-level tests, and the rule's float64 reference step.
 
 The generic tests (test_parity.py, test_reference.py, test_state_dict.py,
-test_nonfinite.py, test_amp.py, test_compile.py, test_ops.py, test_device.py)
-run every check for every spec here. Adding an optimizer is adding a spec (and,
-for a new rule, a RuleSpec) to ``SPECS`` / ``RULES``.
+test_nonfinite.py, test_amp.py, test_compile.py, test_ops.py, test_cuda.py,
+test_cuda_nosync.py, test_api.py, test_dropin.py, test_errors.py) run their
+checks for every spec here, most of them on every device (``on_devices``:
+"cpu", and "cuda" with a GPU and the CUDA kernels). Adding an optimizer is
+adding a spec to ``SPECS`` (and, for a new rule, a RuleSpec to ``RULES``).
 
-Every op-level test reaches the update op through ``call_update`` (the Python
-entry point, ``fusedclip.ops``) or ``op_call`` (the registered op itself, for
-``torch.library.opcheck`` and for the op's own argument checks), which take an
-``OpSample``: ``rule``, ``params``, ``grads``, ``states`` (one list of tensors
-per state list of the rule), ``steps``, ``hyper`` (the rule's
-hyperparameters) and ``args`` (the arguments every update shares: lr,
-lr_tensor, clip_coef, grad_scale, found_inf, clip_value, unit_coefs,
-maximize). Changing the op interface is a change of those two functions (and
-``decode_update_call``, which reads a spied call back).
+Every op-level test reaches the update ops through ``call_update`` (the
+Python entry point, ``fusedclip.ops.update_``) or ``op_call`` (the registered
+op ``torch.ops.fusedclip.<rule>_`` itself, for ``torch.library.opcheck`` and
+the op's own argument checks), which take an ``OpSample``: ``rule``,
+``params``, ``grads``, ``states`` (one list of tensors per state list of the
+rule), ``steps``, ``hyper`` (the rule's hyperparameters by name) and ``args``
+(the arguments every update shares: lr, lr_tensor, clip_coef, grad_scale,
+found_inf, clip_value, spike_theta, unit_coefs, maximize). Changing the op
+interface is a change of those two functions (and of ``decode_update_call``,
+which reads a spied call back).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from fusedclip import reference as ref
 from helpers import (
     DTYPE_NAMES, LARGE_SPECS, LOW_PRECISION, MANY, PARALLEL_SPEC, SMALL_SPECS, TINY_SHAPES,
     Problem, assert_close, clip_args, clip_name, clip_policy, clone_layout, copy_state,
-    cpu_mirror, assert_states_close, flat, make_tensor, set_grads, to_device, torch_clip,
+    cpu_mirror, assert_states_close, flat, make_tensor, set_grads, torch_clip, tree_to_device,
 )
 
 
@@ -91,38 +94,42 @@ class OpSample:
 
     def to(self, device) -> "OpSample":
         """The call on `device`: every tensor moved, strides kept."""
-        from helpers import tree_to_device
         moved = self.with_lists(tree_to_device(self.lists(), device))
         return dataclasses.replace(moved, args=tree_to_device(self.args, device))
 
 
-def _common_op_kwargs(s: OpSample) -> dict:
+def step_args(s: OpSample) -> ops.StepArgs:
+    """The sample's shared step arguments as the Python entry point takes them
+    (a tensor lr, where given, is the lr)."""
     a = s.args
-    clip_value = a.get("clip_value")
-    return dict(lr=a["lr"], lr_tensor=a.get("lr_tensor"), clip_coef=a.get("clip_coef"),
-                grad_scale=a.get("grad_scale"), found_inf=a.get("found_inf"),
-                clip_value=None if clip_value is None else float(clip_value),
-                unit_coefs=a.get("unit_coefs"))
-
-
-def _op_arguments(s: OpSample) -> tuple[tuple, dict]:
-    """The positional and keyword arguments of the rule's op today: one op per
-    rule, its state lists positional, its hyperparameters and the shared step
-    arguments as keywords."""
-    kwargs = dict(_common_op_kwargs(s), maximize=s.args["maximize"], **s.hyper)
-    return (s.params, s.grads, *s.states, s.steps), kwargs
+    lr = a["lr_tensor"] if a.get("lr_tensor") is not None else a["lr"]
+    return ops.StepArgs(lr=lr, clip_coef=a.get("clip_coef"), grad_scale=a.get("grad_scale"),
+                        found_inf=a.get("found_inf"), clip_value=a.get("clip_value"),
+                        spike_theta=a.get("spike_theta"), unit_coefs=a.get("unit_coefs"),
+                        maximize=a["maximize"])
 
 
 def call_update(s: OpSample) -> None:
-    """The update, in place, through the Python entry point (fusedclip.ops)."""
-    args, kwargs = _op_arguments(s)
-    getattr(ops, s.rule.name + "_")(*args, **kwargs)
+    """The update, in place, through the Python entry point
+    (``fusedclip.ops.update_(rule, params, grads, states, steps, hyper, args)``)."""
+    ops.update_(s.rule.name, s.params, s.grads, s.states, s.steps, s.hyper, step_args(s))
 
 
 def op_call(s: OpSample):
-    """``(op overload, args, kwargs)`` of the registered op for this call: for
-    torch.library.opcheck and the op's own argument checks."""
-    args, kwargs = _op_arguments(s)
+    """``(op overload, args, kwargs)`` of the registered op for this call
+    (``torch.ops.fusedclip.<rule>_``: the state lists as one flat list, the
+    hyperparameters as a list in the rule's order, the shared step arguments
+    as keywords): for torch.library.opcheck and the op's own argument checks."""
+    a = s.args
+    clip_value, spike_theta = a.get("clip_value"), a.get("spike_theta")
+    kwargs = dict(
+        hyper=[float(s.hyper[name]) for name in ops.RULES[s.rule.name]],
+        lr=float(a["lr"]), lr_tensor=a.get("lr_tensor"), clip_coef=a.get("clip_coef"),
+        grad_scale=a.get("grad_scale"), found_inf=a.get("found_inf"),
+        clip_value=None if clip_value is None else float(clip_value),
+        spike_theta=None if spike_theta is None else float(spike_theta),
+        unit_coefs=a.get("unit_coefs"), maximize=bool(a["maximize"]))
+    args = (s.params, s.grads, [t for state in s.states for t in state], s.steps)
     return getattr(torch.ops.fusedclip, s.rule.name + "_").default, args, kwargs
 
 
@@ -140,15 +147,15 @@ def run_update(s: OpSample) -> OpSample:
 
 
 # The Python entry points an optimizer's step calls (for tests that spy on them).
-UPDATE_ENTRY_POINTS = ("adam_", "sgd_", "adagrad_")
+UPDATE_ENTRY_POINTS = ("update_",)
 
 
 def decode_update_call(name: str, args: tuple, kwargs: dict) -> dict:
     """What a spied call of an entry point of UPDATE_ENTRY_POINTS received:
-    ``params`` and the shared step arguments."""
-    return dict(params=args[0], grads=args[1], clip_coef=kwargs.get("clip_coef"),
-                clip_value=kwargs.get("clip_value"), unit_coefs=kwargs.get("unit_coefs"),
-                grad_scale=kwargs.get("grad_scale"), found_inf=kwargs.get("found_inf"))
+    the rule, ``params``, ``grads`` and the shared step arguments by name."""
+    rule, params, grads, states, steps, hyper, step = args
+    return dict(step._asdict(), rule=rule, params=params, grads=grads, states=states,
+                steps=steps, hyper=hyper)
 
 
 @dataclass(frozen=True)
@@ -169,7 +176,11 @@ class RuleSpec:
     reference_step: Callable
     # The op's names of its state lists and step list (its error messages name them).
     list_names: tuple = ()
-    steps_name: str = "steps"
+    steps_name: str | None = "steps"   # None: the rule counts no steps
+    second_moment: bool = False         # keeps exp_avg_sq (what SpikeClip reads)
+    # Whether a NaN gradient element reaches its parameter in the step (Lion's
+    # sign(NaN) is 0, as torch.sign's: there it reaches the momentum only).
+    nan_reaches_param: bool = True
     # Option sets of the samples that reach the rule's branches (ids -> options).
     variants: dict = field(default_factory=dict)
     base: dict = field(default_factory=dict)   # options of the plain contract samples
@@ -203,7 +214,7 @@ def _coef(clip, n):
 
 def op_sample(rule: "RuleSpec | str", dtype, *, layout="contiguous", lr_tensor=False,
               clip="one", grad_scale=False, found_inf=None, step_dtype=torch.float32,
-              started=True, maximize=None, seed=0, **hyper) -> OpSample:
+              started=True, maximize=None, spike_theta=None, seed=0, **hyper) -> OpSample:
     """A sample call of `rule`'s op: five tensors (a 0-d and an empty one among
     them, the second stored as `layout` says), random state, a clip
     coefficient ("none", "one" or "per-tensor"), optionally a tensor lr, a
@@ -221,7 +232,7 @@ def op_sample(rule: "RuleSpec | str", dtype, *, layout="contiguous", lr_tensor=F
     args = dict(lr=0.01, lr_tensor=torch.tensor([0.02]) if lr_tensor else None,
                 clip_coef=_coef(clip, len(shapes)),
                 grad_scale=torch.tensor(4.0) if grad_scale else None, found_inf=found_inf,
-                clip_value=None, unit_coefs=None,
+                clip_value=None, spike_theta=spike_theta, unit_coefs=None,
                 maximize=rule.sample_maximize if maximize is None else maximize)
     return OpSample(rule, params, grads, states, steps, hyper, args)
 
@@ -325,6 +336,22 @@ def _adagrad_reference(p, grad, states, step, hyper, lr, maximize):
     return [state["sum"]]
 
 
+# -- lion_ ---------------------------------------------------------------------------------------
+def _lion_states(g, shapes, dtype, hyper, started, step_dtype):
+    return [[make_tensor(s, "contiguous", g, dtype, 0.1) for s in shapes]], []
+
+
+def _lion_extend(g, shape, dtype, s):
+    s.states[0].append(make_tensor(shape, "contiguous", g, dtype, 0.1))
+
+
+def _lion_reference(p, grad, states, step, hyper, lr, maximize):
+    state = {"exp_avg": states[0]}
+    ref.lion_step(p, grad, state, lr=lr, beta1=hyper["beta1"], beta2=hyper["beta2"],
+                  weight_decay=hyper["weight_decay"], maximize=maximize)
+    return [state["exp_avg"]]
+
+
 RULES: dict[str, RuleSpec] = {
     "adam": RuleSpec(
         name="adam", state_keys=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
@@ -332,7 +359,7 @@ RULES: dict[str, RuleSpec] = {
                           decoupled_weight_decay=True),
         sample_maximize=False, make_states=_adam_states, extend_states=_adam_extend,
         reference_step=_adam_reference,
-        list_names=("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+        list_names=("exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"), second_moment=True,
         bad_hyper=(("eps", dict(eps=-1.0), "invalid eps -1"),
                    ("beta1", dict(beta1=1.0), r"invalid beta1 1 \(must be in \[0, 1\)\)"),
                    ("beta2", dict(beta2=-0.5), "invalid beta2 -0.5"),
@@ -369,6 +396,16 @@ RULES: dict[str, RuleSpec] = {
                    ("eps", dict(eps=-1.0), "invalid eps -1"),
                    ("wd", dict(weight_decay=-1.0), "invalid weight_decay -1")),
         variants={"adagrad": dict(layout="transposed")}),
+    "lion": RuleSpec(
+        name="lion", state_keys=("exp_avg",),
+        sample_hyper=dict(beta1=0.9, beta2=0.99, weight_decay=0.05),
+        sample_maximize=False, make_states=_lion_states, extend_states=_lion_extend,
+        reference_step=_lion_reference,
+        list_names=("exp_avgs",), steps_name=None, nan_reaches_param=False,
+        bad_hyper=(("beta2", dict(beta2=1.5), r"invalid beta2 1.5 \(must be in \[0, 1\]\)"),
+                   ("wd", dict(weight_decay=-1.0), "invalid weight_decay -1")),
+        variants={"lion": dict(layout="transposed"),
+                  "lion-max-slice": dict(maximize=True, layout="slice")}),
 }
 
 
@@ -399,8 +436,11 @@ POLICY_CASES = {
     "AdaGC": lambda: fusedclip.AdaGC(warmup_steps=4),
     "ValueClip": lambda: fusedclip.ValueClip(0.3),
     "AGC": lambda: fusedclip.AGC(0.3),
+    "SpikeClip": lambda: fusedclip.SpikeClip(2.0),
 }
 ALL_POLICIES = tuple(POLICY_CASES)
+# The policies every optimizer takes (SpikeClip reads a second moment: Adam's).
+COMMON_POLICIES = tuple(p for p in POLICY_CASES if p != "SpikeClip")
 ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -429,7 +469,7 @@ class OptimizerSpec:
     ctor_keys: tuple = ()
     ctor_only: Callable | None = None   # (rng) -> constructor-only values
     eager_state: bool = False     # state made when a parameter joins (Adagrad)
-    policies: tuple = ALL_POLICIES
+    policies: tuple = COMMON_POLICIES  # the clip policies it takes (POLICY_CASES' names)
     dtypes: tuple = ALL_DTYPES
     parity: tuple = (16, 0)       # (number, seed) of the random configurations vs torch
     against_reference: tuple = (8, 0)
@@ -506,13 +546,6 @@ def step_ops(spec: "OptimizerSpec | RuleSpec | None" = None) -> list[str]:
         return list(NORM_OPS) + sorted({s.rule.op for s in SPECS.values()})
     rule = spec if isinstance(spec, RuleSpec) else spec.rule
     return list(NORM_OPS) + [rule.op]
-
-
-def devices() -> list:
-    """The `device` parameter of the generic tests that are not per spec:
-    "cpu", and "cuda" where a GPU and the CUDA kernels are there."""
-    from helpers import device_params
-    return device_params(step_ops())
 
 
 def on_devices(cases, spec_of: Callable | None = None) -> list:
@@ -637,6 +670,20 @@ def _adagrad_flags(hyper: list[dict]) -> list[str]:
     return flags
 
 
+def _lion_group(rng: random.Random, dtype, against: str) -> dict:
+    low = dtype in LOW_PRECISION
+    # Lion's steps are lr in every coordinate: its lrs are AdamW's / 3-10.
+    h = {"lr": _lr(rng, [1e-3, 3e-3] if low else [1e-4, 3e-4, 1e-3, 3e-3])}
+    h["betas"] = rng.choice([(0.9, 0.99), (0.95, 0.98), (0.8, 0.95), (0.0, 0.99), (0.9, 0.9)])
+    h["weight_decay"] = rng.choice([0.0, 0.0, 0.01, 0.1, 1.0])
+    h["maximize"] = rng.random() < 0.3
+    return h
+
+
+def _lion_flags(hyper: list[dict]) -> list[str]:
+    return [f"b{h['betas'][0]}-{h['betas'][1]}" for h in hyper[:1]]
+
+
 ADAM_HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
               "decoupled_weight_decay")
 
@@ -661,7 +708,7 @@ SPECS: dict[str, OptimizerSpec] = {
         name="Adam", fused=fusedclip.FusedClipAdam, twin=torch.optim.Adam,
         reference=ref.ReferenceAdam, rule=RULES["adam"],
         state_keys=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper=ADAM_HYPER,
-        example=dict(lr=0.01, amsgrad=True, weight_decay=0.1),
+        example=dict(lr=0.01, amsgrad=True, weight_decay=0.1), policies=ALL_POLICIES,
         random_group=_adam_group(decoupled_choice=True), state_applies=_adam_applies,
         flags=_adam_flags, bool_keys=("amsgrad", "maximize", "decoupled_weight_decay"),
         numeric_keys=("eps", "weight_decay"), ctor_keys=("betas", "eps"),
@@ -676,7 +723,7 @@ SPECS: dict[str, OptimizerSpec] = {
         name="AdamW", fused=fusedclip.FusedClipAdamW, twin=torch.optim.AdamW,
         reference=ref.ReferenceAdam, rule=RULES["adam"],
         state_keys=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper=ADAM_HYPER,
-        example=dict(lr=0.01, weight_decay=0.1, amsgrad=True),
+        example=dict(lr=0.01, weight_decay=0.1, amsgrad=True), policies=ALL_POLICIES,
         random_group=_adam_group(decoupled_choice=False), state_applies=_adam_applies,
         flags=_adam_flags, bool_keys=("amsgrad", "maximize"),
         numeric_keys=("eps", "weight_decay"), ctor_keys=("betas", "eps"),
@@ -719,6 +766,19 @@ SPECS: dict[str, OptimizerSpec] = {
         state_dict_groups=(dict(lr=0.05, lr_decay=0.05, weight_decay=0.05),
                            dict(lr=0.02, eps=1e-6, maximize=True)),
         ctor={"initial_accumulator_value": 0.1}),
+    # torch has no Lion: the reference is its only oracle.
+    "Lion": OptimizerSpec(
+        name="Lion", fused=fusedclip.FusedClipLion, twin=None,
+        reference=ref.ReferenceLion, rule=RULES["lion"], state_keys=("exp_avg",),
+        hyper=("lr", "betas", "weight_decay", "maximize"),
+        example=dict(lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1),
+        random_group=_lion_group, state_applies=lambda key, group: True,
+        flags=_lion_flags, bool_keys=("maximize",), numeric_keys=("weight_decay",),
+        ctor_keys=("betas",), against_reference=(10, 8_808),
+        low_precision_groups=(dict(lr=1e-3, weight_decay=0.1),
+                              dict(lr=3e-3, weight_decay=0.01, betas=(0.8, 0.95))),
+        state_dict_groups=(dict(lr=1e-3, weight_decay=0.1),
+                           dict(lr=3e-4, betas=(0.8, 0.95), maximize=True))),
 }
 
 

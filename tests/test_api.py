@@ -14,51 +14,55 @@ import torch
 import fusedclip
 from fusedclip.reference import global_norm
 
-from conftest import (
-    Problem, assert_close, assert_states_close, assert_unchanged, bitwise_equal, flat,
-    make_fused_opt, make_torch_opt, set_grads, snapshot, torch_clip,
+from helpers import (
+    Problem, assert_close, assert_states_close, assert_unchanged, bitwise_equal, flat, set_grads,
+    snapshot, torch_clip,
 )
+from registry import SPECS, spec_params
 from tolerances import NORM, NORM_OUT_DTYPE, TORCH_NORM, TORCH_PARITY
 
-SHARED = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay")
-PAIRS = [(fusedclip.FusedClipAdam, torch.optim.Adam), (fusedclip.FusedClipAdamW, torch.optim.AdamW)]
-
-
 # -- signatures ------------------------------------------------------------------------------
-@pytest.mark.parametrize("ours,theirs", PAIRS, ids=["Adam", "AdamW"])
-def test_signature_matches_torch(ours, theirs):
-    """Every argument the two share has torch's default and kind (positional
-    or keyword-only); clip and nonfinite are keyword-only extras."""
+@pytest.mark.parametrize("spec", spec_params(twin=True))
+def test_signature_matches_torch(spec):
+    """Every argument of torch's is ours too (issue 10), with torch's default
+    and kind, all in torch's order; clip and nonfinite are keyword-only extras."""
+    ours, theirs = spec.fused, spec.twin
     mine = inspect.signature(ours.__init__).parameters
     torchs = inspect.signature(theirs.__init__).parameters
-    shared = [name for name in SHARED if name in torchs]
-    assert shared == [name for name in SHARED if name in mine]
-    for name in shared:
-        assert mine[name].default == torchs[name].default, name
-        assert mine[name].kind == torchs[name].kind, name
+    assert [n for n in mine if n not in ("clip", "nonfinite")] == list(torchs)
+    for name, p in torchs.items():
+        assert mine[name].default == p.default, name
+        assert mine[name].kind == p.kind, name
     # the positional ones in torch's order
     positional = [n for n, p in torchs.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
     assert [n for n, p in mine.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == positional
-    assert mine["clip"].kind is inspect.Parameter.KEYWORD_ONLY and mine["clip"].default is None
-    assert mine["nonfinite"].kind is inspect.Parameter.KEYWORD_ONLY
-    assert mine["nonfinite"].default == "skip"
+    for name in ("clip", "nonfinite"):
+        assert mine[name].kind is inspect.Parameter.KEYWORD_ONLY
+    assert mine["clip"].default is None and mine["nonfinite"].default == "skip"
 
 
-@pytest.mark.parametrize("ours,theirs", PAIRS, ids=["Adam", "AdamW"])
-def test_defaults_dict_matches_torch(ours, theirs):
+@pytest.mark.parametrize("spec", spec_params(twin=True))
+def test_defaults_dict_matches_torch(spec):
     p = torch.nn.Parameter(torch.zeros(2))
-    mine, torchs = ours([p]).defaults, theirs([p]).defaults
-    for name in SHARED:
-        if name in torchs:
-            assert mine[name] == torchs[name], name
-    assert ours([p]).clip_policy is None and ours([p]).nonfinite == "skip"
+    assert spec.fused([p]).defaults == spec.twin([p]).defaults
+    for name in spec.hyper:
+        assert name in spec.fused([p]).defaults, name
+    assert spec.fused([p]).clip_policy is None and spec.fused([p]).nonfinite == "skip"
 
 
 def test_public_names():
-    assert set(fusedclip.__all__) >= {"FusedClipAdam", "FusedClipAdamW", "GlobalNorm", "ClipPolicy"}
+    assert set(fusedclip.__all__) >= {"GlobalNorm", "ClipPolicy"}
     for name in fusedclip.__all__:
         assert hasattr(fusedclip, name)
-    assert issubclass(fusedclip.FusedClipAdamW, torch.optim.Optimizer)
+    for spec in SPECS.values():  # every optimizer of the registry is public
+        name = spec.fused.__name__
+        assert name in fusedclip.__all__ and name in fusedclip.optim.__all__
+        assert getattr(fusedclip, name) is spec.fused
+        assert issubclass(spec.fused, torch.optim.Optimizer)
+        doc = spec.fused.__doc__
+        assert "clip (None, float or ClipPolicy, optional)" in doc and "References:" in doc
+    assert "Duchi, Hazan & Singer" in fusedclip.FusedClipAdagrad.__doc__
+    assert "Sutskever" in fusedclip.FusedClipSGD.__doc__ and "Polyak" in fusedclip.FusedClipSGD.__doc__
     opt = fusedclip.FusedClipAdam([torch.nn.Parameter(torch.zeros(2))], clip=2.5)
     assert isinstance(opt.clip_policy, fusedclip.GlobalNorm)
     assert opt.clip_policy.max_norm == 2.5 and opt.clip_policy.norm_type == 2.0
@@ -66,10 +70,11 @@ def test_public_names():
 
 
 # -- closures --------------------------------------------------------------------------------
-@pytest.mark.parametrize("ours,theirs", PAIRS, ids=["Adam", "AdamW"])
-def test_closure(ours, theirs):
+@pytest.mark.parametrize("spec", spec_params(twin=True))
+def test_closure(spec):
     """step(closure) evaluates the closure with grad enabled, once, returns its
     loss, and steps with the gradients it made: torch's result."""
+    ours, theirs = spec.fused, spec.twin
     results = []
     for cls in (theirs, ours):
         torch.manual_seed(0)
@@ -136,8 +141,8 @@ def test_lr_scheduler(kind, scheduler, tensor_lr):
         dtype=torch.float32, grad_std=0.5, seed=8,
     )
     tparams, fparams = problem.params(), problem.params()
-    topt = make_torch_opt(kind, problem, tparams, {})
-    fopt = make_fused_opt(kind, problem, fparams, {}, clip=1.0)
+    topt = SPECS[kind].make_torch(problem, tparams, {})
+    fopt = SPECS[kind].make_fused(problem, fparams, {}, clip=1.0)
     tsched, fsched = SCHEDULERS[scheduler](topt), SCHEDULERS[scheduler](fopt)
     lr_objects = [g["lr"] for g in fopt.param_groups]
     seen = set()
@@ -174,7 +179,7 @@ def test_grad_norm_is_clip_grad_norms(dtype, norm_type):
         dtype=dtype, grad_std=1.0, seed=9,
     )
     tparams, fparams = problem.params(), problem.params()
-    opt = make_fused_opt("Adam", problem, fparams, {}, clip=fusedclip.GlobalNorm(1.5, norm_type))
+    opt = SPECS["Adam"].make_fused(problem, fparams, {}, clip=fusedclip.GlobalNorm(1.5, norm_type))
     for step in range(3):
         grads = problem.grads(step)
         set_grads(flat(tparams), grads)
@@ -284,8 +289,8 @@ def test_clipping_clipped_gradients_changes_nothing(norm_type):
     problem = Problem(groups=[{"specs": [((40,), "contiguous"), ((3, 7), "transposed")]}],
                       dtype=torch.float32, grad_std=0.01, seed=13)
     clipped, plain = problem.params(), problem.params()
-    copt = make_fused_opt("Adam", problem, clipped, {}, clip=fusedclip.GlobalNorm(10.0, norm_type))
-    popt = make_fused_opt("Adam", problem, plain, {})
+    copt = SPECS["Adam"].make_fused(problem, clipped, {}, clip=fusedclip.GlobalNorm(10.0, norm_type))
+    popt = SPECS["Adam"].make_fused(problem, plain, {})
     for step in range(10):
         grads = problem.grads(step)  # norm far below 10
         set_grads(flat(clipped), grads)

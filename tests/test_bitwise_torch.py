@@ -13,7 +13,7 @@ Where it cannot be bitwise, and why (README, "Differences from torch.optim"):
   tail); fusedclip keeps them in float32. Equal once they are representable.
 - SGD, bfloat16/float16: torch 2.13's fused CPU kernel leaves the vector part of
   such parameters unchanged (pytorch/pytorch#191763, fixed after 2.13). These
-  are checked against the float64 reference in test_sgd.py instead.
+  are checked against the float64 reference in test_reference.py instead.
 
 The sizes cover every tail length of the vector loops (torch runs the last
 ``numel % width`` elements through scalar code, which rounds SGD's momentum

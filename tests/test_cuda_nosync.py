@@ -1,70 +1,44 @@
-"""No host sync in a CUDA step: every optimizer with every clip policy steps
-under ``torch.cuda.set_sync_debug_mode("error")``, which raises on any
-synchronizing call (``.item()``, a pageable host-to-device copy, ...).
+"""No host sync in a CUDA step: every optimizer of the registry with every
+clip policy it takes steps under ``torch.cuda.set_sync_debug_mode("error")``,
+which raises on any synchronizing call (``.item()``, a pageable host-to-device
+copy, ...).
 
 Runs only on a GPU with the CUDA kernels built (docs/GPU_RUNBOOK.md); on the
 CPU, tests/test_policies.py::test_step_reads_no_device_value checks the Python
-side the same way for every policy.
+side the same way for every policy, and the "cpu" instances of
+tests/test_nonfinite.py::test_skip_reads_no_device_value every optimizer.
 """
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
-import fusedclip
+from helpers import cuda_skips
+from registry import POLICY_CASES, SPECS, step_ops
+
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 
-def _cuda_kernels_built() -> bool:
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("fusedclip::adam_", "CUDA")
-    except Exception:
-        return False
-
-
-pytestmark = [
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
-    pytest.mark.skipif(not _cuda_kernels_built(), reason="fusedclip._C has no CUDA kernels"),
-]
-
-OPTIMIZERS = {
-    "Adam": lambda ps, **kw: fusedclip.FusedClipAdam(ps, lr=1e-3, amsgrad=True, **kw),
-    "AdamW": lambda ps, **kw: fusedclip.FusedClipAdamW(ps, lr=1e-3, **kw),
-    "SGD": lambda ps, **kw: fusedclip.FusedClipSGD(ps, lr=1e-2, momentum=0.9, **kw),
-    "Adagrad": lambda ps, **kw: fusedclip.FusedClipAdagrad(ps, lr=1e-2, **kw),
-    "Lion": lambda ps, **kw: fusedclip.FusedClipLion(ps, lr=1e-4, **kw),
-}
-POLICIES = {
-    "none": lambda: None,
-    "GlobalNorm": lambda: 1.0,
-    "GlobalNorm-inf": lambda: fusedclip.GlobalNorm(1.0, norm_type=math.inf),
-    "PerTensorNorm": lambda: fusedclip.PerTensorNorm(0.5),
-    "SmoothClip": lambda: fusedclip.SmoothClip(2.0),
-    "Normalize": lambda: fusedclip.Normalize(),
-    "AutoClip": lambda: fusedclip.AutoClip(history=16),
-    "ZClip": lambda: fusedclip.ZClip(warmup_steps=2),
-    "AdaGC": lambda: fusedclip.AdaGC(warmup_steps=2),
-    "ValueClip": lambda: fusedclip.ValueClip(0.1),
-    "AGC": lambda: fusedclip.AGC(0.05),
-    "SpikeClip": lambda: fusedclip.SpikeClip(),
-}
+def _cases():
+    for spec in SPECS.values():
+        for policy in spec.policies:
+            yield pytest.param(spec, policy, id=f"{spec.name}-{policy}",
+                               marks=cuda_skips(step_ops(spec)))
 
 
 @pytest.mark.parametrize("lr_kind", ["float", "cuda-tensor", "cpu-tensor"])
-@pytest.mark.parametrize("policy", list(POLICIES))
-@pytest.mark.parametrize("kind", list(OPTIMIZERS))
-def test_cuda_step_never_syncs(kind, policy, lr_kind):
-    if policy == "SpikeClip" and kind not in ("Adam", "AdamW"):
-        pytest.skip("SpikeClip needs a second moment")
+@pytest.mark.parametrize("spec,policy", list(_cases()))
+def test_cuda_step_never_syncs(spec, policy, lr_kind):
+    import math
+
     gen = torch.Generator().manual_seed(0)
     shapes = [(64, 33), (33,), (), (7, 5, 3)]
     params = [torch.nn.Parameter(torch.randn(s, generator=gen).cuda()) for s in shapes]
     # A second dtype bucket: per-tensor and per-unit coefficients are sliced
     # and reordered across buckets.
     params.append(torch.nn.Parameter(torch.randn(17, 4, generator=gen).to(torch.bfloat16).cuda()))
-    opt = OPTIMIZERS[kind](params, clip=POLICIES[policy]())
+    opt = spec.fused(params, clip=POLICY_CASES[policy](), **spec.example, **spec.ctor)
     if lr_kind != "float":
         device = "cuda" if lr_kind == "cuda-tensor" else "cpu"
         for group in opt.param_groups:

@@ -12,8 +12,8 @@ can be replaced; ``print(opt)`` shows the policy.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
-import math
 import pickle
 import warnings
 
@@ -22,60 +22,30 @@ import torch
 
 import fusedclip
 
-TWINS = {
-    "Adam": (torch.optim.Adam, fusedclip.FusedClipAdam, dict(lr=0.01, weight_decay=0.1)),
-    "AdamW": (torch.optim.AdamW, fusedclip.FusedClipAdamW, dict(lr=0.01, amsgrad=True)),
-    "SGD": (torch.optim.SGD, fusedclip.FusedClipSGD, dict(lr=0.01, momentum=0.9, nesterov=True)),
-    "Adagrad": (torch.optim.Adagrad, fusedclip.FusedClipAdagrad, dict(lr=0.01, lr_decay=0.01)),
-}
+from helpers import assert_same_optimizers, params_of, set_step_grads
+from helpers import make_params as _make_params
+from registry import SPECS
+
+# Every optimizer of the registry with its example hyperparameters: torch's
+# twin where the test compares with torch (TWINNED), every one where it does not.
+EVERY = [pytest.param(spec, id=spec.name) for spec in SPECS.values()]
+TWINNED = [p for p in EVERY if p.values[0].twin is not None]
 SHAPES = [(7,), (4, 5), (), (33,)]
 
 
+def kwargs_of(spec) -> dict:
+    return dict(spec.example, **spec.ctor)
+
+
 def make_params(seed: int = 0, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype))
-            for s in SHAPES]
+    return _make_params([(s, "contiguous") for s in SHAPES], dtype, seed)
 
 
 def set_grads(params, step: int, nan_at: int | None = None) -> None:
-    gen = torch.Generator().manual_seed(1000 + step)
-    for i, p in enumerate(params):
-        g = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
-        if step == nan_at and i == 0:
-            g.view(-1)[0] = math.nan
-        p.grad = g
+    set_step_grads(params, step, nan_at)
 
 
-def params_of(opt):
-    return [p for group in opt.param_groups for p in group["params"]]
-
-
-def bitwise(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bit for bit, NaN where NaN."""
-    return a.shape == b.shape and a.dtype == b.dtype and bool(
-        (a.view(-1).isnan() == b.view(-1).isnan()).all()) and torch.equal(
-        a.view(-1)[~a.view(-1).isnan()], b.view(-1)[~b.view(-1).isnan()])
-
-
-def assert_same(a_opt, b_opt, what: str) -> None:
-    """Parameters, torch.optim state, policy state and clip_stats, bit for bit."""
-    for i, (a, b) in enumerate(zip(params_of(a_opt), params_of(b_opt))):
-        assert bitwise(a, b), f"{what}: parameter {i}"
-        sa, sb = a_opt.state.get(a, {}), b_opt.state.get(b, {})
-        assert sa.keys() == sb.keys(), f"{what}: state keys of parameter {i}"
-        for key in sa:
-            assert bitwise(sa[key], sb[key]), f"{what}: state {key} of parameter {i}"
-    assert a_opt._policy_state.keys() == b_opt._policy_state.keys(), what
-    for key, value in a_opt._policy_state.items():
-        assert bitwise(value, b_opt._policy_state[key]), f"{what}: policy state {key}"
-    assert len(a_opt._policy_tensor_state) == len(b_opt._policy_tensor_state), what
-    for (pa, sa), (pb, sb) in zip(a_opt._policy_tensor_state.items(),
-                                  b_opt._policy_tensor_state.items()):
-        for key in sa:
-            assert bitwise(sa[key], sb[key]), f"{what}: policy tensor state {key}"
-    assert a_opt.clip_stats.keys() == b_opt.clip_stats.keys(), what
-    for key, value in a_opt.clip_stats.items():
-        assert bitwise(value, b_opt.clip_stats[key]), f"{what}: clip_stats {key}"
+assert_same = assert_same_optimizers
 
 
 # -- copies --------------------------------------------------------------------------------
@@ -95,9 +65,9 @@ COPIES = {
 
 @pytest.mark.parametrize("how", list(COPIES))
 @pytest.mark.parametrize("clip", ["ZClip", "AdaGC", "AutoClip", "AGC"])
-@pytest.mark.parametrize("kind", list(TWINS))
-def test_a_copy_steps_like_the_original(kind, clip, how):
-    _, cls, kwargs = TWINS[kind]
+@pytest.mark.parametrize("spec", EVERY)
+def test_a_copy_steps_like_the_original(spec, clip, how):
+    cls, kwargs = spec.fused, kwargs_of(spec)
     policy = {"ZClip": fusedclip.ZClip(warmup_steps=2), "AdaGC": fusedclip.AdaGC(warmup_steps=2),
               "AutoClip": fusedclip.AutoClip(history=4), "AGC": fusedclip.AGC(0.3)}[clip]
     opt = cls(make_params(), clip=policy, **kwargs)
@@ -137,12 +107,12 @@ NEW_KEYS = ("maximize", "foreach", "capturable", "differentiable", "fused",
             "decoupled_weight_decay")
 
 
-@pytest.mark.parametrize("kind", list(TWINS))
-def test_old_state_dicts_load_as_torch_loads_them(kind):
+@pytest.mark.parametrize("spec", TWINNED)
+def test_old_state_dicts_load_as_torch_loads_them(spec):
     """A state dict without the param group keys newer torch added, and with
     float steps (torch < 1.12), loads into fusedclip as into torch, and both
     go on identically (bit for bit: fp32, no clipping)."""
-    twin_cls, cls, kwargs = TWINS[kind]
+    twin_cls, cls, kwargs = spec.twin, spec.fused, kwargs_of(spec)
     source = twin_cls(make_params(), **kwargs)
     for step in range(3):
         set_grads(params_of(source), step)
@@ -179,10 +149,10 @@ def test_old_state_dicts_load_as_torch_loads_them(kind):
 @pytest.mark.parametrize("flags", [dict(fused=True), dict(fused=False), dict(foreach=True),
                                    dict(foreach=False), dict(differentiable=False),
                                    dict(capturable=True)], ids=str)
-@pytest.mark.parametrize("kind", list(TWINS))
-def test_implementation_keywords_change_nothing(kind, flags):
-    twin_cls, cls, kwargs = TWINS[kind]
-    if "capturable" in flags and kind in ("SGD", "Adagrad"):
+@pytest.mark.parametrize("spec", TWINNED)
+def test_implementation_keywords_change_nothing(spec, flags):
+    twin_cls, cls, kwargs = spec.twin, spec.fused, kwargs_of(spec)
+    if "capturable" in flags and "capturable" not in inspect.signature(twin_cls).parameters:
         with pytest.raises(TypeError):  # torch's SGD and Adagrad have no such argument
             cls(make_params(), **flags)
         return
@@ -198,19 +168,19 @@ def test_implementation_keywords_change_nothing(kind, flags):
     assert flagged.state_dict()["param_groups"] == theirs.state_dict()["param_groups"]
 
 
-@pytest.mark.parametrize("kind", list(TWINS))
-def test_implementation_keywords_torch_refuses(kind):
-    _, cls, _ = TWINS[kind]
+@pytest.mark.parametrize("spec", TWINNED)
+def test_implementation_keywords_torch_refuses(spec):
+    cls = spec.fused
     with pytest.raises(RuntimeError, match="`fused` and `foreach` cannot be `True` together"):
         cls(make_params(), fused=True, foreach=True)
     with pytest.raises(RuntimeError, match="does not support differentiable=True"):
         cls(make_params(), differentiable=True)
 
 
-@pytest.mark.parametrize("kind", list(TWINS))
-def test_hyperparameters_are_checked_before_the_parameters(kind):
+@pytest.mark.parametrize("spec", TWINNED)
+def test_hyperparameters_are_checked_before_the_parameters(spec):
     """With params=None torch reports the bad lr, not the missing parameters."""
-    twin_cls, cls, _ = TWINS[kind]
+    twin_cls, cls = spec.twin, spec.fused
     with pytest.raises(ValueError, match="Invalid learning rate: -0.5") as theirs:
         twin_cls(None, lr=-0.5)
     with pytest.raises(ValueError, match="Invalid learning rate: -0.5") as ours:
@@ -221,15 +191,15 @@ def test_hyperparameters_are_checked_before_the_parameters(kind):
 # -- complex parameters ----------------------------------------------------------------------------
 @pytest.mark.parametrize("clip", [None, 1.0, "PerTensorNorm", "AGC"])
 @pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
-@pytest.mark.parametrize("kind", list(TWINS))
-def test_complex_parameters_train_as_torch_trains_them(kind, dtype, clip):
+@pytest.mark.parametrize("spec", TWINNED)
+def test_complex_parameters_train_as_torch_trains_them(spec, dtype, clip):
     """Complex parameters are optimized as their real views, state in torch's
     layout (complex tensors). Without clipping: bit for bit torch's fused
     step on the real views (next test); here against torch.optim's own
     complex path (for-loop/foreach, which rounds otherwise) plus torch's own
     clipping of the complex gradients (whose 2-norm is the norm of their real
     view) or, for AGC, timm's formula on the real views: within 1e-5."""
-    twin_cls, cls, kwargs = TWINS[kind]
+    twin_cls, cls, kwargs = spec.twin, spec.fused, kwargs_of(spec)
     gen = torch.Generator().manual_seed(3)
     shapes = [(4, 3), (5,), (), (2, 3, 2)]
     values = [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
@@ -271,11 +241,11 @@ def test_complex_parameters_train_as_torch_trains_them(kind, dtype, clip):
             torch.testing.assert_close(mine.cpu(), value.cpu(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", list(TWINS))
-def test_complex_parameters_are_their_real_views_bitwise(kind):
+@pytest.mark.parametrize("spec", TWINNED)
+def test_complex_parameters_are_their_real_views_bitwise(spec):
     """torch's fused step refuses complex parameters; on their real views it
     runs, and fusedclip on the complex parameters gives its bits exactly."""
-    twin_cls, cls, kwargs = TWINS[kind]
+    twin_cls, cls, kwargs = spec.twin, spec.fused, kwargs_of(spec)
     gen = torch.Generator().manual_seed(4)
     values = [torch.randn(s, generator=gen, dtype=torch.complex64) for s in [(4, 3), (5,), (9, 2)]]
     ours = [torch.nn.Parameter(v.clone()) for v in values]
@@ -305,11 +275,11 @@ POLICIES = {
 
 @pytest.mark.parametrize("nonfinite", ["skip", "propagate"])
 @pytest.mark.parametrize("clip", list(POLICIES))
-@pytest.mark.parametrize("kind", list(TWINS))
-def test_clip_stats_has_the_same_keys_from_the_start(kind, clip, nonfinite):
+@pytest.mark.parametrize("spec", EVERY)
+def test_clip_stats_has_the_same_keys_from_the_start(spec, clip, nonfinite):
     """Safe to log at any time: before the first step, on a gradient
     accumulation micro-step (no step), with clip=None, with nothing measured."""
-    _, cls, kwargs = TWINS[kind]
+    cls, kwargs = spec.fused, kwargs_of(spec)
     opt = cls(make_params(), clip=copy.deepcopy(POLICIES[clip]), nonfinite=nonfinite, **kwargs)
     keys = {"grad_norm", "clip_coef", "skipped"}
     if clip in ("PerTensorNorm", "AdaGC"):
@@ -343,9 +313,9 @@ def _skipping_run(opt, steps: int, compiled: bool = False):
     return caught
 
 
-@pytest.mark.parametrize("kind", list(TWINS))
-def test_a_run_that_skips_every_step_says_so(kind):
-    _, cls, kwargs = TWINS[kind]
+@pytest.mark.parametrize("spec", EVERY)
+def test_a_run_that_skips_every_step_says_so(spec):
+    cls, kwargs = spec.fused, kwargs_of(spec)
     opt = cls(make_params(), **kwargs)
     caught = _skipping_run(opt, 100)
     assert [i for i, _ in caught] == [9, 99]  # after 10 in a row, then after 100
@@ -376,9 +346,9 @@ def test_skip_warning_under_torch_compile():
 
 # -- settings that apply to a whole optimizer ------------------------------------------------------------
 @pytest.mark.parametrize("key,value", [("clip", 1.0), ("nonfinite", "raise")])
-@pytest.mark.parametrize("kind", list(TWINS))
-def test_param_groups_may_not_set_optimizer_wide_keys(kind, key, value):
-    _, cls, kwargs = TWINS[kind]
+@pytest.mark.parametrize("spec", EVERY)
+def test_param_groups_may_not_set_optimizer_wide_keys(spec, key, value):
+    cls, kwargs = spec.fused, kwargs_of(spec)
     params = make_params()
     with pytest.raises(ValueError, match=f"a param group may not set '{key}'"):
         cls([{"params": params[:2]}, {"params": params[2:], key: value}], **kwargs)

@@ -10,7 +10,6 @@ import torch
 
 import fusedclip
 
-import legacy_ops
 from helpers import assert_unchanged, snapshot
 from registry import SPECS
 

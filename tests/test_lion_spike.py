@@ -2,7 +2,10 @@
 
 Lion has no torch.optim twin: it is checked against its float64 reference
 (fusedclip/reference.py, ReferenceLion) with every clip policy, the
-non-finite rule, GradScaler, state_dict and torch.compile. SpikeClip (SPAM's
+non-finite rule, GradScaler and a state_dict here, and by the registry's
+generic tests (tests/registry.py: trajectories against the reference, state
+dicts, the non-finite rule, torch.compile, opcheck, its op's contract) like
+every optimizer. SpikeClip (SPAM's
 spike clipping) is checked against RefSpikeClip with FusedClipAdam/AdamW,
 and refused by the optimizers that keep no second moment.
 """
@@ -107,50 +110,12 @@ def test_lion_under_a_grad_scaler_and_through_a_state_dict():
                for a, b in zip(restored.param_groups[0]["params"], params))
 
 
-@pytest.mark.parametrize("cls,policy", [
-    (fusedclip.FusedClipLion, lambda: fusedclip.ZClip(warmup_steps=3)),
-    (fusedclip.FusedClipLion, lambda: fusedclip.AGC(0.3)),
-    (fusedclip.FusedClipAdamW, lambda: fusedclip.SpikeClip(2.0)),
-], ids=["Lion-ZClip", "Lion-AGC", "AdamW-SpikeClip"])
-def test_compiles_to_the_eager_step(cls, policy):
-    from test_dropin import assert_same, make_params, set_grads
-
-    eager_params, comp_params = make_params(), make_params()
-    eager = cls(eager_params, lr=1e-3, weight_decay=0.1, clip=policy())
-    comp = cls(comp_params, lr=1e-3, weight_decay=0.1, clip=policy())
-    torch._dynamo.reset()
-    compiled = torch.compile(comp.step, fullgraph=True)
-    for step in range(12):
-        nan_at = 7 if step == 7 else None
-        set_grads(eager_params, step, nan_at)
-        set_grads(comp_params, step, nan_at)
-        eager.step()
-        compiled()
-        assert_same(comp, eager, f"{cls.__name__} step {step}")
-    torch._dynamo.reset()
-
-
-def test_lion_op_opcheck():
-    params = [torch.randn(5, 3), torch.randn(40)]
-    grads = [torch.randn_like(p) for p in params]
-    states = [torch.randn_like(p) for p in params]
-    torch.library.opcheck(
-        torch.ops.fusedclip.lion_.default, (params, grads, states, []),
-        dict(hyper=[0.9, 0.99, 0.1], lr=1e-3, lr_tensor=None, clip_coef=torch.tensor(0.5),
-             grad_scale=None, found_inf=torch.tensor(0.0), clip_value=None, spike_theta=None,
-             unit_coefs=None, maximize=False))
-
-
 def test_lion_refuses_bad_hyperparameters():
     with pytest.raises(ValueError, match="Invalid beta parameter at index 1: 1.5"):
         fusedclip.FusedClipLion(None, betas=(0.9, 1.5))
     with pytest.raises(ValueError, match="Invalid weight_decay value: -1"):
         fusedclip.FusedClipLion(_params(torch.float32), weight_decay=-1)
-    with pytest.raises(RuntimeError, match=r"invalid beta2 1.5 \(must be in \[0, 1\]\)"):
-        torch.ops.fusedclip.lion_([torch.zeros(3)], [torch.zeros(3)], [torch.zeros(3)], [],
-                                  hyper=[0.9, 1.5, 0.0], lr=1e-3, lr_tensor=None, clip_coef=None,
-                                  grad_scale=None, found_inf=None, clip_value=None,
-                                  spike_theta=None, unit_coefs=None, maximize=False)
+    # (the op's own checks: test_ops.py::test_update_op_errors[lion-...])
 
 
 # -- SpikeClip ---------------------------------------------------------------------------------
@@ -209,12 +174,8 @@ def test_spike_clip_needs_a_second_moment(cls):
     opt = cls(_params(torch.float32), lr=0.1)
     with pytest.raises(ValueError, match="reads the optimizer state 'exp_avg_sq'"):
         opt.clip = fusedclip.SpikeClip()
-    with pytest.raises(RuntimeError, match="keeps no second moment"):
-        torch.ops.fusedclip.sgd_([torch.zeros(3)], [torch.zeros(3)], [], [],
-                                 hyper=[0.0, 0.0, 0.0, 0.0], lr=0.1, lr_tensor=None,
-                                 clip_coef=None, grad_scale=None, found_inf=None,
-                                 clip_value=None, spike_theta=5000.0, unit_coefs=None,
-                                 maximize=False)
+    # (the ops of rules without a second moment refuse spike_theta:
+    # test_ops.py::test_update_op_errors[<rule>-spike-without-second-moment])
 
 
 def test_spike_clip_arguments():
@@ -224,15 +185,3 @@ def test_spike_clip_arguments():
             fusedclip.SpikeClip(bad)
     with pytest.raises(TypeError, match="theta"):
         fusedclip.SpikeClip("5000")
-
-
-def test_spike_clip_opcheck():
-    params = [torch.randn(5, 3), torch.randn(40)]
-    grads = [torch.randn_like(p) * 10 for p in params]
-    states = [torch.randn_like(p) for p in params] + [torch.rand_like(p) for p in params]
-    steps = [torch.tensor(3.0) for _ in params]
-    torch.library.opcheck(
-        torch.ops.fusedclip.adam_.default, (params, grads, states, steps),
-        dict(hyper=[0.9, 0.999, 1e-8, 0.0, 0.0, 0.0], lr=1e-3, lr_tensor=None, clip_coef=None,
-             grad_scale=None, found_inf=None, clip_value=None, spike_theta=2.0, unit_coefs=None,
-             maximize=False))

@@ -8,8 +8,6 @@ import math
 import pytest
 import torch
 
-import fusedclip
-
 from helpers import (
     Problem, assert_states_close, assert_unchanged, bitwise_equal, clip_policy, flat, make_params,
     no_host_reads, poisoned, set_grads, snapshot, torch_clip,

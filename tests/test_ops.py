@@ -396,8 +396,11 @@ def _update_samples():
                            id=f"{rule}-slice-noclip-found0")
         yield pytest.param(rule, torch.float32, dict(found_inf=torch.tensor(1.0), started=False),
                            id=f"{rule}-found1")
-        yield pytest.param(rule, torch.float64, dict(step_dtype=torch.float64),
-                           id=f"{rule}-f64-steps")
+        if rule.steps_name:
+            yield pytest.param(rule, torch.float64, dict(step_dtype=torch.float64),
+                               id=f"{rule}-f64-steps")
+        if rule.second_moment:  # SpikeClip's element-wise clip against it
+            yield pytest.param(rule, torch.float32, dict(spike_theta=2.0), id=f"{rule}-spike")
     yield pytest.param(RULES["sgd"], torch.float32, dict(momentum=0.0, clip="none"),
                        id="sgd-plain")
 
@@ -488,7 +491,8 @@ def test_layouts(device, rule, layout, dtype):
 
 
 @pytest.mark.parametrize("device,rule,dtype", _rule_devices(
-    [pytest.param(r, d, id=f"{r}-{dname(d)}") for r in RULES.values() for d in DTYPES]))
+    [pytest.param(r, d, id=f"{r}-{dname(d)}") for r in RULES.values() if r.steps_name
+     for d in DTYPES]))
 def test_float64_and_mixed_counters(device, rule, dtype):
     """Step counters may be float64 (torch.optim's under a float64 default
     dtype), all of them or some: the same update, the counters' dtypes kept."""
@@ -609,7 +613,9 @@ def test_clip_value_clamps_each_element(device, rule, options, dtype):
 
 @pytest.mark.parametrize("device,rule", _rule_devices(rule_params()))
 def test_clip_value_propagates_nan_and_clamps_inf(device, rule):
-    """Like torch.clamp: inf becomes +-clip_value, NaN stays NaN."""
+    """Like torch.clamp: inf becomes +-clip_value, NaN stays NaN (and reaches
+    the parameter, or where the rule's step keeps it from the parameter, the
+    state)."""
     s, _ = transform_sample(rule, torch.float32, layout="contiguous", **rule.base)
     grad = s.grads[0]
     grad[0], grad[1], grad[2] = math.inf, -math.inf, math.nan
@@ -620,7 +626,11 @@ def test_clip_value_propagates_nan_and_clamps_inf(device, rule):
     got = run_update(s.with_args(clip_value=0.375))
     assert_same_step(got.lists()[:1] + got.lists()[2:], expected.lists()[:1] + expected.lists()[2:],
                      f"{rule} non-finite")
-    assert math.isnan(float(got.params[0][2])) and math.isfinite(float(got.params[0][0]))
+    assert math.isfinite(float(got.params[0][0]))
+    if rule.nan_reaches_param:
+        assert math.isnan(float(got.params[0][2]))
+    else:  # the NaN reaches the state (Lion's momentum)
+        assert math.isnan(float(got.states[0][0][2]))
 
 
 @pytest.mark.parametrize("rule", rule_params())
@@ -669,6 +679,7 @@ def _breakers(rule):
         return apply
 
     steps = len(rule.list_names) + 2  # the index of the step list in OpSample.lists()
+    last = max(k for k, lst in enumerate(op_sample(rule, torch.float32).states) if lst)
     return [
         pytest.param(rule, at(1, 1, torch.zeros(6, 4)),
                      r"grads\[1\] has shape \[6, 4\] but params\[1\] has shape \[4, 6\]",
@@ -689,9 +700,16 @@ def _breakers(rule):
         pytest.param(rule, at(1, 0, torch.zeros(7).to_sparse()),
                      f"'{rule.op}' with arguments from the 'SparseCPU' backend",
                      id=f"{rule}-sparse"),
+    ] + ([
         pytest.param(rule, drop(steps), rf"{rule.steps_name} has 4 tensors but params has 5",
                      id=f"{rule}-steps-count"),
-        pytest.param(rule, drop(2), rf"{state} has 4 tensors but params has 5",
+    ] if rule.steps_name else []) + ([
+        pytest.param(rule, args(spike_theta=5000.0), "keeps no second moment",
+                     id=f"{rule}-spike-without-second-moment"),
+    ] if not rule.second_moment else []) + [
+        # (the op takes the state lists as one flat list and cuts it by the
+        # parameters' count: a tensor short shows in the last list)
+        pytest.param(rule, drop(2 + last), rf"{rule.list_names[last]} has 4 tensors but params has 5",
                      id=f"{rule}-state-count"),
         pytest.param(rule, args(lr=-1.0), "invalid learning rate -1", id=f"{rule}-lr"),
         pytest.param(rule, args(lr_tensor=torch.tensor(-1.0)),

@@ -18,11 +18,12 @@ import fusedclip
 from fusedclip import reference as ref
 from fusedclip.clipping import ClipInputs
 
-from conftest import (
-    Problem, assert_close, assert_states_close, bitwise_equal, flat, make_fused_opt,
-    make_torch_opt, set_grads, torch_defaults,
+from helpers import (
+    Problem, assert_close, assert_states_close, assert_unchanged, bitwise_equal, flat, set_grads,
+    snapshot,
 )
-from test_reference import assert_matches_reference
+from registry import SPECS as OPTIMIZERS
+from registry import UPDATE_ENTRY_POINTS, assert_matches_reference, decode_update_call
 from tolerances import NORM, REFERENCE, TORCH_PARITY
 
 SPECS = [((5, 7), "contiguous"), ((), "contiguous"), ((0,), "contiguous"), ((6, 4), "transposed"),
@@ -150,10 +151,10 @@ def _run_against_reference(name, dtype, kind="Adam", skip_steps=(), scaler_skip_
     problem = _problem(dtype)
     tol = REFERENCE[dtype]
     fparams = problem.params()
-    fopt = make_fused_opt(kind, problem, fparams, {}, clip=fused_policy(name))
+    fopt = OPTIMIZERS[kind].make_fused(problem, fparams, {}, clip=fused_policy(name))
     rpolicy = reference_policy(name)
     last = _recording(rpolicy)
-    rgroups = problem.reference_groups(problem.params(), torch_defaults(kind))
+    rgroups = problem.reference_groups(problem.params(), OPTIMIZERS[kind].defaults)
     reference = ref.ReferenceAdam(rgroups, clip=rpolicy)
     fflat = flat(fparams)
     seen = []  # AGC's coefficients
@@ -191,7 +192,8 @@ def _run_against_reference(name, dtype, kind="Adam", skip_steps=(), scaler_skip_
             got = fopt.clip_stats["tensor_norms"]
             assert_close(got, norms.to(got.dtype), NORM[dtype], f"{name} step {step} tensor_norms")
         _assert_policy_state_matches(name, fopt, fflat, rpolicy, tol, f"{name} step {step}")
-        assert_matches_reference(fopt, fflat, reference, problem, tol, f"{name} step {step}")
+        assert_matches_reference(OPTIMIZERS[kind], fopt, fflat, reference, problem, tol,
+                                 f"{name} step {step}")
     if POLICIES[name][0] == "AGC" and name != "AGC":
         # Both cases of the rule: units clipped and units left alone.
         seen = torch.cat(seen)
@@ -222,8 +224,8 @@ def test_grad_scaler_unscales_the_norms(name):
     the norms of the unscaled gradients."""
     problem = _problem(torch.float64)
     plain, scaled = problem.params(), problem.params()
-    popt = make_fused_opt("Adam", problem, plain, {}, clip=fused_policy(name))
-    sopt = make_fused_opt("Adam", problem, scaled, {}, clip=fused_policy(name))
+    popt = OPTIMIZERS["Adam"].make_fused(problem, plain, {}, clip=fused_policy(name))
+    sopt = OPTIMIZERS["Adam"].make_fused(problem, scaled, {}, clip=fused_policy(name))
     for step in range(8):
         grads = _grads(problem, step)
         set_grads(flat(plain), grads)
@@ -242,8 +244,8 @@ def test_grad_scaler_unscales_the_norms(name):
 def _torch_run(problem, clip_fn, fused, dtype, norm_type=2.0, kind="Adam", defaults=None):
     """torch.optim.Adam after ``clip_fn(params)`` against FusedClipAdam(clip=fused)."""
     tparams, fparams = problem.params(), problem.params()
-    topt = make_torch_opt(kind, problem, tparams, defaults or {})
-    fopt = make_fused_opt(kind, problem, fparams, defaults or {}, clip=fused)
+    topt = OPTIMIZERS[kind].make_torch(problem, tparams, defaults or {})
+    fopt = OPTIMIZERS[kind].make_fused(problem, fparams, defaults or {}, clip=fused)
     tflat, fflat = flat(tparams), flat(fparams)
     for step in range(STEPS):
         grads = _grads(problem, step)
@@ -427,8 +429,8 @@ def test_state_dict_round_trip(name):
     bit for bit as without the hand-over."""
     problem = _problem(torch.float32)
     straight, first = problem.params(), problem.params()
-    sopt = make_fused_opt("Adam", problem, straight, {}, clip=fused_policy(name))
-    fopt = make_fused_opt("Adam", problem, first, {}, clip=fused_policy(name))
+    sopt = OPTIMIZERS["Adam"].make_fused(problem, straight, {}, clip=fused_policy(name))
+    fopt = OPTIMIZERS["Adam"].make_fused(problem, first, {}, clip=fused_policy(name))
     for step in range(5):
         grads = _grads(problem, step)
         set_grads(flat(straight), grads)
@@ -441,7 +443,7 @@ def test_state_dict_round_trip(name):
     with torch.no_grad():
         for a, b in zip(flat(first), flat(second)):
             a.add_(1.0)  # the old optimizer's parameters are not the new one's
-    nopt = make_fused_opt("Adam", problem, second, {}, clip=fused_policy(name))
+    nopt = OPTIMIZERS["Adam"].make_fused(problem, second, {}, clip=fused_policy(name))
     with torch.no_grad():
         for a, b in zip(flat(straight), flat(second)):
             b.copy_(a)
@@ -472,16 +474,16 @@ def test_torch_optimizer_loads_a_policy_state_dict(name):
     clipping would; a torch state_dict back into fusedclip starts the policy afresh."""
     problem = _problem(torch.float64)
     fparams, tparams = problem.params(), problem.params()
-    fopt = make_fused_opt("Adam", problem, fparams, {}, clip=fused_policy(name))
+    fopt = OPTIMIZERS["Adam"].make_fused(problem, fparams, {}, clip=fused_policy(name))
     for step in range(4):
         set_grads(flat(fparams), _grads(problem, step))
         fopt.step()
     saved = fopt.state_dict()
     assert "clip_policy" in saved
-    topt = make_torch_opt("Adam", problem, tparams, {})
+    topt = OPTIMIZERS["Adam"].make_torch(problem, tparams, {})
     topt.load_state_dict(copy.deepcopy(saved))
     assert "clip_policy" not in topt.state_dict()
-    plain = make_fused_opt("Adam", problem, fparams, {})
+    plain = OPTIMIZERS["Adam"].make_fused(problem, fparams, {})
     plain.load_state_dict(copy.deepcopy(saved))
     with torch.no_grad():
         for a, b in zip(flat(fparams), flat(tparams)):
@@ -493,7 +495,7 @@ def test_torch_optimizer_loads_a_policy_state_dict(name):
         plain.step()
         topt.step()
     assert_states_close(plain, topt, flat(fparams), flat(tparams), TORCH_PARITY[torch.float64], name)
-    fresh = make_fused_opt("Adam", problem, problem.params(), {}, clip=fused_policy(name))
+    fresh = OPTIMIZERS["Adam"].make_fused(problem, problem.params(), {}, clip=fused_policy(name))
     fresh.load_state_dict(topt.state_dict())
     assert fresh._policy_state == {} and fresh._policy_tensor_state == {}
 
@@ -501,10 +503,10 @@ def test_torch_optimizer_loads_a_policy_state_dict(name):
 def test_state_dict_of_another_policy_is_refused():
     problem = _problem(torch.float32)
     params = problem.params()
-    opt = make_fused_opt("Adam", problem, params, {}, clip=fused_policy("ZClip(warm3)"))
+    opt = OPTIMIZERS["Adam"].make_fused(problem, params, {}, clip=fused_policy("ZClip(warm3)"))
     set_grads(flat(params), _grads(problem, 0))
     opt.step()
-    other = make_fused_opt("Adam", problem, problem.params(), {}, clip=fusedclip.AutoClip())
+    other = OPTIMIZERS["Adam"].make_fused(problem, problem.params(), {}, clip=fusedclip.AutoClip())
     with pytest.raises(ValueError, match="clip policy 'ZClip'"):
         other.load_state_dict(opt.state_dict())
 
@@ -513,7 +515,7 @@ def test_stateless_policies_add_nothing_to_the_state_dict():
     problem = _problem(torch.float32)
     for name in ("PerTensorNorm(0.4)", "SmoothClip(2.0)", "Normalize"):
         params = problem.params()
-        opt = make_fused_opt("Adam", problem, params, {}, clip=fused_policy(name))
+        opt = OPTIMIZERS["Adam"].make_fused(problem, params, {}, clip=fused_policy(name))
         set_grads(flat(params), _grads(problem, 0))
         opt.step()
         assert set(opt.state_dict()) == {"state", "param_groups"}
@@ -532,8 +534,8 @@ def test_value_clip_propagates_like_torch():
     keeps NaN, and so does ValueClip; no norm pass is needed then."""
     problem = _problem(torch.float32)
     tparams, fparams = problem.params(), problem.params()
-    topt = make_torch_opt("Adam", problem, tparams, {})
-    fopt = make_fused_opt("Adam", problem, fparams, {}, clip=fusedclip.ValueClip(0.3),
+    topt = OPTIMIZERS["Adam"].make_torch(problem, tparams, {})
+    fopt = OPTIMIZERS["Adam"].make_fused(problem, fparams, {}, clip=fusedclip.ValueClip(0.3),
                           nonfinite="propagate")
     tflat, fflat = flat(tparams), flat(fparams)
     for step in range(4):
@@ -603,9 +605,9 @@ def test_agc_unit_norms_come_from_one_read_of_grads_and_params(monkeypatch):
     other norm op; the update op gets one coefficient per unit."""
     problem = _problem(torch.float32)
     params = problem.params()
-    opt = make_fused_opt("Adam", problem, params, {}, clip=fusedclip.AGC(0.3))
+    opt = OPTIMIZERS["Adam"].make_fused(problem, params, {}, clip=fusedclip.AGC(0.3))
     calls = []
-    for name in ("multi_tensor_norm", "multi_tensor_unit_norm", "update_"):
+    for name in ("multi_tensor_norm", "multi_tensor_unit_norm") + UPDATE_ENTRY_POINTS:
         inner = getattr(fusedclip.ops, name)
 
         def spy(*args, _inner=inner, _name=name, **kwargs):
@@ -615,16 +617,16 @@ def test_agc_unit_norms_come_from_one_read_of_grads_and_params(monkeypatch):
     set_grads(flat(params), _grads(problem, 0))
     opt.step()
     present = [p for p in flat(params) if p.grad is not None]
-    norm_calls = [c for c in calls if c[0] != "update_"]
+    norm_calls = [c for c in calls if c[0] not in UPDATE_ENTRY_POINTS]
     assert [c[0] for c in norm_calls] == ["multi_tensor_unit_norm"] * 2
     assert all(a is b.grad for a, b in zip(norm_calls[0][1][0], present))
     assert all(a is b for a, b in zip(norm_calls[1][1][0], present))
-    for name, args, kwargs in calls:
-        if name == "update_":  # (rule, params, grads, states, steps, hyper, step args)
-            assert args[0] == "adam"
-            kwargs, args = args[-1]._asdict(), args[1:]
-            assert kwargs["clip_coef"] is None and kwargs["clip_value"] is None
-            assert [c.numel() for c in kwargs["unit_coefs"]] == fusedclip.ops.unit_counts(args[0])
+    updates = [decode_update_call(*c) for c in calls if c[0] in UPDATE_ENTRY_POINTS]
+    assert updates
+    for call in updates:
+        assert call["rule"] == "adam"
+        assert call["clip_coef"] is None and call["clip_value"] is None
+        assert [c.numel() for c in call["unit_coefs"]] == fusedclip.ops.unit_counts(call["params"])
 
 
 # -- no host sync ----------------------------------------------------------------------------------
@@ -634,7 +636,7 @@ def test_step_reads_no_device_value(name, monkeypatch):
     .tolist(), bool/float/int of a tensor), so it never waits on a device."""
     problem = _problem(torch.float32)
     params = problem.params()
-    opt = make_fused_opt("AdamW", problem, params, {}, clip=fused_policy(name))
+    opt = OPTIMIZERS["AdamW"].make_fused(problem, params, {}, clip=fused_policy(name))
 
     def forbidden(*args, **kwargs):
         raise AssertionError("host sync in the step")
@@ -801,8 +803,8 @@ def test_agc_with_mixed_dtypes_is_timms():
 
 # -- ValueClip and AGC with FusedClipSGD and FusedClipAdagrad ----------------------------------
 # Every policy works with all four optimizer families; the per-tensor and global
-# policies reach SGD and Adagrad through clip_coef like Adam (test_sgd.py,
-# test_adagrad.py), ValueClip and AGC through the shared gradient transform.
+# policies reach SGD and Adagrad through clip_coef like Adam (test_parity.py,
+# test_reference.py), ValueClip and AGC through the shared gradient transform.
 # Configurations as data: id -> (kind, hyperparameters).
 FAMILY_CONFIGS = {
     "SGD-momentum": ("SGD", dict(momentum=0.9, dampening=0.1, weight_decay=0.01)),
@@ -829,17 +831,13 @@ def test_family_matches_reference(name, config, dtype):
     float64 reference step for step, with skipped steps (non-finite gradients,
     a GradScaler's found_inf) that change nothing and that the reference never
     sees, and a GradScaler step whose gradients are scaled."""
-    import family
-    from conftest import assert_unchanged, snapshot
     kind, defaults = FAMILY_CONFIGS[config]
     problem = _family_problem(dtype)
     tol = REFERENCE[dtype]
     fparams = problem.params()
-    fopt = family.make_fused_opt(kind, problem, fparams, defaults, clip=fused_policy(name))
+    fopt = OPTIMIZERS[kind].make_fused(problem, fparams, defaults, clip=fused_policy(name))
     rpolicy = reference_policy(name)
-    reference = family.REFERENCE[kind](
-        problem.reference_groups(problem.params(), {**family.torch_defaults(kind), **defaults}),
-        clip=rpolicy)
+    reference = OPTIMIZERS[kind].make_reference(problem, problem.params(), rpolicy, defaults)
     fflat = flat(fparams)
     agc = POLICIES[name][0] == "AGC"
     seen = []
@@ -880,7 +878,7 @@ def test_family_matches_reference(name, config, dtype):
             assert_close(coef.double(), expected, tol, f"{name} {config} step {step} clip_coef")
         else:
             assert coef.shape == () and float(coef) == 1.0  # no coefficient: it clamps
-        family.assert_matches_reference(kind, fopt, fflat, reference, problem, tol,
+        assert_matches_reference(OPTIMIZERS[kind], fopt, fflat, reference, problem, tol,
                                         f"{name} {config} step {step}")
     n_skipped = len(FAMILY_NONFINITE_SKIPS) + len(FAMILY_SCALER_SKIPS)
     assert int(fopt.clip_stats["skipped"]) == n_skipped and reference.skipped == 0
@@ -896,11 +894,10 @@ def _family_torch_run(config, problem, clip_fn, fused, dtype, skip_steps=(2, 7))
     """torch.optim.SGD/Adagrad after ``clip_fn(params)`` against the fused class
     with clip=fused. In skip_steps the gradients hold inf: the fused step skips
     (nonfinite="skip") and torch does not step at all, as under a GradScaler."""
-    import family
     kind, defaults = FAMILY_CONFIGS[config]
     tparams, fparams = problem.params(), problem.params()
-    topt = family.make_torch_opt(kind, problem, tparams, defaults)
-    fopt = family.make_fused_opt(kind, problem, fparams, defaults, clip=fused)
+    topt = OPTIMIZERS[kind].make_torch(problem, tparams, defaults)
+    fopt = OPTIMIZERS[kind].make_fused(problem, fparams, defaults, clip=fused)
     tflat, fflat = flat(tparams), flat(fparams)
     for step in range(STEPS):
         grads = _grads(problem, step)
@@ -913,7 +910,7 @@ def _family_torch_run(config, problem, clip_fn, fused, dtype, skip_steps=(2, 7))
             clip_fn([p for p in tflat if p.grad is not None])
             topt.step()
             fopt.step()
-        family.assert_states_close(kind, fopt, topt, fflat, tflat, TORCH_PARITY[dtype],
+        assert_states_close(fopt, topt, fflat, tflat, TORCH_PARITY[dtype],
                                    f"{config} step {step}")
     assert int(fopt.clip_stats["skipped"]) == len(skip_steps)
 

@@ -17,18 +17,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-import fusedclip
+from registry import SPECS
 
 common = pytest.importorskip(
     "torch.testing._internal.common_optimizers",
     reason="torch's optimizer test inputs need the expecttest package")
 
-FUSED = {
-    torch.optim.Adam: fusedclip.FusedClipAdam,
-    torch.optim.AdamW: fusedclip.FusedClipAdamW,
-    torch.optim.SGD: fusedclip.FusedClipSGD,
-    torch.optim.Adagrad: fusedclip.FusedClipAdagrad,
-}
+# Every optimizer of the registry that has a torch twin.
+FUSED = {spec.twin: spec.fused for spec in SPECS.values() if spec.twin is not None}
 INFOS = [info for info in common.optim_db if info.optim_cls in FUSED]
 
 
@@ -46,7 +42,7 @@ def _train_cases():
                                    id=f"{info.optim_cls.__name__}-{inp.desc}-{dtype}")
 
 
-def test_all_four_are_in_torchs_db():
+def test_every_twin_is_in_torchs_db():
     assert {info.optim_cls for info in INFOS} == set(FUSED)
 
 

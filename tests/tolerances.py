@@ -4,7 +4,7 @@ Each entry is ``(rtol, atol_scale)``: two tensors agree when, element by element
 ``|actual - expected| <= atol + rtol * |expected|`` with
 ``atol = atol_scale * scale``, where ``scale`` is the largest |value| of that
 quantity (parameters, exp_avg, exp_avg_sq, ...) over all parameters of the run
-(see conftest.assert_states_close). The absolute part is thus normwise: an
+(see helpers.assert_states_close). The absolute part is thus normwise: an
 element whose first moment has cancelled to near zero is judged against the
 size of the terms it was summed from, while a bug still shows as an error of the
 quantity's own size.
@@ -63,7 +63,7 @@ REFERENCE = {
     torch.float16: (2**-10, 2**-10),
 }
 
-# -- one op, two element loops (tests/test_ops.py, tests/test_family_ops.py) ----------------
+# -- one op, two element loops (tests/test_ops.py) ------------------------------------------
 TRANSFORM_PATHS = {
     # An op given clip_value or unit_coefs against the same op on gradients
     # clamped or scaled beforehand, one step from the same state. The
@@ -81,7 +81,7 @@ TRANSFORM_PATHS = {
     torch.float16: (2**-10, 2**-10),
 }
 
-# -- CUDA kernels vs CPU kernels (tests/test_cuda.py) ---------------------------------------
+# -- CUDA kernels vs CPU kernels (tests/test_cuda.py, CUDA runs of tests/registry.py) --------
 CUDA_VS_CPU = {
     # Both evaluate the same functions of include/fusedclip/ (adam.h), in the
     # same math type, with every fused multiply-add written out (-ffp-contract=off,
