@@ -21,24 +21,29 @@ from helpers import (
 from registry import SPECS, spec_params
 from tolerances import NORM, NORM_OUT_DTYPE, TORCH_NORM, TORCH_PARITY
 
+# fusedclip's own arguments, keyword-only, and their defaults.
+EXTRAS = {"clip": None, "nonfinite": "skip", "norm_group": None}
+
+
 # -- signatures ------------------------------------------------------------------------------
 @pytest.mark.parametrize("spec", spec_params(twin=True))
 def test_signature_matches_torch(spec):
     """Every argument of torch's is ours too (issue 10), with torch's default
-    and kind, all in torch's order; clip and nonfinite are keyword-only extras."""
+    and kind, all in torch's order; fusedclip's own (clip, nonfinite,
+    norm_group) are keyword-only extras."""
     ours, theirs = spec.fused, spec.twin
     mine = inspect.signature(ours.__init__).parameters
     torchs = inspect.signature(theirs.__init__).parameters
-    assert [n for n in mine if n not in ("clip", "nonfinite")] == list(torchs)
+    assert [n for n in mine if n not in EXTRAS] == list(torchs)
     for name, p in torchs.items():
         assert mine[name].default == p.default, name
         assert mine[name].kind == p.kind, name
     # the positional ones in torch's order
     positional = [n for n, p in torchs.items() if p.kind is p.POSITIONAL_OR_KEYWORD]
     assert [n for n, p in mine.items() if p.kind is p.POSITIONAL_OR_KEYWORD] == positional
-    for name in ("clip", "nonfinite"):
-        assert mine[name].kind is inspect.Parameter.KEYWORD_ONLY
-    assert mine["clip"].default is None and mine["nonfinite"].default == "skip"
+    for name, default in EXTRAS.items():
+        assert mine[name].kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert mine[name].default == default, name
 
 
 @pytest.mark.parametrize("spec", spec_params(twin=True))
