@@ -238,13 +238,13 @@ def op_sample(rule: "RuleSpec | str", dtype, *, layout="contiguous", lr_tensor=F
 
 
 def transform_sample(rule, dtype, *, layout="transposed", coef_dtype=torch.float32, seed=7,
-                     **options) -> tuple[OpSample, list[torch.Tensor]]:
+                     large=True, **options) -> tuple[OpSample, list[torch.Tensor]]:
     """A sample without a clip coefficient, with units that span CPU chunks and
-    chunks that start inside a unit, and one coefficient per unit (returned
-    beside it, not yet in its args)."""
+    chunks that start inside a unit (unless not `large`), and one coefficient
+    per unit (returned beside it, not yet in its args)."""
     s = op_sample(rule, dtype, layout=layout, clip="none", seed=seed, **options)
     g = _gen(seed + 1)
-    for shape in TRANSFORM_SHAPES:
+    for shape in TRANSFORM_SHAPES if large else ():
         s.params.append(make_tensor(shape, "contiguous", g, dtype))
         s.grads.append(make_tensor(shape, "contiguous", g, dtype))
         s.rule.extend_states(g, shape, dtype, s)
@@ -689,10 +689,9 @@ ADAM_HYPER = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize",
 
 
 def _adam_family(*args):
+    """The generator of the two Adam specs: their shares of one stream
+    (adam_family_configs, below)."""
     return adam_family_configs(*args)
-
-
-_ADAM_FAMILY = _adam_family  # one object: the two Adam specs share one stream
 
 
 def _adam_coverage(groups: list[dict]) -> None:
@@ -713,7 +712,7 @@ SPECS: dict[str, OptimizerSpec] = {
         flags=_adam_flags, bool_keys=("amsgrad", "maximize", "decoupled_weight_decay"),
         numeric_keys=("eps", "weight_decay"), ctor_keys=("betas", "eps"),
         parity=(56, 20240601), against_reference=(28, 7_000_003),
-        config_generator=_ADAM_FAMILY,
+        config_generator=_adam_family,
         low_precision_groups=(dict(lr=0.01, weight_decay=0.1, eps=1e-6),
                               dict(lr=0.03, weight_decay=0.01, amsgrad=True)),
         state_dict_groups=(dict(lr=0.01, amsgrad=True, weight_decay=0.05),
@@ -728,7 +727,7 @@ SPECS: dict[str, OptimizerSpec] = {
         flags=_adam_flags, bool_keys=("amsgrad", "maximize"),
         numeric_keys=("eps", "weight_decay"), ctor_keys=("betas", "eps"),
         parity=(56, 20240601), against_reference=(28, 7_000_003),
-        config_generator=_ADAM_FAMILY,
+        config_generator=_adam_family,
         low_precision_groups=(dict(lr=0.01, weight_decay=0.1, eps=1e-6),
                               dict(lr=0.03, weight_decay=0.01, amsgrad=True)),
         state_dict_groups=(dict(lr=0.01, amsgrad=True, weight_decay=0.05),
@@ -780,11 +779,6 @@ SPECS: dict[str, OptimizerSpec] = {
         state_dict_groups=(dict(lr=1e-3, weight_decay=0.1),
                            dict(lr=3e-4, betas=(0.8, 0.95), maximize=True))),
 }
-
-
-def spec_of(fused_cls) -> OptimizerSpec:
-    """The spec of a fused optimizer class."""
-    return next(s for s in SPECS.values() if s.fused is fused_cls)
 
 
 # -- random configurations ---------------------------------------------------------------------

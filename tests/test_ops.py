@@ -379,18 +379,20 @@ def _assert_lists_equal(a, b, what: str, skip=()):
 
 
 def _update_samples():
-    """Every rule in every dtype twice (first steps and a tensor lr; a
-    transposed parameter, per-tensor coefficients and grad_scale), and a few
-    more: no clip coefficient with a slice and a found_inf of 0, a found_inf of
-    1, float64 step counters, and the rules' plain variants (SGD without
-    momentum)."""
+    """Every rule in every dtype, the option sets alternating (first steps
+    and a tensor lr; a transposed parameter, per-tensor coefficients and
+    grad_scale), and a few more: no clip coefficient with a slice and a
+    found_inf of 0, a found_inf of 1, float64 step counters, spike_theta
+    (rules with a second moment), SGD without momentum."""
     for rule in RULES.values():
-        for dtype in DTYPES:
-            yield pytest.param(rule, dtype, dict(lr_tensor=True, started=False, **rule.base),
-                               id=f"{rule}-{dname(dtype)}-first-lrT")
-            yield pytest.param(rule, dtype, dict(layout="transposed", clip="per-tensor",
-                                                 grad_scale=True, **rule.alt),
-                               id=f"{rule}-{dname(dtype)}-T-percoef-scale")
+        for k, dtype in enumerate(DTYPES):
+            if k % 2 == 0:
+                yield pytest.param(rule, dtype, dict(lr_tensor=True, started=False, **rule.base),
+                                   id=f"{rule}-{dname(dtype)}-first-lrT")
+            else:
+                yield pytest.param(rule, dtype, dict(layout="transposed", clip="per-tensor",
+                                                     grad_scale=True, **rule.alt),
+                                   id=f"{rule}-{dname(dtype)}-T-percoef-scale")
         yield pytest.param(rule, torch.float32, dict(layout="slice", clip="none",
                                                      found_inf=torch.tensor(0.0), **rule.base),
                            id=f"{rule}-slice-noclip-found0")
@@ -412,20 +414,27 @@ def test_opcheck_update(device, rule, dtype, options):
 
 
 def _transform_opcheck_samples():
+    """Every rule in every dtype with unit_coefs and clip_value (small
+    tensors: the registration is checked here, the kernels' units across
+    chunks by the tests below), and one more per rule: float64 coefficients
+    (SGD without momentum), or clip_value on a slice with found_inf."""
     for rule in RULES.values():
         for k, dtype in enumerate(DTYPES):
             options = dict(rule.base)
             if rule.name == "sgd":
                 options.update(nesterov=bool(k % 2), started=bool(k % 2))
-            s, coefs = transform_sample(rule, dtype, seed=k, **options)
+            s, coefs = transform_sample(rule, dtype, seed=k, large=False, **options)
             yield pytest.param(s.with_args(unit_coefs=coefs, clip_value=0.5),
                                id=f"{rule}-{dname(dtype)}-units-value")
-        plain = dict(momentum=0.0) if rule.name == "sgd" else dict(rule.base)
-        s, coefs = transform_sample(rule, torch.float32, coef_dtype=torch.float64, **plain)
-        yield pytest.param(s.with_args(unit_coefs=coefs), id=f"{rule}-plain-f64coefs")
-        s, _ = transform_sample(rule, torch.float32, layout="slice", **rule.base)
-        yield pytest.param(s.with_args(clip_value=0.25, found_inf=torch.tensor(1.0)),
-                           id=f"{rule}-value-found1")
+        if rule.name in ("adam", "sgd"):
+            plain = dict(momentum=0.0) if rule.name == "sgd" else dict(rule.base)
+            s, coefs = transform_sample(rule, torch.float32, coef_dtype=torch.float64,
+                                        large=False, **plain)
+            yield pytest.param(s.with_args(unit_coefs=coefs), id=f"{rule}-plain-f64coefs")
+        else:
+            s, _ = transform_sample(rule, torch.float32, layout="slice", large=False, **rule.base)
+            yield pytest.param(s.with_args(clip_value=0.25, found_inf=torch.tensor(1.0)),
+                               id=f"{rule}-value-found1")
 
 
 @pytest.mark.parametrize("device,sample", on_devices(
