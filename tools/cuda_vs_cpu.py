@@ -14,7 +14,7 @@ max_exp_avg_sq, momentum_buffer, sum) element by element:
   |value| of that quantity (smaller ones are all rounding noise relative to it);
 - of_tol: the largest |cuda - cpu| / (atol + rtol |cpu|) with tests/tolerances.py's
   CUDA_VS_CPU for the dtype, atol = atol_scale x the largest |value| of the
-  quantity over all parameters, as tests/conftest.py's assert_states_close
+  quantity over all parameters, as tests/helpers.py's assert_states_close
   judges it: 1.0 is the edge of the tolerance the CUDA tests use.
 
 This is the measurement issue 13 asks for before CUDA_VS_CPU's bfloat16 and

@@ -12,11 +12,12 @@
 #              TORCH_CUDA_ARCH_LIST from the GPU's compute capability, MAX_JOBS = all cores
 #   kernels    every fusedclip op has its CUDA kernel registered   -> kernels.json
 #   cuda-tests pytest -m cuda (tests/conftest.py marks them), one pytest per file,
-#              --maxfail, a hard per-test time limit
+#              kernel-only checks (test_cuda.py) first, --maxfail, a per-test limit
 #   cuda-vs-cpu  tools/cuda_vs_cpu.py: the largest CUDA-vs-CPU trajectory differences
 #              per dtype (ulps, relative, fraction of CUDA_VS_CPU) -> cuda_vs_cpu.json
-#   suite      the rest of the suite (pytest -m 'not cuda'), --maxfail, the same limit
-#   bench      bench/bench_cuda.py in the time left (--quick below 90 s) -> bench_cuda.json
+#   bench      bench/bench_cuda.py (--quick below 90 s)            -> bench_cuda.json
+#   suite      the rest of the suite (pytest -m 'not cuda'), which CI runs too: last,
+#              in whatever time is left, --maxfail, the same limit
 #   summary    results.json and summary.txt (one screen, printed last)
 # OUTDIR gets (the device tool brings back at most 8 files): gpu_check.log (the
 # console), summary.txt, results.json, versions.json, cuda_vs_cpu.json,
@@ -203,18 +204,29 @@ fi
 if [[ $BUILD_OK == 1 ]]; then
   run_stage cuda-collect 60 150 "$PYTHON" -m pytest -p no:cacheprovider --collect-only -q \
     -m cuda tests
-  mapfile -t CUDA_FILES < <(sed -n 's/^\(tests\/[^:]*\.py\)::.*/\1/p' "$WORK/cuda-collect.log" \
-                            | sort -u)
+  # Kernel-only checks first, then the trajectories, the no-sync test, the rest;
+  # files not named here after them.
+  PRIORITY="test_cuda test_ops test_reference test_parity test_cuda_nosync test_nonfinite"
+  PRIORITY="$PRIORITY test_state_dict test_amp test_compile"
+  mapfile -t FOUND < <(sed -n 's/^\(tests\/[^:]*\.py\)::.*/\1/p' "$WORK/cuda-collect.log" \
+                       | sort -u)
+  CUDA_FILES=()
+  for name in $PRIORITY; do
+    for f in "${FOUND[@]}"; do [[ "$f" == "tests/$name.py" ]] && CUDA_FILES+=("$f"); done
+  done
+  for f in "${FOUND[@]}"; do
+    [[ " ${CUDA_FILES[*]} " == *" $f "* ]] || CUDA_FILES+=("$f")
+  done
   echo "   files with CUDA tests: ${CUDA_FILES[*]:-none}"
-  # The CUDA tests' share: up to 180 s (x CAP_FACTOR), never into the last
-  # 105 s (cuda-vs-cpu, bench and summary); each file leaves 30 s to each after it.
-  CUDA_END=$((SECONDS + 180 * CAP_FACTOR))
-  ((CUDA_END > DEADLINE - 105)) && CUDA_END=$((DEADLINE - 105))
+  # The CUDA tests' share: up to 240 s (x CAP_FACTOR), never into the last
+  # 165 s (cuda-vs-cpu, bench and summary); each file leaves 15 s to each after it.
+  CUDA_END=$((SECONDS + 240 * CAP_FACTOR))
+  ((CUDA_END > DEADLINE - 165)) && CUDA_END=$((DEADLINE - 165))
   for i in "${!CUDA_FILES[@]}"; do
     file=${CUDA_FILES[$i]}
     after=$((${#CUDA_FILES[@]} - i - 1))
     base=$(basename "$file" .py)
-    run_stage "cuda-tests-$base" 180 $((DEADLINE - CUDA_END + 30 * after)) \
+    run_stage "cuda-tests-$base" 180 $((DEADLINE - CUDA_END + 15 * after)) \
       "${PYTEST[@]}" -m cuda --maxfail=20 --junitxml="$WORK/junit-cuda-tests-$base.xml" "$file"
   done
 else
@@ -234,28 +246,28 @@ else
   skip_stage cuda-vs-cpu "no build"
 fi
 
-# -- the rest of the suite ------------------------------------------------------------------------
-if [[ $BUILD_OK == 1 ]]; then
-  run_stage suite 240 105 "${PYTEST[@]}" -m "not cuda" --maxfail=10 \
-    --junitxml="$WORK/junit-suite.xml" tests
-else
-  skip_stage suite "no build"
-fi
-
 # -- benchmark ----------------------------------------------------------------------------------
 if [[ $BUILD_OK == 1 ]]; then
   # Its own budget: the stage's (cap, or the time left) less 20 s, so that it
   # ends its last case and writes its JSON before `timeout` would stop it. The
   # full run (21 rounds) is expected to take well under a minute on an H200.
   left=$((DEADLINE - SECONDS - 15))
-  ((left > 150 * CAP_FACTOR)) && left=$((150 * CAP_FACTOR))
+  ((left > 120 * CAP_FACTOR)) && left=$((120 * CAP_FACTOR))
   BENCH_ARGS=(--json "$WORK/bench_cuda.json" --budget-s $((left > 25 ? left - 20 : 5)))
   [[ "$MODE" != gpu ]] && BENCH_ARGS+=(--rehearse)
   ((left < 90)) && BENCH_ARGS+=(--quick)
-  run_stage bench 150 15 "$PYTHON" bench/bench_cuda.py "${BENCH_ARGS[@]}"
+  run_stage bench 120 15 "$PYTHON" bench/bench_cuda.py "${BENCH_ARGS[@]}"
   tail -n 40 "$WORK/bench.log" 2>/dev/null
 else
   skip_stage bench "no build"
+fi
+
+# -- the rest of the suite (CI runs it too: last, in whatever time is left) ------------------------------------------------------------------------
+if [[ $BUILD_OK == 1 ]]; then
+  run_stage suite 240 15 "${PYTEST[@]}" -m "not cuda" --maxfail=10 \
+    --junitxml="$WORK/junit-suite.xml" tests
+else
+  skip_stage suite "no build"
 fi
 
 # -- summary ------------------------------------------------------------------------------------
