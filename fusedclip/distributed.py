@@ -58,6 +58,7 @@ from torch.nn import Parameter
 __all__ = ["is_plain", "local", "spec_of", "resolve_norm_group", "GroupRef", "Plan"]
 
 _PLAIN_TYPES = (Tensor, Parameter)
+PLAIN_TYPES = _PLAIN_TYPES  # for the optimizers' hot loop, which inlines is_plain
 
 
 def is_plain(t: Tensor) -> bool:

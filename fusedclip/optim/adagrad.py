@@ -7,7 +7,7 @@ from torch import Tensor
 
 from fusedclip import ops
 from fusedclip.optim.base import (
-    CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC, FusedClipOptimizer, check_lr, kernel_view,
+    CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC, FusedClipOptimizer, check_lr, state_list,
     scalar_dtype,
 )
 
@@ -142,7 +142,7 @@ class FusedClipAdagrad(FusedClipOptimizer):
 
     def _update(self, group, params, grads, states, *, originals, args) -> None:
         ops.update_(
-            "adagrad", params, grads, [[kernel_view(s["sum"]) for s in states]],
+            "adagrad", params, grads, [state_list(states, "sum", params, originals)],
             [s["step"] for s in states],
             dict(lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
                  eps=group["eps"]),

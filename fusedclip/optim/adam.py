@@ -8,7 +8,7 @@ from torch import Tensor
 from fusedclip import ops
 from fusedclip.optim.base import (
     CAPTURABLE_ARG_DOC, CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC, FusedClipOptimizer, check_lr,
-    kernel_view,
+    state_list,
 )
 from fusedclip.optim.base import scalar_dtype as _scalar_dtype
 
@@ -176,7 +176,7 @@ class FusedClipAdam(FusedClipOptimizer):
         keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
         beta1, beta2 = group["betas"]
         ops.update_(
-            "adam", params, grads, [[kernel_view(s[key]) for s in states] for key in keys],
+            "adam", params, grads, [state_list(states, key, params, originals) for key in keys],
             [s["step"] for s in states],
             dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                  amsgrad=amsgrad,

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from fusedclip import ops
 from fusedclip.optim.base import (
-    CLIP_ARG_DOC, CLIP_STATS_DOC, FusedClipOptimizer, check_lr, kernel_view,
+    CLIP_ARG_DOC, CLIP_STATS_DOC, FusedClipOptimizer, check_lr, state_list,
 )
 
 __all__ = ["FusedClipLion"]
@@ -111,6 +111,6 @@ class FusedClipLion(FusedClipOptimizer):
     def _update(self, group, params, grads, states, *, originals, args) -> None:
         beta1, beta2 = group["betas"]
         ops.update_(
-            "lion", params, grads, [[kernel_view(s["exp_avg"]) for s in states]], [],
+            "lion", params, grads, [state_list(states, "exp_avg", params, originals)], [],
             dict(beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"]), args,
         )

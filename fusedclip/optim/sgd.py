@@ -171,9 +171,10 @@ class FusedClipSGD(FusedClipOptimizer):
         if not state and group["momentum"] == 0:
             self.state.pop(param, None)
 
-    def _buffers(self, params: list[Tensor], states: list[dict]) -> tuple[list[Tensor], list[Tensor]]:
-        """Each parameter's momentum buffer (as the kernel sees it) and its
-        step counter, made where missing."""
+    def _buffers(self, params: list[Tensor], states: list[dict],
+                 views: bool) -> tuple[list[Tensor], list[Tensor]]:
+        """Each parameter's momentum buffer (as the kernel sees it: through
+        ``kernel_view`` where ``views``) and its step counter, made where missing."""
         table = self._buffer_steps
         buffers, counters = [], []
         for p, state in zip(params, states):
@@ -189,7 +190,7 @@ class FusedClipSGD(FusedClipOptimizer):
                 # A buffer that came with a state dict (torch's or ours): started.
                 entry = table[id(p)] = (
                     p, buf, torch.ones((), dtype=torch.float32, device=p.device))
-            buffers.append(kernel_view(buf))
+            buffers.append(kernel_view(buf) if views else buf)
             counters.append(entry[2])
         return buffers, counters
 
@@ -197,7 +198,7 @@ class FusedClipSGD(FusedClipOptimizer):
 
     def _update(self, group, params, grads, states, *, originals, args) -> None:
         momentum = float(group["momentum"])
-        buffers, counters = self._buffers(originals, states) if momentum != 0 else ([], [])
+        buffers, counters = self._buffers(originals, states, params is not originals) if momentum != 0 else ([], [])
         ops.update_(
             "sgd", params, grads, [buffers] if momentum != 0 else [], counters,
             dict(momentum=momentum, dampening=group["dampening"],
