@@ -131,7 +131,8 @@ class ReferenceOptimizer:
             group = dict(group)
             group["params"] = [p.detach().to(torch.float64).clone() for p in group["params"]]
             self.groups.append(group)
-        self.clip = clip
+        # A max_norm is global norm clipping: that policy's reference below.
+        self.clip = RefGlobalNorm(clip, norm_type) if isinstance(clip, (int, float)) else clip
         self.norm_type = norm_type
         self.nonfinite = nonfinite
         self.round_to = round_to
@@ -165,7 +166,7 @@ class ReferenceOptimizer:
             if self.nonfinite == "raise":
                 raise RuntimeError("non-finite gradients")
         clipped = None
-        if isinstance(self.clip, ReferencePolicy):
+        if self.clip is not None:
             keys = [(gi, pi) for gi, group in enumerate(self.groups)
                     for pi in range(len(group["params"]))]
             present_keys = [k for k, g in zip(keys, grads) if g is not None]
@@ -175,7 +176,6 @@ class ReferenceOptimizer:
                 self.states.setdefault(k, self.new_state(p, self.groups[k[0]]))
                 for k, p in zip(present_keys, present_params)]
             clipped = iter(self.clip.clip_grads(present, present_keys, present_params))
-        coef = 1.0 if self.clip is None or clipped is not None else global_norm_coefficient(total, self.clip)
         index = 0
         for gi, group in enumerate(self.groups):
             for pi, p in enumerate(group["params"]):
@@ -186,7 +186,7 @@ class ReferenceOptimizer:
                 if clipped is not None:
                     g = next(clipped)
                 state = self.states.setdefault((gi, pi), self.new_state(p, group))
-                self.update(p, g * coef, state, group)
+                self.update(p, g, state, group)
                 p.copy_(self._round(p))
                 for key in self.ROUNDED:
                     if state.get(key) is not None:

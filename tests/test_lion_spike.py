@@ -20,7 +20,7 @@ import torch
 
 import fusedclip
 from fusedclip.reference import (
-    RefAGC, RefGlobalNorm, RefSpikeClip, RefValueClip, ReferenceAdam, ReferenceLion,
+    RefAGC, RefSpikeClip, RefValueClip, ReferenceAdam, ReferenceLion,
 )
 
 from tolerances import REFERENCE
