@@ -54,14 +54,7 @@ class FusedClipAdagrad(FusedClipOptimizer):
             numerical stability (default: 1e-10)
         maximize (bool, optional): maximize the objective instead of minimizing
             (default: False)
-{impl_args}{clip_arg}        nonfinite (str, optional): what a step whose gradients hold inf or nan
-            does: ``"skip"`` changes no parameter and no state (step counts
-            included) and counts it in ``clip_stats["skipped"]``; ``"raise"``
-            raises before anything changes (and so reads one flag on the host);
-            ``"propagate"`` lets inf/nan flow into the update as torch.optim
-            does. Under ``torch.amp.GradScaler`` a step the scaler finds inf in
-            is always skipped. (default: "skip")
-
+{impl_args}{clip_arg}
 {clip_stats}
     State keys are torch's (``step``, ``sum``): state dicts move between this
     optimizer and ``torch.optim.Adagrad`` both ways. ``step`` lives on the

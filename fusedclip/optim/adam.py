@@ -54,14 +54,7 @@ _ARGS = """
             (default: False)
         maximize (bool, optional): maximize the objective instead of minimizing
             (default: False){extra}
-{impl_args}{clip_arg}        nonfinite (str, optional): what a step whose gradients hold inf or nan
-            does: ``"skip"`` changes no parameter and no state (step counts
-            included) and counts it in ``clip_stats["skipped"]``; ``"raise"``
-            raises before anything changes (and so reads one flag on the host);
-            ``"propagate"`` lets inf/nan flow into the update as torch.optim
-            does. Under ``torch.amp.GradScaler`` a step the scaler finds inf in
-            is always skipped. (default: "skip")
-
+{impl_args}{clip_arg}
 {clip_stats}
     State keys are torch's (``step``, ``exp_avg``, ``exp_avg_sq``,
     ``max_exp_avg_sq``): state dicts move between this optimizer and its

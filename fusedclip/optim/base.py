@@ -47,7 +47,8 @@ from fusedclip.clipping import ClipInputs, as_policy, commit_state
 
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
 
-# The `clip` argument, as every optimizer's docstring states it at "{clip_arg}".
+# The optimizer-wide arguments (`clip`, `norm_group`, `nonfinite`), as every
+# optimizer's docstring states them at "{clip_arg}".
 CLIP_ARG_DOC = """        clip (None, float or ClipPolicy, optional): gradient clipping fused into
             the step: ``None`` for none, a float for the global L2 norm with that
             ``max_norm`` (exactly ``clip_grad_norm_``), or a policy such as
@@ -63,6 +64,14 @@ CLIP_ARG_DOC = """        clip (None, float or ClipPolicy, optional): gradient c
             model's norm and skips together. DTensor parameters (FSDP2, tensor
             parallel) need none: their norms are reduced over their mesh.
             (default: None)
+        nonfinite (str, optional): what a step whose gradients hold inf or nan
+            does: ``"skip"`` changes no parameter and no state (step counts,
+            momentum buffers and the policy's state included) and counts it in
+            ``clip_stats["skipped"]``; ``"raise"`` raises before anything
+            changes (and so reads one flag on the host); ``"propagate"`` lets
+            inf/nan flow into the update as torch.optim does. Under
+            ``torch.amp.GradScaler`` a step the scaler finds inf in is always
+            skipped. (default: "skip")
 """
 # torch's implementation flags, as every optimizer's docstring states them.
 IMPL_ARGS_DOC = """        foreach, fused (bool, optional): accepted for torch.optim's signature and

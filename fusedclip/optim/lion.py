@@ -56,13 +56,7 @@ class FusedClipLion(FusedClipOptimizer):
         weight_decay (float, optional): decoupled weight decay (default: 0)
         maximize (bool, optional): maximize the objective instead of minimizing
             (default: False)
-{clip_arg}        nonfinite (str, optional): what a step whose gradients hold inf or nan
-            does: ``"skip"`` changes no parameter and no state and counts it in
-            ``clip_stats["skipped"]``; ``"raise"`` raises before anything changes
-            (and so reads one flag on the host); ``"propagate"`` lets inf/nan flow
-            into the update. Under ``torch.amp.GradScaler`` a step the scaler
-            finds inf in is always skipped. (default: "skip")
-
+{clip_arg}
 {clip_stats}
     State key: ``exp_avg`` (the momentum). Complex parameters are optimized as
     their real views.

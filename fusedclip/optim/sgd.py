@@ -65,15 +65,7 @@ class FusedClipSGD(FusedClipOptimizer):
             ``momentum > 0`` and ``dampening == 0`` (default: False)
         maximize (bool, optional): maximize the objective instead of minimizing
             (default: False)
-{impl_args}{clip_arg}        nonfinite (str, optional): what a step whose gradients hold inf or nan
-            does: ``"skip"`` changes no parameter and no state and counts it in
-            ``clip_stats["skipped"]`` (a skipped first step leaves the next one
-            a first step: the buffer is then the gradient, as in torch);
-            ``"raise"`` raises before anything changes (and so reads one flag on
-            the host); ``"propagate"`` lets inf/nan flow into the update as
-            torch.optim does. Under ``torch.amp.GradScaler`` a step the scaler
-            finds inf in is always skipped. (default: "skip")
-
+{impl_args}{clip_arg}
 {clip_stats}
     The state key is torch's (``momentum_buffer``, only with momentum): state
     dicts move between this optimizer and ``torch.optim.SGD`` both ways.
@@ -86,7 +78,9 @@ class FusedClipSGD(FusedClipOptimizer):
        step happened is kept on the device beside the buffer, not in the state
        dict. A state dict taken after a skipped first step and before any good
        one therefore holds a zero buffer that torch.optim.SGD would treat as
-       started (``mu * 0 + (1 - dampening) g`` instead of ``g``).
+       started (``mu * 0 + (1 - dampening) g`` instead of ``g``). A skipped
+       first step leaves the next one a first step: the buffer is then the
+       gradient, as in torch.
 
     References:
         Polyak, *Some methods of speeding up the convergence of iteration
