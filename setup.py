@@ -2,7 +2,8 @@
 
 The C++ CPU kernels are always built. The CUDA kernels are built when the
 installed torch has CUDA and a CUDA toolkit is found (below); FUSEDCLIP_CUDA=0/1
-overrides that. Whether a GPU is present at build time plays no part.
+overrides that. A GPU at build time only chooses the architectures compiled
+for when TORCH_CUDA_ARCH_LIST is unset (without one: 8.0 and 9.0+PTX).
 
 The CPU kernels are compiled for the widest ATen vector set the build
 machine's CPU has: AVX-512 (avx512f/bw/vl/dq, ATen's AVX512 capability, which
@@ -176,6 +177,21 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 if CUDA_TOOLKIT is not None:
     cpp_extension.CUDA_HOME = CUDA_TOOLKIT
 
+# torch.utils.cpp_extension takes the GPU architectures from TORCH_CUDA_ARCH_LIST,
+# else from the GPUs it sees; with neither (a build machine or container without a
+# GPU) torch 2.11 fails with "IndexError: list index out of range". Without a GPU
+# the build targets the architectures CI compiles for, A100 and H100/H200 (the PTX
+# of sm_90 runs, JIT-compiled, on newer ones), and says how to choose others.
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def cuda_arch_list():
+    """TORCH_CUDA_ARCH_LIST as the build will use it (None: torch asks the GPUs)."""
+    given = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if given or torch.cuda.is_available():
+        return given or None
+    return DEFAULT_CUDA_ARCH_LIST
+
 
 def want_cuda():
     return CUDA_TOOLKIT is not None
@@ -255,6 +271,12 @@ def extension():
 if __name__ == "__main__":
     if CUDA_TOOLKIT is not None:
         print(f"setup.py: CUDA kernels on, toolkit {CUDA_TOOLKIT}", file=sys.stderr)
+        arch_list = cuda_arch_list()
+        if arch_list and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+            print(f"setup.py: no GPU visible and TORCH_CUDA_ARCH_LIST unset: building for "
+                  f"{arch_list} (set TORCH_CUDA_ARCH_LIST for other GPUs, e.g. '8.6;8.9')",
+                  file=sys.stderr)
     setup(
         ext_modules=[extension()],
         cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
