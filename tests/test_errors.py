@@ -145,6 +145,25 @@ def test_unsupported_parameter_dtype(cls):
         opt.step()
 
 
+@pytest.mark.parametrize("cls", EVERY)
+def test_meta_parameter(cls):
+    """A parameter on a device the kernels do not run on (here meta, whose
+    fake kernels would change nothing) is refused with torch's fused message,
+    before the CPU parameters beside it change."""
+    real = _params(1)[0]
+    meta = torch.nn.Parameter(torch.zeros(3, device="meta"))
+    opt = cls([{"params": [real]}, {"params": [meta]}], clip=1.0)
+    real.grad = torch.randn_like(real)
+    opt.step()
+    before = snapshot(opt, [real])
+    real.grad = torch.randn_like(real)
+    meta.grad = torch.zeros(3, device="meta")
+    with pytest.raises(RuntimeError, match=r"supported devices: \['cpu', 'cuda'\] but "
+                                           r"torch.float32 and meta; .* runs on the CPU and CUDA"):
+        opt.step()
+    assert_unchanged(opt, [real], before, "meta parameter")
+
+
 @pytest.mark.parametrize("cls", OPTIMIZERS)
 @pytest.mark.parametrize("key,value,match", [
     ("lr", -1e-3, "Invalid learning rate"),

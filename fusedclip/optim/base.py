@@ -494,13 +494,6 @@ class FusedClipOptimizer(Optimizer):
                         raise RuntimeError(
                             f"{name}: the gradient of a {dtype} parameter is {grad.dtype}")
                     needs_views = True
-                if p.device.type not in ("cpu", "cuda"):
-                    # torch's fused steps refuse these too (a meta parameter would
-                    # reach the fake kernels, which change nothing).
-                    raise RuntimeError(
-                        "`fused=True` requires all the params to be floating point Tensors "
-                        f"of supported devices: ['cpu', 'cuda'] but {dtype} and {p.device}; "
-                        f"{name} runs on the CPU and CUDA")
                 params.append(p)
                 grads.append(grad)
                 keys.append((p.device, dtype))
@@ -520,7 +513,16 @@ class FusedClipOptimizer(Optimizer):
             batch.originals.extend(params)
             batch.grads.extend(grad_views)
             keys_all.extend(real_keys)
-        batch.buckets = list(group_by_key(keys_all).values())
+        by_key = group_by_key(keys_all)
+        for device, dtype in by_key:  # once per device: device.type costs ~0.4 us
+            if device.type not in ("cpu", "cuda"):
+                # torch's fused steps refuse these too (a meta parameter would
+                # reach the fake kernels, which change nothing).
+                raise RuntimeError(
+                    "`fused=True` requires all the params to be floating point Tensors "
+                    f"of supported devices: ['cpu', 'cuda'] but {dtype} and {device}; "
+                    f"{name} runs on the CPU and CUDA")
+        batch.buckets = list(by_key.values())
         if batch.grads and (specs is not None or self._norm_group is not None):
             batch.plan = self._plan(batch, specs)
         return batch
@@ -703,7 +705,7 @@ class FusedClipOptimizer(Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     self._init_state(p, group, state)
-                states.append(self.state.get(p, state))
+                states.append(state)
             for (device, _), indices in group_by_key(keys).items():
                 call_coef = units = None
                 if sliced:
