@@ -229,7 +229,8 @@ def _make_spec(mesh, placements, ndim: int, what: str, groups: dict) -> Spec:
         norm.append(group)
         if ndim <= 1 or dim >= 1:
             unit.append(group)
-    return Spec(tuple(norm), tuple(unit), frozenset(mesh.mesh.flatten().tolist()), mesh)
+    ranks = frozenset(mesh.mesh.flatten().tolist())  # sync-ok: DeviceMesh.mesh is a CPU tensor
+    return Spec(tuple(norm), tuple(unit), ranks, mesh)
 
 
 def spec_of(param: Tensor, grad: Tensor, what: str, cache: dict) -> Spec | None:
