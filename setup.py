@@ -185,11 +185,11 @@ if CUDA_TOOLKIT is not None:
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 
 
-def cuda_arch_list():
-    """TORCH_CUDA_ARCH_LIST as the build will use it (None: torch asks the GPUs)."""
-    given = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if given or torch.cuda.is_available():
-        return given or None
+def missing_cuda_arch_list():
+    """The architectures to build for where torch would find none: no
+    TORCH_CUDA_ARCH_LIST and no visible GPU (else None: torch's own choice)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST") or torch.cuda.is_available():
+        return None
     return DEFAULT_CUDA_ARCH_LIST
 
 
@@ -271,8 +271,8 @@ def extension():
 if __name__ == "__main__":
     if CUDA_TOOLKIT is not None:
         print(f"setup.py: CUDA kernels on, toolkit {CUDA_TOOLKIT}", file=sys.stderr)
-        arch_list = cuda_arch_list()
-        if arch_list and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        arch_list = missing_cuda_arch_list()
+        if arch_list is not None:
             os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
             print(f"setup.py: no GPU visible and TORCH_CUDA_ARCH_LIST unset: building for "
                   f"{arch_list} (set TORCH_CUDA_ARCH_LIST for other GPUs, e.g. '8.6;8.9')",

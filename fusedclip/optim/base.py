@@ -514,7 +514,7 @@ class FusedClipOptimizer(Optimizer):
             batch.grads.extend(grad_views)
             keys_all.extend(real_keys)
         by_key = group_by_key(keys_all)
-        for device, dtype in by_key:  # once per device: device.type costs ~0.4 us
+        for device, dtype in by_key:  # once per key, not per parameter: device.type costs ~0.4 us
             if device.type not in ("cpu", "cuda"):
                 # torch's fused steps refuse these too (a meta parameter would
                 # reach the fake kernels, which change nothing).
