@@ -16,6 +16,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+# Argument checks shared with fusedclip.tune; each policy passes its name, which
+# prefixes the message ("ZClip: alpha must ...").
+from fusedclip._validate import (
+    int_arg as _int_arg, positive as _positive, real_number as _real_number,
+)
+
 __all__ = [
     "AGC", "AdaGC", "AutoClip", "ClipInputs", "ClipPolicy", "ClipResult", "Elementwise",
     "GlobalNorm", "Normalize", "PerTensorNorm", "SmoothClip", "SpikeClip", "ValueClip", "ZClip",
@@ -24,15 +30,6 @@ __all__ = [
 
 # The epsilon torch.nn.utils.clip_grad_norm_ adds to the norm.
 CLIP_GRAD_NORM_EPS = 1e-6
-
-
-def _real_number(value, name: str, policy: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{policy}: {name} must be a real number, got {value!r}")
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError(f"{policy}: {name} must not be NaN")
-    return value
 
 
 def _norm_type(value, policy: str) -> float:
@@ -248,23 +245,6 @@ class GlobalNorm(ClipPolicy):
 
     def __repr__(self) -> str:
         return f"GlobalNorm(max_norm={self.max_norm}, norm_type={self.norm_type})"
-
-
-def _int_arg(value, name: str, policy: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{policy}: {name} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{policy}: {name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
-def _positive(value, name: str, policy: str, allow_zero: bool = False) -> float:
-    value = _real_number(value, name, policy)
-    if not math.isfinite(value) or (value < 0 if allow_zero else value <= 0):
-        raise ValueError(
-            f"{policy}: {name} must be a finite number {'>=' if allow_zero else '>'} 0, got {value}"
-        )
-    return value
 
 
 def _norm_coefficient(max_norm, norm: Tensor) -> Tensor:
