@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
+import re
 import sys
 
 import pytest
@@ -299,12 +301,46 @@ def test_bad_arguments_of_each_tool():
                                  optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="radius"):
         tune.estimate_smoothness(model, GOOD, [None], radius=0.0)
+    # a NaN is out of range like an inf (the policies' checks say "must not be NaN")
+    with pytest.raises(ValueError, match="^radius must be a finite number > 0, got nan$"):
+        tune.estimate_smoothness(model, GOOD, [None], radius=math.nan)
+    with pytest.raises(TypeError, match="^step_scale must be a real number, got True$"):
+        tune.estimate_smoothness(model, GOOD, [None], step_scale=True)
+    with pytest.raises(ValueError, match="^power_iters must be an int >= 0, got 1.0$"):
+        tune.estimate_smoothness(model, GOOD, [None], power_iters=1.0)
     with pytest.raises(ValueError, match="must not hold lr"):
         tune.find_lr(model, GOOD, [None], optimizer_kwargs={"lr": 0.1})
     with pytest.raises(ValueError, match="min_lr"):
         tune.find_lr(model, GOOD, [None], min_lr=1.0, max_lr=0.1)
     with pytest.raises(ValueError, match="safety"):
         tune.find_lr(model, GOOD, [None], safety=0.5)
+    with pytest.raises(ValueError, match="^lr0 must be a finite number > 0, got nan$"):
+        tune.find_lr(model, GOOD, [None], lr0=math.nan)
+    with pytest.raises(ValueError, match="^eval_batches must be an int >= 1, got True$"):
+        tune.find_lr(model, GOOD, [None], eval_batches=True)
+
+
+# -- the public names and the results' pickles ---------------------------------------------
+def test_public_names_and_pickles_of_the_results():
+    assert sorted(tune.__all__) == [
+        "LRProbe", "LRSuggestion", "SmoothnessEstimate", "SmoothnessSuggestion",
+        "estimate_smoothness", "find_lr", "fit_envelope",
+    ]
+    assert all(callable(getattr(tune, name)) for name in tune.__all__)
+    probe = tune.LRProbe(lr=0.01, losses=[2.0, 1.5], before=2.0, after=1.25, status="stable")
+    assert repr(probe) == ("LRProbe(lr=0.01, losses=[2.0, 1.5], before=2.0, after=1.25, "
+                           "status='stable')")
+    results = [
+        tune.LRSuggestion(lr=0.005, edge=0.01, probes=[probe], optimizer="SGD"),
+        tune.SmoothnessEstimate(L0=16.0, L1=4.0, threshold=4.0, grad_norms=[1.0, 8.0],
+                                smoothness=[16.5, 48.0], losses=[3.0, 9.0]),
+    ]
+    for result in results:
+        data = pickle.dumps(result, protocol=2)
+        assert pickle.loads(data) == result
+        # a pickle written when tune was one module names fusedclip.tune.<class>
+        before_split = re.sub(rb"cfusedclip\.tune\.\w+\n", b"cfusedclip.tune\n", data)
+        assert before_split != data and pickle.loads(before_split) == result
 
 
 # -- plots -----------------------------------------------------------------------------
