@@ -11,13 +11,23 @@ import torch
 import fusedclip
 
 from helpers import assert_unchanged, snapshot
-from registry import SPECS
+from registry import COMMON_BAD_ARGS, COMMON_BAD_GROUP_VALUES, SPECS
 
-# The Adam family's own hyperparameter checks (SGD's and Adagrad's are in
-# test_sgd.py and test_adagrad.py); what every optimizer refuses is checked
-# for every spec of the registry below.
-OPTIMIZERS = [fusedclip.FusedClipAdam, fusedclip.FusedClipAdamW]
 EVERY = [pytest.param(s.fused, id=s.name) for s in SPECS.values()]
+
+
+def _bad_args():
+    """Every optimizer's refusals: the shared ones and its own (registry.py)."""
+    for spec in SPECS.values():
+        for i, bad in enumerate(COMMON_BAD_ARGS + spec.bad_args):
+            own = "own" if i >= len(COMMON_BAD_ARGS) else "common"
+            yield pytest.param(spec, bad, id=f"{spec.name}-{own}-{'-'.join(bad.kwargs)}-{i}")
+
+
+def _bad_group_values():
+    for spec in SPECS.values():
+        for key, value, match in COMMON_BAD_GROUP_VALUES + spec.bad_group_values:
+            yield pytest.param(spec, key, value, match, id=f"{spec.name}-{key}-{value!r}")
 
 
 def _params(n=2, dtype=torch.float32):
@@ -38,39 +48,16 @@ def _trained(cls, n_groups=2, **kwargs):
 
 
 # -- constructor arguments ---------------------------------------------------------------
-@pytest.mark.parametrize("cls", OPTIMIZERS)
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(lr=-0.1), ValueError, r"Invalid learning rate: -0\.1"),
-    (dict(lr=math.nan), ValueError, "Invalid learning rate"),
-    (dict(lr="0.1"), ValueError, "Invalid learning rate"),
-    (dict(lr=torch.tensor(-0.1)), ValueError, "Invalid learning rate"),
-    (dict(lr=torch.tensor([0.1, 0.2])), ValueError, "Tensor lr must be 1-element"),
-    (dict(lr=torch.tensor(1)), ValueError, "Tensor lr must be a real floating tensor"),
-    (dict(eps=-1e-8), ValueError, "Invalid epsilon value: -1e-08"),
-    (dict(eps=math.nan), ValueError, "Invalid epsilon value"),
-    (dict(weight_decay=-0.01), ValueError, "Invalid weight_decay value: -0.01"),
-    (dict(betas=(1.0, 0.999)), ValueError, "Invalid beta parameter at index 0: 1.0"),
-    (dict(betas=(-0.1, 0.999)), ValueError, "Invalid beta parameter at index 0"),
-    (dict(betas=(0.9, 1.0)), ValueError, "Invalid beta parameter at index 1: 1.0"),
-    (dict(betas=(0.9, 1.5)), ValueError, "Invalid beta parameter at index 1"),
-    (dict(betas=(0.9, math.nan)), ValueError, "Invalid beta parameter at index 1"),
-    (dict(betas=(0.9,)), ValueError, "betas must be a pair"),
-    # torch's own message for a float and a Tensor; fusedclip refuses Tensor betas.
-    (dict(betas=(torch.tensor(0.9), 0.999)), ValueError, r"betas must be either both floats or both Tensors"),
-    (dict(betas=(torch.tensor(0.9), torch.tensor(0.999))), ValueError, r"betas\[0\] is a Tensor"),
-    (dict(clip="1.0"), TypeError, "clip must be None, a float max_norm"),
-    (dict(clip=True), TypeError, "clip must be None, a float max_norm"),
-    (dict(clip=[1.0]), TypeError, "clip must be None, a float max_norm"),
-    (dict(clip=torch.tensor(1.0)), TypeError, "clip must be None, a float max_norm"),
-    (dict(clip=-1.0), ValueError, "max_norm must be >= 0, got -1.0"),
-    (dict(clip=math.nan), ValueError, "max_norm must not be NaN"),
-    (dict(nonfinite="ignore"), ValueError, r"nonfinite must be one of \('skip', 'raise', 'propagate'\)"),
-    (dict(nonfinite=None), ValueError, "nonfinite must be one of"),
-    (dict(nonfinite="SKIP"), ValueError, "nonfinite must be one of"),
-])
-def test_bad_constructor_arguments(cls, kwargs, error, match):
-    with pytest.raises(error, match=match):
-        cls(_params(), **kwargs)
+@pytest.mark.parametrize("spec,bad", list(_bad_args()))
+def test_bad_constructor_arguments(spec, bad):
+    with pytest.raises(bad.error, match=bad.match):
+        spec.fused(_params(), **bad.kwargs)
+    # Hyperparameters are checked before the parameters, as torch checks them.
+    with pytest.raises(bad.error, match=bad.match):
+        spec.fused(None, **bad.kwargs)
+    if bad.torch_refuses and spec.twin is not None:
+        with pytest.raises(ValueError):
+            spec.twin(_params(), **bad.kwargs)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
@@ -164,20 +151,11 @@ def test_meta_parameter(cls):
     assert_unchanged(opt, [real], before, "meta parameter")
 
 
-@pytest.mark.parametrize("cls", OPTIMIZERS)
-@pytest.mark.parametrize("key,value,match", [
-    ("lr", -1e-3, "Invalid learning rate"),
-    ("lr", torch.tensor(-1e-3), "Invalid learning rate"),
-    ("lr", torch.tensor([math.nan]), "Invalid learning rate"),
-    ("eps", -1.0, "Invalid epsilon value"),
-    ("betas", (0.9, 1.0), "Invalid beta parameter at index 1"),
-    ("betas", (1.2, 0.9), "Invalid beta parameter at index 0"),
-    ("weight_decay", -1.0, "Invalid weight_decay value"),
-])
-def test_bad_hyperparameter_set_after_construction(cls, key, value, match):
+@pytest.mark.parametrize("spec,key,value,match", list(_bad_group_values()))
+def test_bad_hyperparameter_set_after_construction(spec, key, value, match):
     """A group changed to a bad value (by hand or by a scheduler) fails the next
     step before any group is updated: here the bad group is the second one."""
-    opt, params = _trained(cls, clip=1.0)
+    opt, params = _trained(spec.fused, clip=1.0)
     before = snapshot(opt, params)
     opt.param_groups[1][key] = value
     for p in params:

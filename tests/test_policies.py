@@ -1,10 +1,12 @@
-"""The clip policies of fusedclip.clipping with FusedClipAdam/AdamW (and, for
-ValueClip and AGC, FusedClipSGD/FusedClipAdagrad at the end): against the
-float64 reference (fusedclip/reference.py) step for step, against the behaviour
-each one is named after (torch's clip_grad_norm_ and clip_grad_value_, the
-AutoClip paper's code, zclip 1.0.0, pytorch_optimizer 4.1.0's AdaGC, timm's
-adaptive_clip_grad), the skip paths, state_dict round trips, argument checks and
-property checks."""
+"""The clip policies of the registry (tests/registry.py, POLICIES: every case
+of every policy fusedclip exports, each with its float64 reference) with
+FusedClipAdam/AdamW: against the float64 reference (fusedclip/reference.py)
+step for step, against the behaviour each one is named after (torch's
+clip_grad_norm_ and clip_grad_value_, the AutoClip paper's code, zclip 1.0.0,
+pytorch_optimizer 4.1.0's AdaGC, timm's adaptive_clip_grad), the skip paths,
+state_dict round trips, argument checks and property checks; SpikeClip against
+Adam's second moment (and refused by the optimizers without one); and, at the
+end, ValueClip and AGC with FusedClipSGD, FusedClipAdagrad and FusedClipLion."""
 
 from __future__ import annotations
 
@@ -22,8 +24,11 @@ from helpers import (
     Problem, assert_close, assert_states_close, assert_unchanged, bitwise_equal, flat, set_grads,
     snapshot,
 )
-from registry import SPECS as OPTIMIZERS
-from registry import UPDATE_ENTRY_POINTS, assert_matches_reference, decode_update_call
+from registry import POLICIES, POLICY_OF_CASE, SPECS as OPTIMIZERS
+from registry import (
+    UPDATE_ENTRY_POINTS, assert_matches_reference, decode_update_call, policy_case, policy_cases,
+    reference_case, spec_params,
+)
 from tolerances import NORM, REFERENCE, TORCH_PARITY
 
 SPECS = [((5, 7), "contiguous"), ((), "contiguous"), ((0,), "contiguous"), ((6, 4), "transposed"),
@@ -32,46 +37,23 @@ SPECS = [((5, 7), "contiguous"), ((), "contiguous"), ((0,), "contiguous"), ((6, 
 FACTORS = [1.0, 1.3, 0.8, 1.1, 6.0, 1.0, 0.9, 3.0, 1.2, 1.0, 12.0, 0.7, 1.0, 0.95]
 STEPS = 14
 
-# Configurations as data: id -> (fusedclip policy, reference policy), both from the same kwargs.
-POLICIES = {
-    "PerTensorNorm(0.4)": ("PerTensorNorm", dict(max_norm=0.4)),
-    "PerTensorNorm(0.3,inf)": ("PerTensorNorm", dict(max_norm=0.3, norm_type=math.inf)),
-    "SmoothClip(2.0)": ("SmoothClip", dict(threshold=2.0)),
-    "Normalize": ("Normalize", dict()),
-    "Normalize(0.5)": ("Normalize", dict(eps=0.5)),
-    "AutoClip(10)": ("AutoClip", dict()),
-    "AutoClip(60,hist5)": ("AutoClip", dict(percentile=60.0, history=5)),
-    "AutoClip(100,hist1)": ("AutoClip", dict(percentile=100.0, history=1)),
-    "ZClip(warm3)": ("ZClip", dict(alpha=0.8, z_thresh=1.5, max_norm=20.0, warmup_steps=3)),
-    "ZClip(mean,max1)": ("ZClip", dict(alpha=0.9, z_thresh=1.0, warmup_steps=2, clip_option="mean")),
-    "ZClip(pct,nomax,skipspike)": ("ZClip", dict(alpha=0.9, z_thresh=0.5, max_norm=None,
-                                                 warmup_steps=4, mode="percentile",
-                                                 skip_update_on_spike=True)),
-    "ZClip(factor0.7,warm0)": ("ZClip", dict(z_thresh=1.0, clip_factor=0.7, warmup_steps=0,
-                                             max_norm=50.0)),
-    "AdaGC(warm4)": ("AdaGC", dict(beta=0.9, lambda_abs=3.0, warmup_steps=4)),
-    "AdaGC(default-ish)": ("AdaGC", dict(lambda_abs=0.5, lambda_rel=1.0, warmup_steps=1)),
-    "ValueClip(0.3)": ("ValueClip", dict(clip_value=0.3)),
-    "AGC": ("AGC", dict()),
-    "AGC(0.3)": ("AGC", dict(clip_factor=0.3)),
-    "AGC(0.5,eps3)": ("AGC", dict(clip_factor=0.5, eps=3.0)),
-}
-REFERENCES = {
-    "PerTensorNorm": ref.RefPerTensorNorm, "SmoothClip": ref.RefSmoothClip,
-    "Normalize": ref.RefNormalize, "AutoClip": ref.RefAutoClip, "ZClip": ref.RefZClip,
-    "AdaGC": ref.RefAdaGC, "ValueClip": ref.RefValueClip, "AGC": ref.RefAGC,
-}
-STATEFUL = ["AutoClip(60,hist5)", "ZClip(warm3)", "ZClip(pct,nomax,skipspike)", "AdaGC(warm4)"]
+# The policy cases of the registry (tests/registry.py, POLICIES): every case of
+# every policy, each with its float64 reference; the optimizer runs below are
+# FusedClipAdam/AdamW's, which take every policy.
+CASES = policy_cases()
+STATEFUL = [c for p in POLICIES.values() for c in p.stateful]
 
 
-def fused_policy(name):
-    cls, kwargs = POLICIES[name]
-    return getattr(fusedclip, cls)(**kwargs)
+def fused_policy(case):
+    return policy_case(case)
 
 
-def reference_policy(name):
-    cls, kwargs = POLICIES[name]
-    return REFERENCES[cls](**kwargs)
+def reference_policy(case):
+    return reference_case(case)
+
+
+def _scope(case) -> str:
+    return POLICY_OF_CASE[case].scope
 
 
 def _problem(dtype, seed=5) -> Problem:
@@ -129,7 +111,7 @@ def _assert_same_policy_state(a: dict, b: dict, what: str) -> None:
 def _assert_policy_state_matches(name, fopt, fparams, rpolicy, tol, what):
     """The fused policy's state against the reference policy's."""
     st = fopt._policy_state
-    cls = POLICIES[name][0]
+    cls = POLICY_OF_CASE[name].name
     if cls == "ZClip" and rpolicy.initialized:
         assert_close(st["mean"], torch.tensor(rpolicy.mean, dtype=torch.float64), tol, f"{what} mean")
         assert_close(st["var"], torch.tensor(rpolicy.var, dtype=torch.float64), tol, f"{what} var")
@@ -175,12 +157,11 @@ def _run_against_reference(name, dtype, kind="Adam", skip_steps=(), scaler_skip_
         set_grads(fflat, grads)
         fopt.step()
         reference.step(grads)
-        cls = POLICIES[name][0]
         coef = fopt.clip_stats["clip_coef"]
-        if cls == "ValueClip":
+        if _scope(name) == "element":
             assert coef.shape == () and float(coef) == 1.0  # no coefficient: it clamps
         else:
-            if cls == "AGC":  # per unit, gradient after gradient
+            if _scope(name) == "unit":  # per unit, gradient after gradient
                 expected = torch.cat(rpolicy.last)
                 seen.append(expected)
             else:
@@ -194,7 +175,7 @@ def _run_against_reference(name, dtype, kind="Adam", skip_steps=(), scaler_skip_
         _assert_policy_state_matches(name, fopt, fflat, rpolicy, tol, f"{name} step {step}")
         assert_matches_reference(OPTIMIZERS[kind], fopt, fflat, reference, problem, tol,
                                  f"{name} step {step}")
-    if POLICIES[name][0] == "AGC" and name != "AGC":
+    if _scope(name) == "unit" and name != "AGC":
         # Both cases of the rule: units clipped and units left alone.
         seen = torch.cat(seen)
         assert bool((seen < 1).any()) and bool((seen == 1).any()), name
@@ -202,12 +183,12 @@ def _run_against_reference(name, dtype, kind="Adam", skip_steps=(), scaler_skip_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("name", list(POLICIES))
+@pytest.mark.parametrize("name", CASES)
 def test_matches_reference(name, dtype):
     _run_against_reference(name, dtype)
 
 
-@pytest.mark.parametrize("name", list(POLICIES))
+@pytest.mark.parametrize("name", CASES)
 def test_skipped_steps_change_no_policy_state(name):
     """Non-finite gradients (nonfinite="skip") and a GradScaler's found_inf skip
     the step: the policy's state is bit for bit what it was, and the run goes on
@@ -313,7 +294,7 @@ def test_autoclip_percentile_is_numpys(percentile, history):
         assert ref.percentile_linear(norms[-history:], percentile) == expected
 
 
-# zclip 1.0.0 (pip install zclip==1.0.0): values printed by tests/make_policy_pins.py, which, on the problem
+# zclip 1.0.0 (pip install zclip==1.0.0): values printed by tools/make_policy_pins.py, which, on the problem
 # of _pinned_params/_pinned_grads, ran ZClip(**kwargs with max_grad_norm).step(model) and
 # torch.optim.Adam(lr=0.01).step() for 12 steps, in float64 (zclip kept mean/var as Python
 # floats); pytorch_optimizer 4.1.0 (pip install pytorch_optimizer==4.1.0): AdaGC(lr=0.01,
@@ -438,7 +419,7 @@ def test_state_dict_round_trip(name):
         sopt.step()
         fopt.step()
     saved = copy.deepcopy(fopt.state_dict())
-    assert saved["clip_policy"]["policy"] == POLICIES[name][0]
+    assert saved["clip_policy"]["policy"] == POLICY_OF_CASE[name].name
     second = problem.params()
     with torch.no_grad():
         for a, b in zip(flat(first), flat(second)):
@@ -630,7 +611,7 @@ def test_agc_unit_norms_come_from_one_read_of_grads_and_params(monkeypatch):
 
 
 # -- no host sync ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", list(POLICIES))
+@pytest.mark.parametrize("name", CASES)
 def test_step_reads_no_device_value(name, monkeypatch):
     """With float lr, a step reads no tensor value on the host (no .item(),
     .tolist(), bool/float/int of a tensor), so it never waits on a device."""
@@ -691,6 +672,11 @@ BAD = [
     (fusedclip.AGC, dict(clip_factor=math.inf), ValueError, "clip_factor"),
     (fusedclip.AGC, dict(eps=-1e-3), ValueError, "eps"),
     (fusedclip.AGC, dict(eps=math.nan), ValueError, "eps"),
+    (fusedclip.SpikeClip, dict(theta=0.0), ValueError, "theta"),
+    (fusedclip.SpikeClip, dict(theta=-1.0), ValueError, "theta"),
+    (fusedclip.SpikeClip, dict(theta=math.inf), ValueError, "theta"),
+    (fusedclip.SpikeClip, dict(theta=math.nan), ValueError, "theta"),
+    (fusedclip.SpikeClip, dict(theta="5000"), TypeError, "theta"),
 ]
 
 
@@ -702,14 +688,15 @@ def test_bad_arguments(cls, kwargs, error, match):
 
 
 def test_good_arguments_and_repr():
-    for name in POLICIES:
+    for name in CASES:
         policy = fused_policy(name)
-        assert repr(policy).startswith(POLICIES[name][0] + "(")
+        assert repr(policy).startswith(POLICY_OF_CASE[name].name + "(")
     assert fusedclip.ZClip(mode="Percentile").mode == "percentile"
     assert fusedclip.PerTensorNorm(1, norm_type="inf").norm_type == math.inf
     assert fusedclip.AdaGC(warmup_steps=0).warmup_steps == 0
     assert fusedclip.AGC(eps=0).eps == 0.0
     assert fusedclip.ValueClip(2).clip_value == 2.0
+    assert repr(fusedclip.SpikeClip()) == "SpikeClip(theta=5000.0)"
 
 
 # -- properties of GlobalNorm and PerTensorNorm ---------------------------------------------------
@@ -801,16 +788,21 @@ def test_agc_with_mixed_dtypes_is_timms():
         assert_close(coef.double(), torch.cat(expected), TORCH_PARITY[torch.float32], f"coef {step}")
 
 
-# -- ValueClip and AGC with FusedClipSGD and FusedClipAdagrad ----------------------------------
-# Every policy works with all four optimizer families; the per-tensor and global
-# policies reach SGD and Adagrad through clip_coef like Adam (test_parity.py,
-# test_reference.py), ValueClip and AGC through the shared gradient transform.
+# -- ValueClip and AGC with FusedClipSGD, FusedClipAdagrad and FusedClipLion ------------------
+# Every policy works with every optimizer (SpikeClip with those that keep a
+# second moment); the per-tensor and global policies reach SGD, Adagrad and
+# Lion through clip_coef like Adam (test_parity.py, test_reference.py),
+# ValueClip and AGC through the shared gradient transform.
 # Configurations as data: id -> (kind, hyperparameters).
 FAMILY_CONFIGS = {
     "SGD-momentum": ("SGD", dict(momentum=0.9, dampening=0.1, weight_decay=0.01)),
     "SGD-nesterov-max": ("SGD", dict(momentum=0.8, nesterov=True, maximize=True)),
     "Adagrad": ("Adagrad", dict(lr_decay=0.01, weight_decay=0.01, initial_accumulator_value=0.1)),
+    "Lion-wd-betas": ("Lion", dict(weight_decay=0.5, betas=(0.8, 0.95))),
+    "Lion-max": ("Lion", dict(maximize=True)),
 }
+# The configurations of the optimizers with a torch twin (for the runs against torch).
+TWIN_CONFIGS = [c for c, (kind, _) in FAMILY_CONFIGS.items() if OPTIMIZERS[kind].twin is not None]
 FAMILY_POLICIES = ["ValueClip(0.3)", "AGC(0.3)", "AGC(0.5,eps3)"]
 # Steps of the reference run skipped by non-finite gradients (step 0: the first
 # step, so SGD's buffers start later) and by a GradScaler's found_inf, and one
@@ -823,12 +815,14 @@ def _family_problem(dtype, specs=SPECS, seed=5) -> Problem:
                    dtype=dtype, grad_std=0.5, seed=seed)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["fp32", "fp64", "bf16"])
 @pytest.mark.parametrize("config", list(FAMILY_CONFIGS))
 @pytest.mark.parametrize("name", FAMILY_POLICIES)
 def test_family_matches_reference(name, config, dtype):
-    """FusedClipSGD / FusedClipAdagrad with ValueClip and AGC against the
-    float64 reference step for step, with skipped steps (non-finite gradients,
+    """FusedClipSGD / FusedClipAdagrad / FusedClipLion with ValueClip and AGC
+    against the float64 reference step for step (bfloat16: against the
+    reference that rounds to it after every step), with skipped steps (non-finite gradients,
     a GradScaler's found_inf) that change nothing and that the reference never
     sees, and a GradScaler step whose gradients are scaled."""
     kind, defaults = FAMILY_CONFIGS[config]
@@ -839,12 +833,13 @@ def test_family_matches_reference(name, config, dtype):
     rpolicy = reference_policy(name)
     reference = OPTIMIZERS[kind].make_reference(problem, problem.params(), rpolicy, defaults)
     fflat = flat(fparams)
-    agc = POLICIES[name][0] == "AGC"
+    agc = _scope(name) == "unit"
     seen = []
     for step in range(STEPS):
         grads = _grads(problem, step)
         if step in FAMILY_NONFINITE_SKIPS or step in FAMILY_SCALER_SKIPS:
             before = snapshot(fopt, fflat)
+            stateless = not any(p in fopt.state for p in fflat)
             if step in FAMILY_NONFINITE_SKIPS:
                 set_grads(fflat, _poison(grads, math.nan if step else math.inf))
                 fopt.step()
@@ -854,11 +849,12 @@ def test_family_matches_reference(name, config, dtype):
                 fopt.step()
                 del fopt.grad_scale, fopt.found_inf
             what = f"{name} {config} skipped step {step}"
-            if kind == "SGD" and step == 0:
-                # SGD's buffers are made for the first step, and stay zero
+            if stateless:
+                # State made lazily (SGD's buffers, Lion's exp_avg) is made for
+                # the first step, and stays zero
                 for p, b in zip(fflat, before["params"]):
                     assert bitwise_equal(p.detach(), b), what
-                    assert not fopt.state[p]["momentum_buffer"].any(), what
+                    assert not any(v.any() for v in fopt.state[p].values()), what
             else:
                 assert_unchanged(fopt, fflat, before, what)
             continue
@@ -916,7 +912,7 @@ def _family_torch_run(config, problem, clip_fn, fused, dtype, skip_steps=(2, 7))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("config", list(FAMILY_CONFIGS))
+@pytest.mark.parametrize("config", TWIN_CONFIGS)
 def test_family_value_clip_is_clip_grad_value_(config, dtype):
     _family_torch_run(config, _family_problem(dtype),
                       lambda params: torch.nn.utils.clip_grad_value_(params, 0.3),
@@ -924,7 +920,7 @@ def test_family_value_clip_is_clip_grad_value_(config, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("config", list(FAMILY_CONFIGS))
+@pytest.mark.parametrize("config", TWIN_CONFIGS)
 @pytest.mark.parametrize("kwargs", [dict(clip_factor=0.3), dict(clip_factor=0.5, eps=3.0)],
                          ids=["0.3", "0.5-eps3"])
 def test_family_agc_is_timms_adaptive_clip_grad(kwargs, config, dtype):
@@ -936,3 +932,90 @@ def test_family_agc_is_timms_adaptive_clip_grad(kwargs, config, dtype):
                       dtype=dtype, grad_std=0.5, seed=11)
     _family_torch_run(config, problem, lambda params: timm_adaptive_clip_grad(params, **kwargs),
                       fusedclip.AGC(**kwargs), dtype)
+
+
+# -- SpikeClip: against Adam's second moment -------------------------------------------------
+# Larger than _problem's tensors (one spans CPU chunks), with 20x gradient spikes.
+SPIKE_SHAPES = [(7,), (33, 17), (), (0,), (40000,), (5, 4, 3)]
+SPIKE_STEPS, SPIKES, SPIKE_NAN = 8, (3, 6), 5
+
+
+def _spike_params(dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype))
+            for s in SPIKE_SHAPES]
+
+
+def _spike_grads(params, step, nan_at=None, spikes=SPIKES):
+    gen = torch.Generator().manual_seed(100 + step)
+    grads = []
+    for i, p in enumerate(params):
+        g = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+        g *= 20.0 if step in spikes else 1.0
+        if step == nan_at and i == 0:
+            g[0] = math.nan
+        grads.append(g.to(p.dtype))
+    return grads
+
+
+@pytest.mark.parametrize("kind", ["Adam", "AdamW"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", list(POLICIES["SpikeClip"].cases))
+def test_spike_clip_clips_spikes_as_its_reference(case, dtype, kind):
+    """Spikes (steps of 20x gradients) are clipped against v as it was before
+    the step; a first step (v = 0) passes; a step with a NaN gradient is
+    skipped and changes nothing. (AdamW: maximize too.)"""
+    spec = OPTIMIZERS[kind]
+    params = _spike_params(dtype)
+    group = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1,
+                 maximize=kind == "AdamW")
+    opt = spec.fused(params, clip=fused_policy(case), **group)
+    reference = spec.reference([{**spec.defaults, **group, "params": params}],
+                               clip=reference_policy(case),
+                               round_to=dtype if dtype == torch.bfloat16 else None)
+    theta = fused_policy(case).theta
+    clipped_some = False
+    for step in range(SPIKE_STEPS):
+        grads = _spike_grads(params, step, nan_at=SPIKE_NAN)
+        for p, g in zip(params, grads):
+            p.grad = g
+        if step == SPIKES[0]:
+            v = [opt.state[p]["exp_avg_sq"].double() for p in params]
+            clipped_some = any(bool(((g.double() ** 2) > theta * x)[x > 0].any())
+                               for g, x in zip(grads, v) if g.numel())
+        opt.step()
+        reference.step(grads)
+        scale = max(float(e.abs().max()) for e in reference.params() if e.numel())
+        for i, (p, e) in enumerate(zip(params, reference.params())):
+            assert_close(p.detach().double(), e, REFERENCE[dtype], f"{case} step {step} [{i}]",
+                         scale=scale)
+    assert clipped_some, "the test must clip a spike"
+    assert int(opt.clip_stats["skipped"]) == 1 and float(opt.clip_stats["clip_coef"]) == 1.0
+
+
+def test_spike_clip_changes_only_spikes():
+    """Without a spike, SpikeClip is the plain step bit for bit. (theta is huge:
+    after one step v is only (1 - beta2) g^2, and a normal gradient that was
+    tiny in the first step is a spike in the second for theta = 1e6.)"""
+    a, b = _spike_params(torch.float32), _spike_params(torch.float32)
+    clipped = fusedclip.FusedClipAdamW(a, lr=1e-3, clip=fusedclip.SpikeClip(1e30))
+    plain = fusedclip.FusedClipAdamW(b, lr=1e-3)
+    for step in range(5):
+        for p, q, g in zip(a, b, _spike_grads(a, step, spikes=())):
+            p.grad, q.grad = g, g.clone()
+        clipped.step()
+        plain.step()
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+@pytest.mark.parametrize("spec", spec_params(
+    s for s in OPTIMIZERS.values() if not POLICIES["SpikeClip"].applies_to(s)))
+def test_spike_clip_needs_a_second_moment(spec):
+    """The optimizers whose rule keeps no second moment refuse SpikeClip by
+    name, at construction and when assigned. (Their ops refuse spike_theta:
+    test_ops.py::test_update_op_errors[<rule>-spike-without-second-moment].)"""
+    with pytest.raises(ValueError, match="reads the optimizer state 'exp_avg_sq'"):
+        spec.fused(_spike_params(torch.float32), lr=0.1, clip=fusedclip.SpikeClip())
+    opt = spec.fused(_spike_params(torch.float32), lr=0.1)
+    with pytest.raises(ValueError, match="reads the optimizer state 'exp_avg_sq'"):
+        opt.clip = fusedclip.SpikeClip()

@@ -1,7 +1,7 @@
 """FusedClipSGD's own behaviour (the checks every optimizer shares are the
 registry's: test_parity.py, test_reference.py, test_state_dict.py,
 test_nonfinite.py, ...): momentum switched on later, the first momentum step
-after skipped ones, bad arguments, a GradScaler's skipped first step, and
+after skipped ones, a bad Nesterov group, a GradScaler's skipped first step, and
 normalized SGD."""
 
 from __future__ import annotations
@@ -93,39 +93,10 @@ def test_skipped_first_step_leaves_the_next_one_first(dtype, nesterov):
                             "after skipped first steps")
 
 
-# -- bad arguments --------------------------------------------------------------------------
+# -- a bad group (the constructor's checks and the others: test_errors.py) ------------------
 def _params(n=2):
     g = torch.Generator().manual_seed(0)
     return [torch.nn.Parameter(torch.randn(4, 3, generator=g)) for _ in range(n)]
-
-
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(lr=-0.1), r"Invalid learning rate: -0\.1"),
-    (dict(lr=torch.tensor(-0.1)), "Invalid learning rate"),
-    (dict(lr=torch.tensor([0.1, 0.2])), "Tensor lr must be 1-element"),
-    (dict(momentum=-0.5), r"Invalid momentum value: -0\.5"),
-    (dict(momentum=math.nan), "Invalid momentum value"),
-    (dict(momentum=torch.tensor(0.9)), "momentum is a Tensor"),
-    (dict(weight_decay=-0.01), r"Invalid weight_decay value: -0\.01"),
-    (dict(weight_decay=torch.tensor(0.1)), "weight_decay is a Tensor"),
-    (dict(dampening=math.nan), "Invalid dampening value"),
-    (dict(nesterov=True), "Nesterov momentum requires a momentum and zero dampening"),
-    (dict(nesterov=True, momentum=0.9, dampening=0.1),
-     "Nesterov momentum requires a momentum and zero dampening"),
-    (dict(clip=-1.0), "max_norm must be >= 0"),
-    (dict(nonfinite="ignore"), "nonfinite must be one of"),
-])
-def test_bad_constructor_arguments(kwargs, match):
-    error = TypeError if "clip" in kwargs and not isinstance(kwargs["clip"], float) else ValueError
-    with pytest.raises(error, match=match):
-        fusedclip.FusedClipSGD(_params(), **kwargs)
-    # torch refuses the same, except NaN momentum and tensor momentum/decay,
-    # which it lets through
-    if not any(k in kwargs for k in ("clip", "nonfinite", "dampening")) and not any(
-            (isinstance(v, torch.Tensor) and k != "lr") or (isinstance(v, float) and math.isnan(v))
-            for k, v in kwargs.items()):
-        with pytest.raises(ValueError):
-            torch.optim.SGD(_params(), **kwargs)
 
 
 def test_bad_group_set_later_fails_before_any_update():

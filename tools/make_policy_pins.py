@@ -1,8 +1,9 @@
-"""Produced the pinned zclip 1.0.0 / pytorch_optimizer 4.1.0 values of test_policies.py.
+"""Produced the pinned zclip 1.0.0 / pytorch_optimizer 4.1.0 values of tests/test_policies.py.
 
 Not a test and not run by CI. Usage: pip install --target /tmp/ext zclip==1.0.0
 pytorch_optimizer==4.1.0 --no-deps; then from the repository root:
-PYTHONPATH=.:/tmp/ext python -c "import sys; sys.path.insert(0, \"tests\"); import make_policy_pins as m; m.pins()"
+PYTHONPATH=.:/tmp/ext python tools/make_policy_pins.py pins   (the pinned lists, as test_policies.py holds them)
+PYTHONPATH=.:/tmp/ext python tools/make_policy_pins.py        (both runs step by step, against fusedclip)
 """
 import sys, torch
 sys.path.insert(0, "/tmp/ext")
@@ -58,7 +59,7 @@ def run_adagc(dtype, kw, steps=12):
         out.append((gam, float(ps[0][0, 0]), float(ps[1][2])))
     return out
 
-if __name__ == "__main__":
+def compare():
     for dtype in (torch.float32, torch.float64):
         print("== zclip", dtype)
         run_zclip(dtype, dict(alpha=0.8, z_thresh=1.5, max_norm=20.0, warmup_steps=3))
@@ -75,3 +76,7 @@ def pins():
     print("ZCLIP_A =", [(m, v) for m, v, _, _ in zc], "\nZCLIP_A_PARAMS =", [(a, b) for _, _, a, b in zc])
     print("ZCLIP_B =", [(m, v) for m, v, _, _ in zc2], "\nZCLIP_B_PARAMS =", [(a, b) for _, _, a, b in zc2])
     print("ADAGC_GAMMA =", [g for g, _, _ in ag], "\nADAGC_PARAMS =", [(a, b) for _, a, b in ag])
+
+
+if __name__ == "__main__":
+    pins() if sys.argv[1:] == ["pins"] else compare()
