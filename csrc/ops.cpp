@@ -73,16 +73,15 @@ TORCH_LIBRARY(fusedclip, m) {
       "Tensor nonfinite)");
   // One update op per rule (include/fusedclip/rules.h), over many tensors in
   // place: fusedclip::adam_, sgd_, ... (update_op.h states the schema). The
-  // gradient used is
-  //   spike(clamp(grad * clip_coef * unit_coef / grad_scale, -clip_value,
-  //   clip_value), v)
-  // negated for maximize (include/fusedclip/grad_transform.h); nothing at all
-  // changes (steps included) where found_inf is non-zero. clip_coef has one
-  // element or one per tensor; unit_coefs one 1-D tensor per tensor with one
-  // coefficient per unit; clip_value >= 0; spike_theta > 0, for rules with a
-  // second moment. Each step counter is incremented before the rule's
-  // per-tensor numbers are folded with it. `hyper`: the rule's
-  // hyperparameters in the order fusedclip::rule_hyperparameters gives.
+  // gradient used is grad * clip_coef * unit_coef / grad_scale, negated for
+  // maximize, then passed through the element-wise transforms whose argument
+  // is given (`float? <kArg>` each: include/fusedclip/grad_transform.h lists
+  // them, in order, with what a valid argument is); nothing at all changes
+  // (steps included) where found_inf is non-zero. clip_coef has one element or one
+  // per tensor; unit_coefs one 1-D tensor per tensor with one coefficient per
+  // unit. Each step counter is incremented before the rule's per-tensor
+  // numbers are folded with it. `hyper`: the rule's hyperparameters in the
+  // order fusedclip::rule_hyperparameters gives.
 #define FUSEDCLIP_DEFINE_UPDATE(Rule) m.def(fusedclip::update_schema(Rule::kName).c_str());
   FUSEDCLIP_FOR_EACH_RULE(FUSEDCLIP_DEFINE_UPDATE)
 #undef FUSEDCLIP_DEFINE_UPDATE
@@ -166,16 +165,15 @@ void check_small_tensor(const std::optional<at::Tensor>& t, const char* name,
 
 void check_grad_transform_args(at::TensorList params, const UpdateCall& call,
                                const RuleCheck& rule) {
-  if (call.clip_value.has_value()) {
-    TORCH_CHECK(*call.clip_value >= 0.0, "fusedclip: clip_value must be >= 0, got ",
-                *call.clip_value);
-  }
-  if (call.spike_theta.has_value()) {
-    TORCH_CHECK(rule.has_second_moment, "fusedclip: ", rule.rule, "_ keeps no second "
-                "moment, so it cannot clip spikes against one (spike_theta)");
-    TORCH_CHECK(*call.spike_theta > 0.0 && std::isfinite(*call.spike_theta),
-                "fusedclip: spike_theta must be finite and > 0, got ", *call.spike_theta);
-  }
+  for_each_grad_transform([&](auto transform, int index) {
+    using Transform = decltype(transform);
+    const std::optional<double>& arg = call.transforms[index];
+    if (!arg.has_value()) return;
+    TORCH_CHECK(!Transform::kReadsSecondMoment || rule.has_second_moment, "fusedclip: ",
+                rule.rule, "_ keeps no second moment, which ", Transform::kArg, " reads");
+    TORCH_CHECK(Transform::valid(*arg), "fusedclip: ", Transform::kArg, " must be ",
+                Transform::kMust, ", got ", *arg);
+  });
   if (!call.unit_coefs.has_value()) return;
   const at::TensorList coefs = *call.unit_coefs;
   TORCH_CHECK(coefs.size() == params.size(), "fusedclip: unit_coefs has ",

@@ -1,7 +1,7 @@
 // The update ops of every rule share one signature: the rule's element
 // arrays, its step counters, its hyperparameters as a list (rule.h), and the
 // arguments every step takes, stated here once. ops.cpp writes the schema
-// (kUpdateSchemaArgs); each backend registers update_op<Rule, Driver>, which
+// (update_schema); each backend registers UpdateOp<Rule, Driver>, which
 // checks every argument (the one check, in ops.cpp) and hands them to its
 // driver as an UpdateCall.
 #pragma once
@@ -15,19 +15,25 @@
 #include <torch/library.h>
 
 #include "flat_tensors.h"
+#include "fusedclip/grad_transform.h"
 #include "fusedclip/rule.h"
 #include "fusedclip/rules.h"
 
 namespace fusedclip {
 
 // The schema of fusedclip::<name>_, after the name. `states` holds the
-// rule's state lists one after the other (num_states lists of n tensors).
+// rule's state lists one after the other (num_states lists of n tensors);
+// each element-wise transform (grad_transform.h) takes a `float? <kArg>`, in
+// the order of GradTransforms.
 inline std::string update_schema(const char* name) {
+  std::string transform_args;
+  for_each_grad_transform([&](auto transform, int) {
+    transform_args += std::string("float? ") + decltype(transform)::kArg + ", ";
+  });
   return std::string(name) +
          "_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, Tensor(c!)[] steps, *, "
          "float[] hyper, float lr, Tensor? lr_tensor, Tensor? clip_coef, Tensor? grad_scale, "
-         "Tensor? found_inf, float? clip_value, float? spike_theta, Tensor[]? unit_coefs, "
-         "bool maximize) -> ()";
+         "Tensor? found_inf, " + transform_args + "Tensor[]? unit_coefs, bool maximize) -> ()";
 }
 
 // The arguments of one update call, as the drivers use them.
@@ -36,7 +42,7 @@ struct UpdateCall {
   std::vector<at::TensorList> states;  // one list of params.size() tensors per state
   double lr;
   std::optional<at::Tensor> lr_tensor, clip_coef, grad_scale, found_inf;
-  std::optional<double> clip_value, spike_theta;
+  GradTransformArgs transforms;  // the element-wise transforms' arguments
   std::optional<at::TensorList> unit_coefs;
   bool maximize;
 };
@@ -84,40 +90,52 @@ int64_t unit_length(const at::Tensor& t);
 double read_cpu_scalar(const at::Tensor& t, int64_t index = 0);
 
 // The op every backend registers for Rule: its arguments in the schema's
-// order, gathered into an UpdateCall, checked, and run by Driver<Rule>::run.
-template <class Rule, template <class> class Driver>
-void update_op(at::TensorList params, at::TensorList grads, at::TensorList states,
-               at::TensorList steps, c10::ArrayRef<double> hyper, double lr,
-               const std::optional<at::Tensor>& lr_tensor,
-               const std::optional<at::Tensor>& clip_coef,
-               const std::optional<at::Tensor>& grad_scale,
-               const std::optional<at::Tensor>& found_inf, std::optional<double> clip_value,
-               std::optional<double> spike_theta, std::optional<at::TensorList> unit_coefs,
-               bool maximize) {
-  UpdateCall call{params, grads, steps, {}, lr, lr_tensor, clip_coef, grad_scale,
-                  found_inf, clip_value, spike_theta, unit_coefs, maximize};
-  const bool sized = hyper.size() == static_cast<size_t>(Rule::kNumHyper);
-  typename Rule::Hyper h{};
-  if (sized) h = Rule::Hyper::from(hyper.data());
-  const size_t k = sized ? static_cast<size_t>(h.num_states()) : 0;
-  const size_t n = params.size();
-  check_update_call(call, states,
-                    RuleCheck{Rule::kName, Rule::kHyperNames, hyper, Rule::kNumHyper,
-                              sized ? h.invalid() : Invalid{}, Rule::kStateNames,
-                              Rule::kStepsName, Rule::kStatelessWhen, static_cast<int>(k),
-                              sized && h.uses_steps(),
-                              Rule::kSecondMoment >= 0});
-  for (size_t s = 0; s < k; ++s) call.states.push_back(states.slice(s * n, n));
-  if (params.empty()) return;
-  Driver<Rule>::run(call, h);
-}
+// order (one `float?` per element-wise transform, as update_schema writes
+// them), gathered into an UpdateCall, checked, and run by Driver<Rule>::run.
+template <class Rule, template <class> class Driver, class Transforms = GradTransforms>
+struct UpdateOp;
+
+template <class Rule, template <class> class Driver, class... Transforms>
+struct UpdateOp<Rule, Driver, TypeList<Transforms...>> {
+  template <class>
+  using TransformArg = std::optional<double>;
+
+  static void call(at::TensorList params, at::TensorList grads, at::TensorList states,
+                   at::TensorList steps, c10::ArrayRef<double> hyper, double lr,
+                   const std::optional<at::Tensor>& lr_tensor,
+                   const std::optional<at::Tensor>& clip_coef,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf,
+                   TransformArg<Transforms>... transform_args,
+                   std::optional<at::TensorList> unit_coefs, bool maximize) {
+    UpdateCall call{params, grads, steps, {}, lr, lr_tensor, clip_coef, grad_scale,
+                    found_inf, {transform_args...}, unit_coefs, maximize};
+    const bool sized = hyper.size() == static_cast<size_t>(Rule::kNumHyper);
+    typename Rule::Hyper h{};
+    if (sized) h = Rule::Hyper::from(hyper.data());
+    const size_t k = sized ? static_cast<size_t>(h.num_states()) : 0;
+    // kStateNames names every list the check looks at, and the drivers'
+    // arrays hold max_states of them.
+    TORCH_INTERNAL_ASSERT(k <= static_cast<size_t>(max_states<Rule>()), Rule::kName,
+                          ": num_states() exceeds the names of kStateNames");
+    const size_t n = params.size();
+    check_update_call(call, states,
+                      RuleCheck{Rule::kName, Rule::kHyperNames, hyper, Rule::kNumHyper,
+                                sized ? h.invalid() : Invalid{}, Rule::kStateNames,
+                                Rule::kStepsName, Rule::kStatelessWhen, static_cast<int>(k),
+                                sized && h.uses_steps(), Rule::kSecondMoment >= 0});
+    for (size_t s = 0; s < k; ++s) call.states.push_back(states.slice(s * n, n));
+    if (params.empty()) return;
+    Driver<Rule>::run(call, h);
+  }
+};
 
 // Registers Driver's update op for every rule of rules.h, in a backend's
 // TORCH_LIBRARY_IMPL block.
 template <template <class> class Driver>
 void register_update_ops(torch::Library& m) {
 #define FUSEDCLIP_REGISTER_UPDATE(Rule) \
-  m.impl((std::string(Rule::kName) + "_").c_str(), &update_op<Rule, Driver>);
+  m.impl((std::string(Rule::kName) + "_").c_str(), &UpdateOp<Rule, Driver>::call);
   FUSEDCLIP_FOR_EACH_RULE(FUSEDCLIP_REGISTER_UPDATE)
 #undef FUSEDCLIP_REGISTER_UPDATE
 }

@@ -642,6 +642,27 @@ def test_clip_value_propagates_nan_and_clamps_inf(device, rule):
         assert math.isnan(float(got.states[0][0][2]))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dname)
+@pytest.mark.parametrize("device,rule,options", on_devices(
+    [p for p in variant_params() if p.values[0].second_moment], lambda values: values[0]))
+def test_clip_value_then_spike_theta(device, rule, options, dtype):
+    """clip_value and spike_theta in one call (the active transforms of
+    csrc/include/fusedclip/grad_transform.h, chosen together): the update of
+    pre-clamped gradients with spike_theta alone, to an ulp or two (0.375 is
+    exact in every dtype), and unlike either argument alone. (Both cap an
+    element's magnitude, so the two orders agree: this checks that both run.)"""
+    s, _ = transform_sample(rule, dtype, **options)
+    s = s.to(device)
+    clamped = [g.clamp(-0.375, 0.375) for g in s.grads]
+    expected = run_update(s.with_grads(clamped).with_args(spike_theta=2.0))
+    got = run_update(s.with_args(clip_value=0.375, spike_theta=2.0))
+    assert_same_step(got.lists()[:1] + got.lists()[2:], expected.lists()[:1] + expected.lists()[2:],
+                     f"{rule} clip_value then spike_theta")
+    for alone in (dict(clip_value=0.375), dict(spike_theta=2.0)):
+        other = run_update(s.with_args(**alone))
+        assert not all(a.equal(b) for a, b in zip(other.params, got.params)), f"{alone} alone"
+
+
 @pytest.mark.parametrize("rule", rule_params())
 @pytest.mark.parametrize("change,match", [
     (dict(unit_coefs=lambda c: c[:-1]), "unit_coefs has"),

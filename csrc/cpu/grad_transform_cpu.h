@@ -1,11 +1,11 @@
-// The CPU side of the shared gradient transform (include/fusedclip/grad_transform.h):
-// what every CPU update kernel needs for clip_value and unit_coefs.
+// The CPU side of the gradient's multiplier (include/fusedclip/grad_transform.h):
+// what every CPU update kernel needs for clip_coef, grad_scale, maximize and
+// unit_coefs.
 //
-//   TensorTransform tt = tensor_transform(grad_mult, clip_value, unit_coefs, i, params[i]);
-//   for_each_unit_run(begin, end, tt,
-//                     [&](int64_t b, int64_t e, const GradTransform<double>& t, auto clamp) {
-//     ... the element loop over [b, e) with t (one multiplier for the whole run),
-//     calling t.apply<decltype(clamp)::value>(g) on each gradient ...
+//   TensorMult tm = tensor_mult(grad_mult, unit_coefs, i, params[i]);
+//   for_each_unit_run(begin, end, tm, [&](int64_t b, int64_t e, double mult) {
+//     ... the element loop over [b, e), every gradient multiplied by mult
+//     (one multiplier for the whole run) before the element-wise transforms ...
 //   });
 //
 // Per-unit coefficients need each unit to be a row-major run of the tensor's
@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <optional>
-#include <type_traits>
 
 #include <ATen/ATen.h>
 
@@ -37,55 +36,40 @@ struct UnitCoefs {
   }
 };
 
-// The transform of one tensor: its per-tensor part and its unit coefficients.
-struct TensorTransform {
-  GradTransform<double> transform;  // mult: clip coefficient / grad_scale, signed
+// The multiplier of one tensor: its per-tensor part and its unit coefficients.
+struct TensorMult {
+  double mult;  // clip coefficient / grad_scale, signed
   UnitCoefs units;
-  bool clamps = false;  // value clipping: the loops must call the clamp
 };
 
 // grad_mult: the per-tensor multiplier (clip_coef / grad_scale, negated for
-// maximize); the arguments were checked by check_grad_transform_args.
-inline TensorTransform tensor_transform(double grad_mult, std::optional<double> clip_value,
-                                        const std::optional<at::TensorList>& unit_coefs,
-                                        size_t i, const at::Tensor& param) {
-  TensorTransform tt;
-  tt.transform = grad_transform(grad_mult, clip_value.value_or(-1.0));
-  tt.clamps = clip_value.has_value();
+// maximize); unit_coefs were checked by check_grad_transform_args.
+inline TensorMult tensor_mult(double grad_mult, const std::optional<at::TensorList>& unit_coefs,
+                              size_t i, const at::Tensor& param) {
+  TensorMult tm{grad_mult, {}};
   if (unit_coefs.has_value()) {
     const at::Tensor& c = (*unit_coefs)[i];
-    tt.units = {c.const_data_ptr(), c.dim() == 0 ? 0 : c.stride(0),
+    tm.units = {c.const_data_ptr(), c.dim() == 0 ? 0 : c.stride(0),
                 c.scalar_type() == at::kDouble, unit_length(param)};
   }
-  return tt;
+  return tm;
 }
 
-// Calls run(b, e, transform, clamp) for the runs of [begin, end) (element
-// offsets in the tensor's row-major memory) that share one multiplier: the
-// whole range without unit coefficients, else the range split at unit
-// boundaries, each run's multiplier folded once (in double) rather than per
-// element. `clamp` is std::true_type with value clipping, else
-// std::false_type: the element loop's variant, chosen once here.
+// Calls run(b, e, mult) for the runs of [begin, end) (element offsets in the
+// tensor's row-major memory) that share one multiplier: the whole range
+// without unit coefficients, else the range split at unit boundaries, each
+// run's multiplier folded once (in double) rather than per element.
 template <typename Run>
-void for_each_unit_run(int64_t begin, int64_t end, const TensorTransform& tt, const Run& run) {
-  auto runs = [&](auto clamp) {
-    if (tt.units.ptr == nullptr) {
-      run(begin, end, tt.transform, clamp);
-      return;
-    }
-    GradTransform<double> t = tt.transform;
-    for (int64_t b = begin; b < end;) {
-      const int64_t u = b / tt.units.unit_len;
-      const int64_t e = std::min(end, (u + 1) * tt.units.unit_len);
-      t.mult = unit_mult(tt.transform.mult, tt.units[u]);
-      run(b, e, t, clamp);
-      b = e;
-    }
-  };
-  if (tt.clamps) {
-    runs(std::true_type{});
-  } else {
-    runs(std::false_type{});
+void for_each_unit_run(int64_t begin, int64_t end, const TensorMult& tm, const Run& run) {
+  if (tm.units.ptr == nullptr) {
+    run(begin, end, tm.mult);
+    return;
+  }
+  for (int64_t b = begin; b < end;) {
+    const int64_t u = b / tm.units.unit_len;
+    const int64_t e = std::min(end, (u + 1) * tm.units.unit_len);
+    run(b, e, unit_mult(tm.mult, tm.units[u]));
+    b = e;
   }
 }
 

@@ -1,11 +1,12 @@
 // The CPU driver of every update rule (include/fusedclip/rule.h), registered
 // once per rule of rules.h: one parallel region over chunks of all tensors
 // (multi_tensor.h); each chunk loads param, grad and the rule's states as SIMD
-// vectors of the math type (lanes.h), passes the gradient through the shared
-// transform (grad_transform.h), calls the rule, and stores. Per-tensor numbers
-// (the rule's scalars, the gradient multiplier) are folded once per tensor
-// before the element loop; the rule's variant, value clipping and spike
-// clipping are template parameters, chosen once per call or run.
+// vectors of the math type (lanes.h), multiplies the gradient by its tensor's
+// (or unit's) multiplier, passes it through the call's element-wise
+// transforms (grad_transform.h), calls the rule, and stores. Per-tensor
+// numbers (the rule's scalars, the gradient multiplier) are folded once per
+// tensor before the element loop; the rule's variant and the set of active
+// transforms are template parameters, chosen once per call.
 #include <algorithm>
 #include <array>
 #include <type_traits>
@@ -27,10 +28,8 @@
 namespace fusedclip::cpu {
 namespace {
 
-// The most state arrays any rule keeps (Adam with amsgrad: 3).
-constexpr int kMaxStates = 3;
-
-// The arrays of one tensor: param, grad, then the rule's states.
+// The arrays of one tensor: param, grad, then the rule's states (at most
+// kMaxStates, rules.h: every variant is checked against it below).
 struct TensorArrays {
   void* param;
   const void* grad;
@@ -42,19 +41,22 @@ struct TensorArrays {
 template <class Rule>
 struct TensorWork {
   typename Rule::template Scalars<double> scalars;
-  TensorTransform transform;  // the gradient's multiplier, clamp, unit coefficients
+  TensorMult mult;  // the gradient's multiplier and unit coefficients
 };
 
 // One run of elements [begin, end) of a tensor that shares one gradient
-// transform. The elements torch's kernels run as scalar code (lanes.h,
-// scalar_tail_begin) go through the rule's SCALAR_TAIL rounding, one by one.
-template <typename scalar_t, class V, class Scalars, bool CLAMP, bool SPIKE, int SECOND>
+// multiplier. Active: the call's element-wise transforms
+// (ActiveTransforms<double, ...>). The elements torch's kernels run as scalar
+// code (lanes.h, scalar_tail_begin) go through the rule's SCALAR_TAIL
+// rounding, one by one.
+template <typename scalar_t, class Rule, class V, class Active>
 void run(const TensorArrays& a, int64_t begin, int64_t end,
-         const typename Scalars::template Of<typename Lanes<scalar_t>::OpVec>& s,
-         const GradTransform<typename Lanes<scalar_t>::OpVec>& transform,
-         const typename Scalars::template Of<typename Lanes<scalar_t>::opmath_t>& tail_s,
-         const GradTransform<typename Lanes<scalar_t>::opmath_t>& tail_transform,
-         typename Lanes<scalar_t>::opmath_t theta) {
+         const typename Rule::template Scalars<typename Lanes<scalar_t>::OpVec>& s,
+         typename Lanes<scalar_t>::OpVec mult,
+         typename Active::template As<typename Lanes<scalar_t>::OpVec> transforms,
+         const typename Rule::template Scalars<typename Lanes<scalar_t>::opmath_t>& tail_s,
+         typename Lanes<scalar_t>::opmath_t tail_mult,
+         typename Active::template As<typename Lanes<scalar_t>::opmath_t> tail_transforms) {
   using L = Lanes<scalar_t>;
   using OpVec = typename L::OpVec;
   using opmath_t = typename L::opmath_t;
@@ -65,7 +67,6 @@ void run(const TensorArrays& a, int64_t begin, int64_t end,
   scalar_t* states[KA];
   for (int k = 0; k < KA; ++k) states[k] = static_cast<scalar_t*>(a.states[k]);
   const int64_t vec_end = std::min(end, std::max(begin, scalar_tail_begin<scalar_t>(a.numel)));
-  const OpVec theta_vec(theta);
 
   OpVec p[L::kParts], g[L::kParts], st[KA][L::kParts];
   const Prefetch prefetch;
@@ -80,8 +81,7 @@ void run(const TensorArrays& a, int64_t begin, int64_t end,
     for (int part = 0; part < L::kParts; ++part) {
       OpVec x[KA];
       for (int k = 0; k < K; ++k) x[k] = st[k][part];
-      OpVec gx = transform.template apply<CLAMP>(g[part]);
-      if constexpr (SPIKE) gx = spike_clip(gx, x[SECOND], theta_vec);
+      const OpVec gx = transforms.template apply<Rule>(g[part] * mult, x);
       V::template update<false>(p[part], gx, x, s);
       for (int k = 0; k < K; ++k) st[k][part] = x[k];
     }
@@ -92,20 +92,13 @@ void run(const TensorArrays& a, int64_t begin, int64_t end,
     opmath_t p1 = static_cast<opmath_t>(param[i]);
     opmath_t x[KA];
     for (int k = 0; k < K; ++k) x[k] = static_cast<opmath_t>(states[k][i]);
-    opmath_t gx = tail_transform.template apply<CLAMP>(static_cast<opmath_t>(grad[i]));
-    if constexpr (SPIKE) gx = spike_clip(gx, x[SECOND], theta);
+    const opmath_t gx =
+        tail_transforms.template apply<Rule>(static_cast<opmath_t>(grad[i]) * tail_mult, x);
     V::template update<true>(p1, gx, x, tail_s);
     param[i] = static_cast<scalar_t>(p1);
     for (int k = 0; k < K; ++k) states[k][i] = static_cast<scalar_t>(x[k]);
   }
 }
-
-// Rule::Scalars<T> as a template of one parameter, for run()'s signature.
-template <class Rule>
-struct ScalarsOf {
-  template <typename T>
-  using Of = typename Rule::template Scalars<T>;
-};
 
 template <class Rule>
 struct CpuDriver {
@@ -116,7 +109,6 @@ struct CpuDriver {
     if (host.skip) return;
     const size_t n = call.params.size();
     const size_t k = call.states.size();
-    const bool spike = call.spike_theta.has_value();
 
     FlatTensors flat_tensors;
     std::vector<TensorArrays> arrays(n);
@@ -129,8 +121,8 @@ struct CpuDriver {
       arrays[i].numel = call.params[i].numel();
       const double step = call.steps.empty() ? 0.0 : increment_step(call.steps[i]);
       work[i].scalars = Rule::scalars(hyper, host.lr, step);
-      work[i].transform = tensor_transform(host.grad_mult(i, call.maximize), call.clip_value,
-                                           call.unit_coefs, i, call.params[i]);
+      work[i].mult =
+          tensor_mult(host.grad_mult(i, call.maximize), call.unit_coefs, i, call.params[i]);
     }
 
     AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -138,28 +130,26 @@ struct CpuDriver {
           using L = Lanes<scalar_t>;
           using opmath_t = typename L::opmath_t;
           using OpVec = typename L::OpVec;
-          const opmath_t theta = static_cast<opmath_t>(call.spike_theta.value_or(0.0));
           Rule::dispatch(hyper, [&](auto variant) {
             using V = decltype(variant);
-            auto chunk = [&](auto spike_on, int64_t t, int64_t begin, int64_t end) {
-              constexpr bool kSpike = decltype(spike_on)::value;
-              const auto tail_s = work[t].scalars.template as<opmath_t>();
-              const auto s = tail_s.template as<OpVec>();
-              for_each_unit_run(
-                  begin, end, work[t].transform,
-                  [&](int64_t b, int64_t e, const GradTransform<double>& tr, auto clamp) {
-                    const GradTransform<opmath_t> tail_tr = tr.as<opmath_t>();
-                    cpu::run<scalar_t, V, ScalarsOf<Rule>, decltype(clamp)::value, kSpike,
-                             (Rule::kSecondMoment >= 0 ? Rule::kSecondMoment : 0)>(
-                        arrays[t], b, e, s, tail_tr.template as<OpVec>(), tail_s, tail_tr,
-                        theta);
-                  });
-            };
-            for_each_tensor_chunk(call.params, [&](int64_t t, int64_t begin, int64_t end) {
-              if constexpr (Rule::kSecondMoment >= 0) {
-                if (spike) return chunk(std::true_type{}, t, begin, end);
-              }
-              chunk(std::false_type{}, t, begin, end);
+            static_assert(V::kStates <= max_states<Rule>(),
+                          "a variant keeps more states than its rule's kStateNames names");
+            TORCH_INTERNAL_ASSERT(static_cast<size_t>(V::kStates) == k, Rule::kName,
+                                  ": the variant's kStates is not Hyper::num_states()");
+            dispatch_grad_transforms<Rule>(call.transforms, [&](const auto& active) {
+              using Active = std::decay_t<decltype(active)>;
+              const auto tail_transforms = active.template as<opmath_t>();
+              const auto transforms = tail_transforms.template as<OpVec>();
+              for_each_tensor_chunk(call.params, [&](int64_t t, int64_t begin, int64_t end) {
+                const auto tail_s = work[t].scalars.template as<opmath_t>();
+                const auto s = tail_s.template as<OpVec>();
+                for_each_unit_run(begin, end, work[t].mult, [&](int64_t b, int64_t e, double mult) {
+                  const opmath_t tail_mult = static_cast<opmath_t>(mult);
+                  cpu::run<scalar_t, Rule, V, Active>(arrays[t], b, e, s, OpVec(tail_mult),
+                                                      transforms, tail_s, tail_mult,
+                                                      tail_transforms);
+                });
+              });
             });
           });
         });

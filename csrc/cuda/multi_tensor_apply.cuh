@@ -67,6 +67,8 @@ template <int DEPTH, typename Extra = NoExtra>
 struct TensorListMetadata {
   static constexpr int kMaxTensors =
       max_tensors_per_launch(DEPTH, std::is_empty_v<Extra> ? 0 : sizeof(Extra));
+  static_assert(kMaxTensors > 0, "multi_tensor_apply: DEPTH arrays per tensor leave no room "
+                                 "for one tensor in the kernel argument");
 
   void* addresses[DEPTH][kMaxTensors];  // [array][slot]: element arrays
   Extra extra[std::is_empty_v<Extra> ? 1 : kMaxTensors];  // each slot's own values
@@ -207,6 +209,7 @@ __device__ __forceinline__ bool is_aligned16(const T* p) {
 // elements in a fixed order, so a reduction done in op is deterministic.
 template <typename scalar_t, int N, unsigned WRITE_MASK, typename Op>
 __device__ __forceinline__ void chunk_foreach(scalar_t* const (&ptr)[N], int n, const Op& op) {
+  static_assert(N <= 32, "WRITE_MASK has one bit per array");
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr int W = Vec16<scalar_t>::kSize;
   bool aligned = true;

@@ -40,26 +40,28 @@ struct UpdateSlot {
   UnitCoefSlot units;          // its per-unit coefficients
 };
 
-// The arguments of one call, as the kernels need them.
-template <class Rule>
+// The arguments of one call, as the kernels need them. Active: the call's
+// element-wise transforms (ActiveTransforms<double, ...>), with their numbers.
+template <class Rule, class Active>
 struct UpdateArgs {
   typename Rule::Hyper hyper;
   bool step_is_double;  // all counters of the call have one dtype (StepCounters)
+  bool unit_is_double;  // all unit coefficients of the call have one dtype (checked)
   CallScalars call;
-  TransformArgs transform;
-  double spike_theta;
+  Active transforms;
 };
 
-template <class Rule, class V, typename scalar_t, bool SPIKE>
+template <class Rule, class V, typename scalar_t, class Active>
 struct UpdateFunctor {
   using opmath_t = at::opmath_type<scalar_t>;
   using Scalars = typename Rule::template Scalars<opmath_t>;
   // Element arrays handed to the rule: param, grad, then its states. All but
   // the gradient are written.
   static constexpr int kArrays = 2 + V::kStates;
+  static_assert(kArrays < 32, "kWriteMask has one bit per array");
   static constexpr unsigned kWriteMask = ((1u << kArrays) - 1u) & ~(1u << 1);
 
-  UpdateArgs<Rule> args;
+  UpdateArgs<Rule, Active> args;
 
   __device__ __forceinline__ void operator()(const TensorListMetadata<kArrays, UpdateSlot>& meta,
                                              const ChunkRef& c) const {
@@ -67,10 +69,10 @@ struct UpdateFunctor {
     // whole block leaves together, before the barrier below.
     if (args.call.skip()) return;
 
-    // The per-tensor scalars, folded once per block by one thread, exactly
+    // The per-tensor numbers, folded once per block by one thread, exactly
     // as the CPU driver folds them (in double, then rounded to the math type).
     __shared__ Scalars shared_scalars;
-    __shared__ GradTransform<double> shared_transform;
+    __shared__ double shared_mult;
     const UpdateSlot& slot = meta.extra[c.slot];
     if (threadIdx.x == 0) {
       // The count after this step's increment; the counter itself is written
@@ -79,13 +81,12 @@ struct UpdateFunctor {
           slot.step == nullptr ? 0.0 : next_step(slot.step, args.step_is_double);
       shared_scalars =
           Rule::scalars(args.hyper, args.call.learning_rate(), step).template as<opmath_t>();
-      shared_transform = grad_transform(args.call.grad_mult(c.tensor), args.transform.clip_value);
+      shared_mult = args.call.grad_mult(c.tensor);
     }
     __syncthreads();
     const Scalars s = shared_scalars;
-    const ChunkTransform<opmath_t> transform(args.transform, shared_transform, slot.units,
-                                             c.begin);
-    const opmath_t theta = static_cast<opmath_t>(args.spike_theta);
+    const ChunkMult<opmath_t> mult(shared_mult, slot.units, c.begin, args.unit_is_double);
+    const auto transforms = args.transforms.template as<opmath_t>();
 
     scalar_t* ptrs[kArrays];
 #pragma unroll
@@ -93,8 +94,7 @@ struct UpdateFunctor {
       ptrs[a] = static_cast<scalar_t*>(meta.addresses[a][c.slot]) + c.begin;
     }
     chunk_foreach<scalar_t, kArrays, kWriteMask>(ptrs, c.size, [&](opmath_t(&x)[kArrays], int i) {
-      opmath_t grad = transform(x[1], i);
-      if constexpr (SPIKE) grad = spike_clip(grad, x[2 + Rule::kSecondMoment], theta);
+      const opmath_t grad = transforms.template apply<Rule>(mult(x[1], i), x + 2);
       V::template update<false>(x[0], grad, x + 2, s);
     });
   }
@@ -108,14 +108,10 @@ struct CudaDriver {
     const bool units = call.unit_coefs.has_value();
 
     StepCounters counters(call.steps);
-    UpdateArgs<Rule> args;
-    args.hyper = hyper;
-    args.step_is_double = counters.is_double();
-    args.call = CallScalars::of(call);
-    args.transform.clip_value = call.clip_value.value_or(-1.0);
-    args.transform.unit_is_double =
+    const bool step_is_double = counters.is_double();
+    const bool unit_is_double =
         units && !call.unit_coefs->empty() && (*call.unit_coefs)[0].scalar_type() == at::kDouble;
-    args.spike_theta = call.spike_theta.value_or(0.0);
+    const CallScalars call_scalars = CallScalars::of(call);
 
     // Parameters whose param, grad and states do not share one dense layout
     // are updated through contiguous copies, copied home after the kernel, as
@@ -135,10 +131,15 @@ struct CudaDriver {
 
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, call.params[0].scalar_type(), "fusedclip_update_cuda", [&] {
-          // The variant is chosen once per call, on the host: the rule's
-          // options and spike clipping are template parameters of the kernel.
+          // The variant and the active element-wise transforms are chosen
+          // once per call, on the host: template parameters of the kernel.
           Rule::dispatch(hyper, [&](auto variant) {
             using V = decltype(variant);
+            static_assert(V::kStates <= max_states<Rule>(),
+                          "a variant keeps more states than its rule's kStateNames names");
+            TORCH_INTERNAL_ASSERT(static_cast<size_t>(V::kStates) == call.states.size(),
+                                  Rule::kName,
+                                  ": the variant's kStates is not Hyper::num_states()");
             constexpr int kArrays = 2 + V::kStates;
             std::vector<TensorRef<kArrays, UpdateSlot>> refs(n);
             for (size_t i = 0; i < n; ++i) {
@@ -146,19 +147,21 @@ struct CudaDriver {
               refs[i].numel = call.params[i].numel();
               refs[i].extra = slots[i];
             }
-            if constexpr (Rule::kSecondMoment >= 0) {
-              if (call.spike_theta.has_value()) {
-                multi_tensor_apply<kArrays>(refs,
-                                            UpdateFunctor<Rule, V, scalar_t, true>{args});
-                return;
-              }
-            }
-            multi_tensor_apply<kArrays>(refs, UpdateFunctor<Rule, V, scalar_t, false>{args});
+            // A transform with an identity form runs in every kernel (the
+            // identity when off): ALU is spare here, compile time is not.
+            dispatch_grad_transforms<Rule, OffTransforms::kRunIdentity>(
+                call.transforms, [&](const auto& active) {
+                  using Active = std::decay_t<decltype(active)>;
+                  const UpdateArgs<Rule, Active> args{hyper, step_is_double, unit_is_double,
+                                                      call_scalars, active};
+                  multi_tensor_apply<kArrays>(refs,
+                                              UpdateFunctor<Rule, V, scalar_t, Active>{args});
+                });
           });
         });
 
     // After the update, never during it: see the top of this file.
-    counters.increment(args.call.found_inf);
+    counters.increment(call_scalars.found_inf);
     flat_tensors.copy_home();
   }
 };

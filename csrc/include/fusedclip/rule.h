@@ -8,7 +8,9 @@
 //     static constexpr const char* kName = "some";
 //     static constexpr const char* kHyperNames = "beta1,eps,...";
 //     static constexpr int kNumHyper = ...;
-//     // The names of its state lists and step counters, for error messages.
+//     // The names of its state lists and step counters, for error messages:
+//     // one name per state list it can take (the most any variant keeps, so
+//     // the drivers' arrays are sized by it: max_states in rules.h).
 //     static constexpr const char* kStateNames = "exp_avgs,...";
 //     static constexpr const char* kStepsName = "steps";
 //     // When it keeps no state at all ("without momentum"), or nullptr: never.
@@ -20,8 +22,8 @@
 //       int num_states() const;            // state lists the op takes
 //       bool uses_steps() const;           // one step counter per tensor
 //     };
-//     // Index of the second moment among the states, for spike clipping
-//     // (grad_transform.h); -1: the rule keeps none.
+//     // Index of the second moment among the states, for the element-wise
+//     // transforms that read it (grad_transform.h); -1: the rule keeps none.
 //     static constexpr int kSecondMoment = -1;
 //
 //     template <typename T> struct Scalars {   // per-tensor numbers, folded once
@@ -36,14 +38,16 @@
 //   };
 //
 //   struct Variant {
-//     static constexpr int kStates = ...;  // state arrays beside param and grad
+//     static constexpr int kStates = ...;  // state arrays beside param and grad:
+//                                          // Hyper::num_states(), at most max_states
 //     // One element (or one SIMD vector of them), in place. SCALAR_TAIL: the
 //     // rounding of torch's scalar code (see scalar_tail_begin in cpu/lanes.h).
 //     template <bool SCALAR_TAIL, typename T>
 //     static void update(T& param, T grad, T* states, const Scalars<T>& s);
 //   };
 //
-// A rule becomes an op of every backend by a line in rules.h.
+// A rule becomes an op of every backend by its lines in rules.h (which lists
+// the rest a new rule needs: its optimizer, reference and tests).
 #pragma once
 
 namespace fusedclip {
