@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from fusedclip import distributed, ops
+from fusedclip.caller_clipping import check_caller_clipping
 from fusedclip.clipping import ClipInputs, as_policy, commit_state
 
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
@@ -412,7 +413,6 @@ class FusedClipOptimizer(Optimizer):
         if self._check_caller["pending"] and not torch.compiler.is_compiling():
             # Once: is a framework stepping this optimizer set to clip too?
             self._check_caller["pending"] = False
-            from fusedclip.integrations import check_caller_clipping
             if self.clip_policy is not None:
                 check_caller_clipping(self)
         batch = self._gather()
