@@ -123,6 +123,16 @@ def test_new_param_group(gathers):
     step_both(opt, gathers)
 
 
+def test_param_group_replaced(gathers):
+    # The same parameters in a new group dict: its hyperparameters apply.
+    params = make_params()
+    opt = fusedclip.FusedClipAdamW(params, lr=0.1, clip=1.0)
+    train(opt, params, 3)
+    opt.param_groups[0] = dict(opt.param_groups[0], lr=0.01)
+    set_grads(params, 3)
+    step_both(opt, gathers)
+
+
 def test_new_policy(gathers):
     params = make_params()
     opt = fusedclip.FusedClipAdamW(params, lr=0.1, clip=1.0)

@@ -386,7 +386,7 @@ class FusedClipOptimizer(Optimizer):
         # (dynamo guards on what it depends on) and not kept.
         compiling = torch.compiler.is_compiling()
         kept = None if compiling else self._layout_cache.get("kept")
-        grads = kept.grads(all_grads) if kept is not None else None
+        grads = kept.grads(groups, all_grads) if kept is not None else None
         if grads is None:
             kept = layout.gather(type(self).__name__, groups, all_grads, self._dist_cache)
             if not compiling:

@@ -10,7 +10,7 @@ objects each step (``zero_grad()`` sets them to None, ``backward()`` makes
 new ones), so the lists of them are rebuilt every step, with one read of
 ``p.grad`` per parameter, while the checks are not repeated.
 
-A layout is given up when a group is added or its parameters replaced, a
+A layout is given up when a group is added or replaced or its parameters are, a
 gradient appears or goes away, a gradient's type (a DTensor, a subclass),
 dtype, layout (sparse) or device changes, and by the optimizer when a policy is assigned or a
 state dict loaded. A gradient's dtype and device stand for its parameter's:
@@ -124,16 +124,18 @@ class Layout:
     #: whether it can serve later steps (no DTensor)
     reusable: bool
 
-    def grads(self, grads_by_group: list[list]) -> list[list[Tensor]] | None:
+    def grads(self, param_groups: list[dict], grads_by_group: list[list]
+              ) -> list[list[Tensor]] | None:
         """Per group, the gradients of this layout's parameters from this
-        step's ``[p.grad for p in group["params"]]`` per group, or None if
-        the layout no longer holds for them."""
-        if len(grads_by_group) != len(self.groups):
+        step's ``[p.grad for p in group["params"]]`` per group of
+        ``param_groups``, or None if the layout no longer holds for them."""
+        if len(param_groups) != len(self.groups):
             return None
         out = []
-        for gl, grads in zip(self.groups, grads_by_group):
-            params = gl.group["params"]
-            if (len(params) != len(gl.members) or not all(map(operator.is_, params, gl.members))
+        for gl, group, grads in zip(self.groups, param_groups, grads_by_group):
+            params = group["params"]
+            if (group is not gl.group or len(params) != len(gl.members)
+                    or not all(map(operator.is_, params, gl.members))
                     or list(map(type, grads)) != gl.grad_types):
                 return None
             if gl.has_grad is not None:
