@@ -397,7 +397,7 @@ class FusedClipOptimizer(Optimizer):
                      for gl, g in zip(kept.groups, all_grads)]
         batch = kept.batch(grads)
         if batch.grads and (kept.specs is not None or self._norm_group is not None):
-            batch = batch._replace(plan=self._plan(batch, kept.specs))
+            batch.plan = self._plan(batch, kept.specs)
         return batch
 
     def _needs_norms(self) -> bool:
@@ -571,7 +571,8 @@ class FusedClipOptimizer(Optimizer):
         coef_on = _OnDevice(None if sliced else coef)
         scale_on, skip_on = _OnDevice(grad_scale), _OnDevice(skip)
         offset = 0
-        for gl, params, grads in batch.groups:
+        for part in batch.groups:
+            gl, params, grads = part.layout, part.params, part.grads
             group, originals, views = gl.group, gl.originals, gl.views
             # State is made here, after every check and the "raise" rule.
             states = list(map(self.state.__getitem__, originals))

@@ -173,7 +173,8 @@ class GroupBatch(NamedTuple):
     grads: list[Tensor]   # as the kernels see them
 
 
-class Batch(NamedTuple):
+@dataclass
+class Batch:
     """Phase 1's result for one step: the layout and this step's tensors."""
 
     layout: Layout
