@@ -25,27 +25,32 @@ through any of them.
 
 from __future__ import annotations
 
-import math
-import sys
 import warnings
 
 from torch.optim import Optimizer
+
+import fusedclip
+from fusedclip.caller_clipping import (  # noqa: F401  (re-exported)
+    FrameworkClipWarning, check_caller_clipping, clip_message,
+)
+from fusedclip.optim.base import FusedClipOptimizer
 
 __all__ = [
     "FrameworkClipWarning", "check_caller_clipping", "clip_stats", "fused_optimizer",
     "unwrap_optimizer",
 ]
 
+# The optimizers clip_stats exists on: every FusedClipOptimizer that fusedclip exports.
+OPTIMIZERS = tuple(
+    obj for obj in (getattr(fusedclip, name) for name in fusedclip.__all__)
+    if isinstance(obj, type) and issubclass(obj, FusedClipOptimizer)
+)
+
 # Wrappers keep the optimizer they wrap under one of these instance attributes:
 # "_optimizer" (Lightning's LightningOptimizer, Fabric's _FabricOptimizer),
 # "optimizer" (accelerate's AcceleratedOptimizer, DeepSpeed's wrappers).
 _WRAPPED_ATTRIBUTES = ("_optimizer", "optimizer")
 _MAX_WRAPPERS = 16
-
-
-class FrameworkClipWarning(UserWarning):
-    """A framework and a fusedclip optimizer both clip the gradients (or the
-    framework clips in a separate pass that the optimizer could fuse)."""
 
 
 def unwrap_optimizer(optimizer):
@@ -73,8 +78,6 @@ def unwrap_optimizer(optimizer):
 
 def fused_optimizer(optimizer):
     """The fusedclip optimizer under framework wrappers, or None if there is none."""
-    from fusedclip.optim.base import FusedClipOptimizer
-
     inner = unwrap_optimizer(optimizer)
     return inner if isinstance(inner, FusedClipOptimizer) else None
 
@@ -95,7 +98,7 @@ def clip_stats(optimizer) -> dict:
         where = "" if wrapped is optimizer else f" (it wraps {type(wrapped).__name__})"
         raise TypeError(
             f"{type(optimizer).__name__} is not a fusedclip optimizer{where}; clip_stats "
-            "exists only on FusedClipAdam, FusedClipAdamW, FusedClipSGD and FusedClipAdagrad"
+            f"exists only on {', '.join(o.__name__ for o in OPTIMIZERS)}"
         )
     return inner.clip_stats
 
@@ -127,22 +130,7 @@ def framework_clip_message(framework: str, setting: str, optimizer, fix: str) ->
     None when ``optimizer`` is no fusedclip optimizer. ``fix`` says how to
     turn the framework's clipping off."""
     inner = fused_optimizer(optimizer)
-    if inner is None:
-        return None
-    name = type(inner).__name__
-    policy = getattr(inner, "clip_policy", None)
-    if policy is not None:
-        return (
-            f"{framework} clips the gradients ({setting}) before {name} clips them again with "
-            f"its own policy {policy!r}: they are clipped twice, and clip_stats['grad_norm'] "
-            f"(and any stateful policy) sees the norm {framework} has already clipped. "
-            f"{fix} to let the optimizer clip alone (docs/FRAMEWORKS.md)."
-        )
-    return (
-        f"{framework} clips the gradients ({setting}) in a pass of its own before {name}'s "
-        f"step; {name}(..., clip=<max_norm>) does the same clip inside its step. "
-        f"{fix} and pass clip= to the optimizer to fuse it (docs/FRAMEWORKS.md)."
-    )
+    return None if inner is None else clip_message(framework, setting, inner, fix)
 
 
 def warn_framework_clip(framework: str, setting: str, optimizer, fix: str,
@@ -154,68 +142,3 @@ def warn_framework_clip(framework: str, setting: str, optimizer, fix: str,
         return False
     warnings.warn(message, FrameworkClipWarning, stacklevel=stacklevel)
     return True
-
-
-def _clips(value) -> bool:
-    """A framework's clip setting that clips: a finite number > 0."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        return False
-    return value > 0 and not math.isinf(value)
-
-
-def _class(module: str, name: str):
-    """``module.name`` if ``module`` is already imported (importing nothing)."""
-    mod = sys.modules.get(module)
-    return None if mod is None else getattr(mod, name, None)
-
-
-def check_caller_clipping(optimizer, max_frames: int = 64) -> bool:
-    """Warns when the code that is stepping ``optimizer`` right now is a
-    framework set to clip the gradients too; returns whether it warned.
-
-    Meant to be called once, from inside the first ``step()`` (it walks the
-    Python stack up to ``max_frames`` frames and reads the framework's clip
-    setting: about 15 us 40 frames deep, no device work): a user who passes a
-    fusedclip optimizer to Trainer (``max_grad_norm`` defaults to 1.0) or to
-    Lightning with ``gradient_clip_val`` set, and changes nothing else, is
-    told that the gradients are clipped twice. It recognizes a framework only
-    when its module is already imported, and imports nothing.
-    """
-    hf_trainer = _class("transformers.trainer", "Trainer")
-    pl_trainers = tuple(c for c in (
-        _class("lightning.pytorch.trainer.trainer", "Trainer"),
-        _class("pytorch_lightning.trainer.trainer", "Trainer"),
-    ) if c is not None)
-    if hf_trainer is None and not pl_trainers:
-        return False
-    frame = sys._getframe(1)
-    for _ in range(max_frames):
-        if frame is None:
-            break
-        owner = frame.f_locals.get("self")
-        frame = frame.f_back
-        if owner is None:
-            continue
-        if hf_trainer is not None and isinstance(owner, hf_trainer):
-            value = getattr(getattr(owner, "args", None), "max_grad_norm", None)
-            if _clips(value):
-                return warn_framework_clip(
-                    "transformers' Trainer", f"TrainingArguments.max_grad_norm={value}",
-                    optimizer, "Set TrainingArguments(max_grad_norm=0)", stacklevel=3)
-            return False
-        if pl_trainers:
-            attributes = getattr(owner, "__dict__", None) or {}
-            trainer = owner if isinstance(owner, pl_trainers) else None
-            for name in ("trainer", "_trainer"):
-                if trainer is None and isinstance(attributes.get(name), pl_trainers):
-                    trainer = attributes[name]
-            if trainer is not None:
-                value = getattr(trainer, "gradient_clip_val", None)
-                if _clips(value):
-                    return warn_framework_clip(
-                        "Lightning", f"Trainer(gradient_clip_val={value})", optimizer,
-                        "Leave Trainer's gradient_clip_val unset (None)", stacklevel=3)
-                return False
-    return False

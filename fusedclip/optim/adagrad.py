@@ -6,10 +6,8 @@ import torch
 from torch import Tensor
 
 from fusedclip import ops
-from fusedclip.optim.base import (
-    CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC, FusedClipOptimizer, check_lr, state_list,
-    scalar_dtype,
-)
+from fusedclip.optim.base import FusedClipOptimizer, check_lr, scalar_dtype, state_list
+from fusedclip.optim.docs import CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC
 
 __all__ = ["FusedClipAdagrad"]
 
@@ -133,9 +131,9 @@ class FusedClipAdagrad(FusedClipOptimizer):
 
     state_keys = ("step", "sum")
 
-    def _update(self, group, params, grads, states, *, originals, args) -> None:
+    def _update(self, group, params, grads, states, *, originals, views, args) -> None:
         ops.update_(
-            "adagrad", params, grads, [state_list(states, "sum", params, originals)],
+            "adagrad", params, grads, [state_list(states, "sum", views)],
             [s["step"] for s in states],
             dict(lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
                  eps=group["eps"]),

@@ -6,10 +6,8 @@ import torch
 from torch import Tensor
 
 from fusedclip import ops
-from fusedclip.optim.base import (
-    CAPTURABLE_ARG_DOC, CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC, FusedClipOptimizer, check_lr,
-    state_list,
-)
+from fusedclip.optim.base import FusedClipOptimizer, check_lr, state_list
+from fusedclip.optim.docs import CAPTURABLE_ARG_DOC, CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC
 from fusedclip.optim.base import scalar_dtype as _scalar_dtype
 
 __all__ = ["FusedClipAdam", "FusedClipAdamW"]
@@ -160,7 +158,7 @@ class FusedClipAdam(FusedClipOptimizer):
 
     state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
-    def _update(self, group, params, grads, states, *, originals, args) -> None:
+    def _update(self, group, params, grads, states, *, originals, views, args) -> None:
         amsgrad = group["amsgrad"]
         if amsgrad:
             for p, s in zip(originals, states):
@@ -169,7 +167,7 @@ class FusedClipAdam(FusedClipOptimizer):
         keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
         beta1, beta2 = group["betas"]
         ops.update_(
-            "adam", params, grads, [state_list(states, key, params, originals) for key in keys],
+            "adam", params, grads, [state_list(states, key, views) for key in keys],
             [s["step"] for s in states],
             dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                  amsgrad=amsgrad,

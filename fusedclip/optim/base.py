@@ -4,8 +4,9 @@ the clip policy, the non-finite policy and the GradScaler hand-off.
 One ``step()``:
 
 1. **gather**: every group's parameters with a gradient, their gradients and
-   state, checked (nothing has changed if this raises), complex ones as real
-   views, bucketed by (device, dtype);
+   state, complex ones as real views, bucketed by (device, dtype); the layout
+   is checked (nothing has changed if this raises) and kept while it holds
+   (``fusedclip.optim.layout``);
 2. **measure**: the norm pass, one ``multi_tensor_norm`` (or, for per-unit
    policies, ``multi_tensor_unit_norm``) per bucket over all gradients of all
    groups: per-tensor norms, the global norm and a non-finite flag;
@@ -26,7 +27,8 @@ One ``step()``:
 The policy's state travels in the state_dict under the extra top-level key
 ``"clip_policy"`` (torch.optim's ``load_state_dict`` reads only ``"state"`` and
 ``"param_groups"``, so a torch optimizer loads a fusedclip state_dict), with
-per-parameter state keyed by the state_dict's parameter ids.
+per-parameter state keyed by the state_dict's parameter ids: torch.optim's
+state_dict hooks put it there and take it back (``fusedclip.optim.policy_state``).
 
 Nothing in it reads a device value on the host, except ``nonfinite="raise"``,
 which must know whether to raise.
@@ -34,73 +36,25 @@ which must know whether to raise.
 
 from __future__ import annotations
 
+import itertools
 import math
-import warnings
-from dataclasses import dataclass, field
+import operator
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
 from fusedclip import distributed, ops
+from fusedclip.caller_clipping import check_caller_clipping
 from fusedclip.clipping import ClipInputs, as_policy, commit_state
+from fusedclip.optim import layout, policy_state
+from fusedclip.optim.layout import Batch, kernel_view
+from fusedclip.optim.policy_state import OPTIMIZER_WIDE
+from fusedclip.optim.skip_monitor import SkipMonitor
 
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
 
-# The optimizer-wide arguments (`clip`, `norm_group`, `nonfinite`), as every
-# optimizer's docstring states them at "{clip_arg}".
-CLIP_ARG_DOC = """        clip (None, float or ClipPolicy, optional): gradient clipping fused into
-            the step: ``None`` for none, a float for the global L2 norm with that
-            ``max_norm`` (exactly ``clip_grad_norm_``), or a policy such as
-            ``fusedclip.GlobalNorm(max_norm, norm_type=inf)``,
-            ``fusedclip.ValueClip(clip_value)`` (``clip_grad_value_``) or
-            ``fusedclip.AGC(clip_factor)`` (per-unit adaptive clipping). One
-            global norm covers all parameter groups; ``opt.clip`` reads or
-            replaces the policy. (default: None)
-        norm_group (ProcessGroup or 1-D DeviceMesh, optional): keyword-only;
-            for an optimizer that holds only part of the model (ZeRO's
-            per-rank optimizer, a pipeline stage): the clip norm is summed over
-            this group's members, so every one of them clips by the whole
-            model's norm and skips together. DTensor parameters (FSDP2, tensor
-            parallel) need none: their norms are reduced over their mesh.
-            (default: None)
-        nonfinite (str, optional): what a step whose gradients hold inf or nan
-            does: ``"skip"`` changes no parameter and no state (step counts,
-            momentum buffers and the policy's state included) and counts it in
-            ``clip_stats["skipped"]``; ``"raise"`` raises before anything
-            changes (and so reads one flag on the host); ``"propagate"`` lets
-            inf/nan flow into the update as torch.optim does. Under
-            ``torch.amp.GradScaler`` a step the scaler finds inf in is always
-            skipped. (default: "skip")
-"""
-# torch's implementation flags, as every optimizer's docstring states them.
-IMPL_ARGS_DOC = """        foreach, fused (bool, optional): accepted for torch.optim's signature and
-            kept in the param groups; the step is always one fused multi-tensor
-            op, so they change nothing. ``foreach=True`` with ``fused=True`` is
-            refused as torch refuses it. (default: None)
-        differentiable (bool, optional): must be False: the fused step is not
-            differentiable (torch's fused optimizers refuse it too). (default: False)
-"""
-CAPTURABLE_ARG_DOC = """        capturable (bool, optional): accepted and kept; the step is always
-            capturable in a CUDA graph (no host sync, step counters on the
-            parameter's device), whatever its value. (default: False)
-"""
-CLIP_STATS_DOC = """    ``opt.clip_stats`` holds device tensors under the same keys from the
-    optimizer's construction on: ``grad_norm`` (the pre-clip global norm of the
-    last step; NaN before the first step and where no norm was measured, that
-    is with ``nonfinite="propagate"`` and a policy that needs none),
-    ``clip_coef`` (the last step's coefficient: 1 before the first step and
-    without clipping; one per tensor or per unit for such policies) and
-    ``skipped`` (the number of skipped steps); per-tensor policies add
-    ``tensor_norms``. Reading them is the caller's host sync. A run that skips
-    ``warn_after_skips`` (10) steps in a row warns at ``zero_grad()`` (see
-    ``FusedClipOptimizer``).
-"""
-SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-COMPLEX_DTYPES = (torch.complex64, torch.complex128)
-# Keys a param group may not hold: clipping and its non-finite rule are one
-# decision for the whole optimizer (one global norm covers every group).
-OPTIMIZER_WIDE = ("clip", "nonfinite")
 
 
 def check_lr(lr, where: str = "") -> None:
@@ -141,52 +95,12 @@ def scalar_dtype() -> torch.dtype:
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
 
 
-def kernel_view(t: Tensor) -> Tensor:
-    """The tensor the fused ops see: itself, or for a complex tensor its real
-    view (torch.optim's treatment of complex parameters), with 0-d and 1-d
-    tensors given a leading unit dim so that they stay one unit for per-unit
-    policies, as the complex tensor is. A DTensor is its local shard (same
-    storage: updating it updates the DTensor)."""
-    if not distributed.is_plain(t):
-        t = distributed.local(t)
-    if not t.is_complex():
-        return t
-    return torch.view_as_real(t if t.dim() >= 2 else t.unsqueeze(0))
-
-
-def state_list(states: list[dict], key: str, params: list[Tensor],
-               originals: list[Tensor]) -> list[Tensor]:
-    """The state tensors ``key`` of an ``_update`` call as the kernels see them.
-    The base passes ``originals`` as the very list ``params`` where no tensor of
-    the call needs a view (no complex or DTensor parameter): then no
-    ``kernel_view`` call per tensor, a good part of a step of many small ones."""
-    values = [s[key] for s in states]
-    return values if params is originals else [kernel_view(t) for t in values]
-
-
-def group_by_key(keys: list) -> dict:
-    """Indices of `keys` grouped by key, in first-seen order."""
-    if keys and keys.count(keys[0]) == len(keys):  # the common case, 2.4x faster
-        return {keys[0]: list(range(len(keys)))}
-    buckets: dict = {}
-    for i, key in enumerate(keys):
-        indices = buckets.get(key)
-        if indices is None:
-            indices = buckets[key] = []
-        indices.append(i)
-    return buckets
-
-
-def runs(positions: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """``(bucket, start, length)`` runs of consecutive positions: a list that
-    walks buckets in another order as a few contiguous slices of each."""
-    out: list[list[int]] = []
-    for b, k in positions:
-        if out and out[-1][0] == b and out[-1][1] + out[-1][2] == k:
-            out[-1][2] += 1
-        else:
-            out.append([b, k, 1])
-    return [tuple(r) for r in out]
+def state_list(states: list[dict], key: str, views: bool) -> list[Tensor]:
+    """The state tensors ``key`` of an ``_update`` call as the kernels see
+    them: through ``kernel_view`` where the call's tensors are ``views``
+    (complex or DTensor parameters), else the tensors themselves."""
+    values = list(map(operator.itemgetter(key), states))
+    return [kernel_view(t) for t in values] if views else values
 
 
 class _OnDevice:
@@ -207,20 +121,6 @@ class _OnDevice:
 
 
 @dataclass
-class _Gathered:
-    """Phase 1's result: per group, the parameters with a gradient (as the
-    kernels see them), their gradients, state dicts and (device, dtype) keys;
-    and the norm buckets over all of them."""
-
-    groups: list[tuple[dict, list[Tensor], list[Tensor], list[Tensor], list[tuple]]]
-    params: list[Tensor] = field(default_factory=list)      # kernel views, all groups
-    originals: list[Tensor] = field(default_factory=list)   # the parameters themselves
-    grads: list[Tensor] = field(default_factory=list)
-    buckets: list[list[int]] = field(default_factory=list)  # indices into grads
-    plan: distributed.Plan | None = None  # the reduce phase's, where there is one
-
-
-@dataclass
 class _Norms:
     """Phase 2's result (all on the first gradient's device but the per-bucket lists)."""
 
@@ -237,6 +137,10 @@ class FusedClipOptimizer(Optimizer):
     Subclasses implement ``_check_group`` (hyperparameters), ``_init_state``
     (torch.optim's state keys, listed in ``state_keys``) and ``_update`` (one
     fused op call).
+
+    ``state_dict()`` and ``load_state_dict()`` are torch.optim's, with the
+    clip policy's state carried under ``"clip_policy"`` by state_dict hooks
+    (see ``fusedclip.optim.policy_state``).
 
     Attributes:
         warn_after_skips (int): a ``RuntimeWarning`` is issued when this many
@@ -268,6 +172,8 @@ class FusedClipOptimizer(Optimizer):
         self.nonfinite = nonfinite
         self._norm_group = distributed.resolve_norm_group(norm_group, type(self).__name__)
         self._dist_cache = {}
+        # The last step's layout (fusedclip.optim.layout) under "kept".
+        self._layout_cache: dict = {}
         # What add_param_group accepts in a group as the optimizer's own setting.
         self._wide_given = {"clip": clip, "nonfinite": nonfinite, "norm_group": norm_group}
         super().__init__(params, defaults)
@@ -279,8 +185,9 @@ class FusedClipOptimizer(Optimizer):
         self.clip_stats: dict[str, Tensor] = {}
         self._skips = {"streak": torch.zeros((), dtype=torch.int64, device=device)}
         self._check_caller = {"pending": True}
-        self._skip_monitor = _SkipMonitor()
+        self._skip_monitor = SkipMonitor()
         self._reset_stats(device)
+        policy_state.install(self)
 
     # -- settings: clip, nonfinite ----------------------------------------------------------
     @property
@@ -297,6 +204,7 @@ class FusedClipOptimizer(Optimizer):
                 f"{policy!r} reads the optimizer state {policy.reads_state!r}, which "
                 f"{type(self).__name__} does not keep (its state: {', '.join(self.state_keys)})")
         self.clip_policy = policy
+        self._forget_layout()
         self._policy_state: dict = {}
         self._policy_tensor_state: dict = {}
         if "clip_stats" in self.__dict__:
@@ -312,6 +220,7 @@ class FusedClipOptimizer(Optimizer):
         if value not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {value!r}")
         self._nonfinite = value
+        self._forget_layout()
 
     @property
     def norm_group(self):
@@ -335,6 +244,14 @@ class FusedClipOptimizer(Optimizer):
                     f"{type(self).__name__} (one global norm covers every group); give "
                     "parameters that need another policy an optimizer of their own")
         super().add_param_group(param_group)
+        self._forget_layout()
+
+    def _forget_layout(self) -> None:
+        """The next step gathers and checks its layout afresh: after a change
+        of policy, param groups or loaded state."""
+        cache = self.__dict__.get("_layout_cache")
+        if cache:
+            cache.clear()
 
     def __repr__(self) -> str:
         text = super().__repr__()
@@ -355,12 +272,15 @@ class FusedClipOptimizer(Optimizer):
         # torch's load_state_dict calls this with only "state" and
         # "param_groups": the attributes not given are kept.
         super().__setstate__(state)
+        policy_state.install(self)
         if "_skip_monitor" not in self.__dict__:
-            self._skip_monitor = _SkipMonitor()
+            self._skip_monitor = SkipMonitor()
             self._check_caller = {"pending": True}
         if "_dist_cache" not in self.__dict__:
             self._dist_cache = {}
             self.__dict__.setdefault("_norm_group", None)
+        # Also load_state_dict's call: its state is checked afresh.
+        self.__dict__.setdefault("_layout_cache", {}).clear()
         # What torch does for state dicts saved by older versions: param group
         # keys added since take their defaults, and a float step becomes a
         # tensor (on the parameter's device, where the fused ops read it).
@@ -412,7 +332,6 @@ class FusedClipOptimizer(Optimizer):
         if self._check_caller["pending"] and not torch.compiler.is_compiling():
             # Once: is a framework stepping this optimizer set to clip too?
             self._check_caller["pending"] = False
-            from fusedclip.integrations import check_caller_clipping
             if self.clip_policy is not None:
                 check_caller_clipping(self)
         batch = self._gather()
@@ -452,86 +371,40 @@ class FusedClipOptimizer(Optimizer):
         self._record(batch, norms, coef, unit_coefs, skip)
         return loss
 
-    def _gather(self) -> _Gathered:
+    def _gather(self) -> Batch:
         """Phase 1: per group, the parameters that have a gradient (complex
-        ones as real views), their gradients and (device, dtype) keys, after
-        checking every group and gradient: nothing has changed if this
-        raises. One pass, since with many small tensors the per-parameter
-        Python work is a good part of a step."""
-        name = type(self).__name__
-        checked = []
-        specs = None  # per gradient, how its norms are reduced (DTensors; None: plain)
-        n_grads = 0
-        plain_types = distributed.PLAIN_TYPES  # distributed.is_plain, inlined: a hot loop
-        for g, group in enumerate(self.param_groups):
+        ones as real views), their gradients and (device, dtype) buckets
+        (``fusedclip.optim.layout``). Every group's hyperparameters are
+        checked each step; the parameters and gradients once per layout,
+        before anything changes: a step whose layout is the last one's reads
+        ``p.grad`` once per parameter and checks nothing more."""
+        groups = self.param_groups
+        for group in groups:
             self._check_group(group)
-            params, grads, keys = [], [], []
-            needs_views = False  # a complex or DTensor parameter
-            for k, p in enumerate(group["params"]):
-                grad = p.grad
-                if grad is None:
-                    continue
-                if type(p) not in plain_types or type(grad) not in plain_types:
-                    needs_views = True
-                    spec = distributed.spec_of(p, grad, f"{name}: parameter {k} of param group {g}",
-                                               self._dist_cache)
-                    if spec is not None and specs is None:
-                        specs = [None] * n_grads
-                    if specs is not None:
-                        specs.append(spec)
-                elif specs is not None:
-                    specs.append(None)
-                n_grads += 1
-                if grad.is_sparse:
-                    raise RuntimeError(f"{name} does not support sparse gradients")
-                dtype = p.dtype
-                if dtype not in SUPPORTED_DTYPES:
-                    if dtype not in COMPLEX_DTYPES:
-                        raise RuntimeError(
-                            f"{name} supports float32, float64, float16 and bfloat16 "
-                            f"parameters and complex64/complex128 ones, got {dtype}")
-                    if grad.dtype != dtype:
-                        raise RuntimeError(
-                            f"{name}: the gradient of a {dtype} parameter is {grad.dtype}")
-                    needs_views = True
-                params.append(p)
-                grads.append(grad)
-                keys.append((p.device, dtype))
-            checked.append((group, params, grads, keys, needs_views))
-
-        batch = _Gathered(groups=[])
-        keys_all = []
-        for group, params, grads, keys, needs_views in checked:
-            if needs_views:
-                views = [kernel_view(p) for p in params]
-                grad_views = [kernel_view(g) for g in grads]
-                real_keys = [(d, v.dtype) for (d, _), v in zip(keys, views)]
-            else:  # the same list objects: state_list() then makes no views either
-                views, grad_views, real_keys = params, grads, keys
-            batch.groups.append((group, params, views, grad_views, real_keys))
-            batch.params.extend(views)
-            batch.originals.extend(params)
-            batch.grads.extend(grad_views)
-            keys_all.extend(real_keys)
-        by_key = group_by_key(keys_all)
-        for device, dtype in by_key:  # once per key, not per parameter: device.type costs ~0.4 us
-            if device.type not in ("cpu", "cuda"):
-                # torch's fused steps refuse these too (a meta parameter would
-                # reach the fake kernels, which change nothing).
-                raise RuntimeError(
-                    "`fused=True` requires all the params to be floating point Tensors "
-                    f"of supported devices: ['cpu', 'cuda'] but {dtype} and {device}; "
-                    f"{name} runs on the CPU and CUDA")
-        batch.buckets = list(by_key.values())
-        if batch.grads and (specs is not None or self._norm_group is not None):
-            batch.plan = self._plan(batch, specs)
+        all_grads = [[p.grad for p in group["params"]] for group in groups]
+        # Under torch.compile the layout is made afresh in the traced code
+        # (dynamo guards on what it depends on) and not kept.
+        compiling = torch.compiler.is_compiling()
+        kept = None if compiling else self._layout_cache.get("kept")
+        grads = kept.grads(groups, all_grads) if kept is not None else None
+        if grads is None:
+            kept = layout.gather(type(self).__name__, groups, all_grads, self._dist_cache)
+            if not compiling:
+                self._forget_layout()
+                if kept.reusable:
+                    self._layout_cache["kept"] = kept
+            grads = [list(itertools.compress(g, gl.has_grad)) if gl.has_grad is not None else g
+                     for gl, g in zip(kept.groups, all_grads)]
+        batch = kept.batch(grads)
+        if batch.grads and (kept.specs is not None or self._norm_group is not None):
+            batch.plan = self._plan(batch, kept.specs)
         return batch
 
     def _needs_norms(self) -> bool:
         policy = self.clip_policy
         return (policy is not None and policy.needs_norms) or self.nonfinite != "propagate"
 
-    def _plan(self, batch: _Gathered, specs: list | None) -> distributed.Plan | None:
+    def _plan(self, batch: Batch, specs: list | None) -> distributed.Plan | None:
         """The reduce phase's plan for this layout of gradients (None: nothing
         to reduce), made once and kept while the layout, the policy and
         ``norm_group`` stay the same. Refuses a ``norm_group`` that overlaps a
@@ -565,7 +438,7 @@ class FusedClipOptimizer(Optimizer):
         self._dist_cache["plan"] = (key, plan)
         return plan
 
-    def _measure(self, batch: _Gathered, grad_scale: Tensor | None) -> _Norms | None:
+    def _measure(self, batch: Batch, grad_scale: Tensor | None) -> _Norms | None:
         """Phase 2: the norm pass over all gradients (None where neither the
         policy nor the non-finite rule needs it): the global norm and
         non-finite flag on the first gradient's device, per-tensor norms per
@@ -616,7 +489,7 @@ class FusedClipOptimizer(Optimizer):
             return totals.max(), flags.max()  # max propagates NaN
         return torch.linalg.vector_norm(totals), flags.max()
 
-    def _reduce(self, batch: _Gathered, norms: _Norms | None) -> _Norms | None:
+    def _reduce(self, batch: Batch, norms: _Norms | None) -> _Norms | None:
         """Phase 3: the norms across processes (``fusedclip.distributed``):
         those of DTensor shards summed (or, for the inf norm, maxed) over the
         mesh dims they are sharded on, the total over ``norm_group``, the
@@ -627,7 +500,7 @@ class FusedClipOptimizer(Optimizer):
         return _Norms(*batch.plan.reduce(norms.total, norms.nonfinite, norms.tensor_norms,
                                          norms.unit_norms, norms.param_unit_norms))
 
-    def _coefficients(self, batch: _Gathered, norms: _Norms | None, skip: Tensor | None):
+    def _coefficients(self, batch: Batch, norms: _Norms | None, skip: Tensor | None):
         """Phase 4: the policy's result (None without a policy): its
         coefficient(s) (a 0-d tensor, or one 1-D tensor per norm bucket for
         scopes "tensor" and "unit", or None) and element-wise transform. Its
@@ -675,14 +548,14 @@ class FusedClipOptimizer(Optimizer):
         commit_state(olds, news, skip)
         return result
 
-    def _unit_coefs(self, batch: _Gathered, coef) -> list[list[Tensor]] | None:
+    def _unit_coefs(self, batch: Batch, coef) -> list[list[Tensor]] | None:
         """Per-unit coefficients as one view per gradient, bucket by bucket."""
         if self.clip_policy is None or self.clip_policy.scope != "unit":
             return None
         return [list(c.split(ops.unit_counts([batch.grads[i] for i in indices])))
                 for c, indices in zip(coef, batch.buckets)]
 
-    def _apply(self, batch: _Gathered, coef, unit_coefs: list[list[Tensor]] | None,
+    def _apply(self, batch: Batch, coef, unit_coefs: list[list[Tensor]] | None,
                elementwise, grad_scale: Tensor | None, skip: Tensor | None) -> None:
         """Phase 5: one fused op per group and (device, dtype), with the
         arguments every update op shares built here, once (``ops.StepArgs``).
@@ -692,21 +565,22 @@ class FusedClipOptimizer(Optimizer):
         policy = self.clip_policy
         scope = policy.scope if policy is not None else "global"
         sliced = scope in ("tensor", "unit")
-        where = self._positions(batch) if sliced else []
+        where = batch.layout.positions
         clip_value = elementwise.clip_value if elementwise is not None else None
         spike_theta = elementwise.spike_theta if elementwise is not None else None
         coef_on = _OnDevice(None if sliced else coef)
         scale_on, skip_on = _OnDevice(grad_scale), _OnDevice(skip)
         offset = 0
-        for group, originals, params, grads, keys in batch.groups:
+        for part in batch.groups:
+            gl, params, grads = part.layout, part.params, part.grads
+            group, originals, views = gl.group, gl.originals, gl.views
             # State is made here, after every check and the "raise" rule.
-            states = []
-            for p in originals:
-                state = self.state[p]
-                if len(state) == 0:
-                    self._init_state(p, group, state)
-                states.append(state)
-            for (device, _), indices in group_by_key(keys).items():
+            states = list(map(self.state.__getitem__, originals))
+            if not all(states):
+                for p, state in zip(originals, states):
+                    if len(state) == 0:
+                        self._init_state(p, group, state)
+            for device, indices in gl.calls:
                 call_coef = units = None
                 if sliced:
                     b, start = where[offset + indices[0]]
@@ -725,9 +599,7 @@ class FusedClipOptimizer(Optimizer):
                     call_params = [params[i] for i in indices]
                     call_grads = [grads[i] for i in indices]
                     call_states = [states[i] for i in indices]
-                    # Kept the very list where no views were made (state_list).
-                    call_originals = (call_params if params is originals
-                                      else [originals[i] for i in indices])
+                    call_originals = call_params if not views else [originals[i] for i in indices]
                 # A tensor lr goes to the op as it is: on the device it is read
                 # by the kernel, on the CPU by the host (no device sync either;
                 # no copy to the device, which from pageable memory would be one).
@@ -740,19 +612,10 @@ class FusedClipOptimizer(Optimizer):
                     spike_theta=spike_theta, unit_coefs=units,
                     maximize=bool(group.get("maximize", False)))
                 self._update(group, call_params, call_grads, call_states,
-                             originals=call_originals, args=args)
+                             originals=call_originals, views=views, args=args)
             offset += len(params)
 
-    @staticmethod
-    def _positions(batch: _Gathered) -> list[tuple[int, int]]:
-        """Where each gradient sits in its norm bucket: (bucket, index)."""
-        where = [(0, 0)] * len(batch.grads)
-        for b, indices in enumerate(batch.buckets):
-            for k, i in enumerate(indices):
-                where[i] = (b, k)
-        return where
-
-    def _record(self, batch: _Gathered, norms: _Norms | None, coef,
+    def _record(self, batch: Batch, norms: _Norms | None, coef,
                 unit_coefs: list[list[Tensor]] | None, skip: Tensor | None) -> None:
         """Phase 6: ``clip_stats`` and the skip streak.
 
@@ -767,7 +630,7 @@ class FusedClipOptimizer(Optimizer):
         device = batch.grads[0].device
         if policy is not None and policy.scope in ("tensor", "unit"):
             # The buckets in the gradients' order: a few contiguous runs.
-            order = runs(self._positions(batch))
+            order = batch.layout.order
             if unit_coefs is not None:
                 coef = _in_order([torch.cat(c) if c else torch.zeros(0, device=device)
                                   for c in unit_coefs], order, device, unit_coefs)
@@ -813,179 +676,6 @@ class FusedClipOptimizer(Optimizer):
         a CUDA one from an asynchronous copy made at the previous call."""
         return self._skip_monitor.check(self)
 
-    # -- state_dict: the clip policy's state ----------------------------------------
-    def state_dict(self):
-        """torch.optim's state_dict, plus the clip policy's state (if it keeps
-        any) under ``"clip_policy"``: ``{"policy": class name, "state": {...},
-        "tensor_state": {param id: {...}}}``, with the parameter ids of
-        ``"state"``. torch.optim's ``load_state_dict`` ignores that key.
-
-        In a distributed run (torch.distributed initialized, DTensor
-        parameters or a ``norm_group``) the policy's state is kept in the
-        per-parameter state instead (see ``_nest_policy_state``): torch's
-        ``get_optimizer_state_dict`` and ``torch.distributed.checkpoint``
-        carry only ``"state"`` and ``"param_groups"``. Either form loads."""
-        state_dict = super().state_dict()
-        for group in state_dict["param_groups"]:
-            # Copied into the groups by ZeroRedundancyOptimizer each step; the
-            # optimizer's, not the groups' (and a process group does not pickle).
-            for key in (*OPTIMIZER_WIDE, "norm_group"):
-                group.pop(key, None)
-        policy = self.clip_policy
-        if policy is not None and self._is_distributed():
-            self._nest_policy_state(state_dict)
-        elif policy is not None and (self._policy_state
-                                     or any(self._policy_tensor_state.values())):
-            ids = {}
-            for saved, group in zip(state_dict["param_groups"], self.param_groups):
-                for pid, p in zip(saved["params"], group["params"]):
-                    ids[p] = pid
-            state_dict["clip_policy"] = {
-                "policy": type(policy).__name__,
-                "state": dict(self._policy_state),
-                "tensor_state": {
-                    ids[p]: dict(s) for p, s in self._policy_tensor_state.items()
-                    if p in ids and s
-                },
-            }
-        return state_dict
-
-    def _is_distributed(self) -> bool:
-        """Whether this optimizer's state dict is a distributed one (see state_dict)."""
-        return self._norm_group is not None or distributed.initialized() or any(
-            not distributed.is_plain(p) and distributed.is_dtensor(p)
-            for group in self.param_groups for p in group["params"])
-
-    def _nest_policy_state(self, state_dict: dict) -> None:
-        """Puts the policy's state into ``state_dict["state"]``, where torch's
-        distributed state_dict helpers keep it: under the key ``"clip_policy"``
-        of the first parameter's entry ``{"state": {...}}`` and of every
-        parameter's entry with per-tensor state ``{"tensor_state": {...}}``.
-        Tensors only (no class name: torch.optim's load_state_dict would turn a
-        string into a generator, and the flattened DCP form refuses one); a
-        policy whose state has other keys refuses it on load. The state is
-        there from construction on (the policy's initial state before the first
-        step), so that the state_dict a checkpoint is loaded into already has
-        every key. Entries are copies: the optimizer's own state dicts are not
-        changed."""
-        policy = self.clip_policy
-        first = None
-        device = self._skips["streak"].device
-        for saved, group in zip(state_dict["param_groups"], self.param_groups):
-            for pid, p in zip(saved["params"], group["params"]):
-                entry = {}
-                if first is None:
-                    first = pid
-                    global_state = self._policy_state or policy.init_state(device)
-                    if global_state:
-                        entry["state"] = dict(global_state)
-                if policy.scope == "tensor":
-                    tensor_state = self._policy_tensor_state.get(p)
-                    if not tensor_state:
-                        wide = p.dtype in (torch.float64, torch.complex128)
-                        tensor_state = policy.init_tensor_state(
-                            torch.float64 if wide else torch.float32, p.device)
-                    if tensor_state:
-                        entry["tensor_state"] = dict(tensor_state)
-                if entry:
-                    state_dict["state"][pid] = {**state_dict["state"].get(pid, {}),
-                                                "clip_policy": entry}
-
-    def load_state_dict(self, state_dict) -> None:
-        """torch.optim's load_state_dict; a state_dict without ``"clip_policy"``
-        (torch.optim's, say) starts the clip policy afresh. An optimizer without
-        a policy ignores a saved policy state; one with another policy refuses it.
-        Param groups saved by older torch versions (without ``maximize``,
-        ``foreach``, ... or with float step counts) load as torch loads them.
-        The policy state of a distributed optimizer's state_dict (in the
-        per-parameter state) loads into any fusedclip optimizer."""
-        saved = state_dict.get("clip_policy")
-        nested = _unnest_policy_state(state_dict, self.clip_policy, self._skips["streak"].device)
-        if nested is not None:
-            saved, state_dict = nested
-        policy = self.clip_policy
-        if policy is None:
-            saved = None
-        if saved is not None and saved.get("policy") != type(policy).__name__:
-            raise ValueError(
-                f"this state_dict holds the state of clip policy {saved.get('policy')!r}, "
-                f"but this optimizer's policy is {policy!r}"
-            )
-        for group in state_dict.get("param_groups", []):
-            for key in OPTIMIZER_WIDE:
-                if key in group:
-                    raise ValueError(f"this state_dict's param groups set {key!r}, "
-                                     "which applies to a whole optimizer")
-        super().load_state_dict(state_dict)
-        self._policy_state = {}
-        self._policy_tensor_state = {}
-        if saved is not None:
-            self._policy_state = {k: v.clone() if isinstance(v, Tensor) else v
-                                  for k, v in saved["state"].items()}
-            params = {}
-            for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
-                for pid, p in zip(saved_group["params"], group["params"]):
-                    params[pid] = p
-            for pid, s in saved["tensor_state"].items():
-                if pid in params:
-                    p = params[pid]
-                    self._policy_tensor_state[p] = {
-                        k: v.to(p.device, copy=True) if isinstance(v, Tensor) else v
-                        for k, v in s.items()
-                    }
-
-
-def _unnest_policy_state(state_dict: dict, policy, device):
-    """``(saved policy state in the top-level form, state_dict without it)``
-    for a state_dict that keeps the policy state in its per-parameter state
-    (``FusedClipOptimizer._nest_policy_state``), else None. The values get the
-    dtypes of ``policy``'s own state where it has the key: a torch.optim
-    optimizer that loaded such a state_dict casts every tensor of a
-    parameter's state to the parameter's dtype (an int64 count to float32)."""
-    per_param = state_dict.get("state", {})
-    if not any(isinstance(s, dict) and "clip_policy" in s for s in per_param.values()):
-        return None
-    saved = {"policy": None, "state": {}, "tensor_state": {}}
-    initial = policy.init_state(device) if policy is not None else {}
-    initial_tensor = (policy.init_tensor_state(torch.float32, device)
-                      if policy is not None and policy.scope == "tensor" else {})
-    state = {}
-    for pid, s in per_param.items():
-        entry = s.get("clip_policy") if isinstance(s, dict) else None
-        if entry is None:
-            state[pid] = s
-            continue
-        rest = {k: v for k, v in s.items() if k != "clip_policy"}
-        if rest:
-            state[pid] = rest
-        if "state" in entry:
-            saved["state"] = _like(entry["state"], initial)
-        if entry.get("tensor_state"):
-            # (floating values keep their dtype: the norms', the parameter's)
-            saved["tensor_state"][pid] = _like(entry["tensor_state"], initial_tensor,
-                                               floating=False)
-    # The saved state is this policy's if it has this policy's keys.
-    keys = sorted(saved["state"])
-    tensor_keys = sorted({k for s in saved["tensor_state"].values() for k in s})
-    if keys == sorted(initial) and tensor_keys in ([], sorted(initial_tensor)):
-        saved["policy"] = type(policy).__name__ if policy is not None else None
-    else:
-        saved["policy"] = f"<a policy with state {keys} and per-tensor state {tensor_keys}>"
-    return saved, {**state_dict, "state": state}
-
-
-def _like(values: dict, initial: dict, floating: bool = True) -> dict:
-    """``values`` with the dtype of ``initial``'s tensor of the same key (only
-    where that is not a floating dtype, unless ``floating``)."""
-    out = {}
-    for key, value in values.items():
-        ref = initial.get(key)
-        if (isinstance(value, Tensor) and isinstance(ref, Tensor) and value.dtype != ref.dtype
-                and (floating or not ref.is_floating_point())):
-            value = value.to(ref.dtype)
-        out[key] = value
-    return out
-
 
 def _in_order(per_bucket: list[Tensor], order, device,
               pieces: list[list[Tensor]] | None = None) -> Tensor:
@@ -999,43 +689,3 @@ def _in_order(per_bucket: list[Tensor], order, device,
     else:
         parts = [per_bucket[b][k:k + n] for b, k, n in order]
     return torch.cat([t.to(device, non_blocking=True) for t in parts])
-
-
-class _SkipMonitor:
-    """Warns when many steps in a row were skipped, without a device sync:
-    a CPU count is read as it is; a CUDA one from a pinned copy made
-    asynchronously at the previous check, once its event has completed."""
-
-    def __init__(self) -> None:
-        self.warned_at = 0
-        self.pending = None  # (pinned host tensor, event)
-
-    def check(self, opt: FusedClipOptimizer) -> int | None:
-        streak = opt._skips["streak"]
-        if streak.device.type == "cpu":
-            seen = int(streak)  # sync-ok: CPU memory
-        else:
-            seen = None
-            if self.pending is not None and self.pending[1].query():
-                seen = int(self.pending[0])  # sync-ok: a completed pinned copy
-                self.pending = None
-            if self.pending is None and streak.device.type == "cuda":
-                host = torch.empty((), dtype=streak.dtype, pin_memory=True)
-                host.copy_(streak, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-                self.pending = (host, event)
-        limit = opt.warn_after_skips
-        if seen is None or not limit:
-            return seen
-        if seen < limit:
-            self.warned_at = 0
-        elif seen >= max(limit, 10 * self.warned_at):
-            self.warned_at = seen
-            warnings.warn(
-                f"{type(opt).__name__}: the last {seen} steps were all skipped: the gradients "
-                f"held inf or nan (nonfinite={opt.nonfinite!r}) or a GradScaler found inf, so "
-                "no parameter has changed since. Check the loss and the gradients; "
-                "nonfinite='raise' stops at the first such step. (Set warn_after_skips=0 "
-                "to silence this.)", RuntimeWarning, stacklevel=4)
-        return seen

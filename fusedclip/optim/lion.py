@@ -6,9 +6,8 @@ import torch
 from torch import Tensor
 
 from fusedclip import ops
-from fusedclip.optim.base import (
-    CLIP_ARG_DOC, CLIP_STATS_DOC, FusedClipOptimizer, check_lr, state_list,
-)
+from fusedclip.optim.base import FusedClipOptimizer, check_lr, state_list
+from fusedclip.optim.docs import CLIP_ARG_DOC, CLIP_STATS_DOC
 
 __all__ = ["FusedClipLion"]
 
@@ -102,9 +101,9 @@ class FusedClipLion(FusedClipOptimizer):
     def _init_state(self, param: Tensor, group: dict, state: dict) -> None:
         state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
-    def _update(self, group, params, grads, states, *, originals, args) -> None:
+    def _update(self, group, params, grads, states, *, originals, views, args) -> None:
         beta1, beta2 = group["betas"]
         ops.update_(
-            "lion", params, grads, [state_list(states, "exp_avg", params, originals)], [],
+            "lion", params, grads, [state_list(states, "exp_avg", views)], [],
             dict(beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"]), args,
         )

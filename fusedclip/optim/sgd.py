@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 from fusedclip import ops
-from fusedclip.optim.base import (
-    CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC, FusedClipOptimizer, check_lr, kernel_view,
-)
+from fusedclip.optim.base import FusedClipOptimizer, check_lr
+from fusedclip.optim.docs import CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC
+from fusedclip.optim.layout import kernel_view
 
 __all__ = ["FusedClipSGD"]
 
@@ -190,9 +190,9 @@ class FusedClipSGD(FusedClipOptimizer):
 
     state_keys = ("momentum_buffer",)
 
-    def _update(self, group, params, grads, states, *, originals, args) -> None:
+    def _update(self, group, params, grads, states, *, originals, views, args) -> None:
         momentum = float(group["momentum"])
-        buffers, counters = self._buffers(originals, states, params is not originals) if momentum != 0 else ([], [])
+        buffers, counters = self._buffers(originals, states, views) if momentum != 0 else ([], [])
         ops.update_(
             "sgd", params, grads, [buffers] if momentum != 0 else [], counters,
             dict(momentum=momentum, dampening=group["dampening"],
