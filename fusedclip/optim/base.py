@@ -218,6 +218,7 @@ class _Gathered:
     grads: list[Tensor] = field(default_factory=list)
     buckets: list[list[int]] = field(default_factory=list)  # indices into grads
     plan: distributed.Plan | None = None  # the reduce phase's, where there is one
+    unit_counts: list[list[int]] | None = None  # per bucket (per-unit policies; made once)
 
 
 @dataclass
@@ -646,7 +647,7 @@ class FusedClipOptimizer(Optimizer):
         tensor_states = None
         if norms is None:  # a policy that needs no norm (ValueClip), none measured
             norms = _Norms(None, None, [])
-        if policy.scope == "tensor":
+        if policy.keeps_tensor_state:
             tensor_states = []
             for indices, bucket_norms in zip(batch.buckets, norms.tensor_norms):
                 bucket = []
@@ -663,6 +664,7 @@ class FusedClipOptimizer(Optimizer):
             tensor_norms=norms.tensor_norms if policy.scope == "tensor" else None,
             state=state, tensor_states=tensor_states,
             unit_norms=norms.unit_norms, param_unit_norms=norms.param_unit_norms,
+            unit_counts=self._unit_counts(batch),
         ))
         olds, news = [], []
         if result.state:
@@ -675,12 +677,21 @@ class FusedClipOptimizer(Optimizer):
         commit_state(olds, news, skip)
         return result
 
-    def _unit_coefs(self, batch: _Gathered, coef) -> list[list[Tensor]] | None:
-        """Per-unit coefficients as one view per gradient, bucket by bucket."""
+    def _unit_counts(self, batch: _Gathered) -> list[list[int]] | None:
+        """For a per-unit policy, the units of each gradient, bucket by bucket."""
         if self.clip_policy is None or self.clip_policy.scope != "unit":
             return None
-        return [list(c.split(ops.unit_counts([batch.grads[i] for i in indices])))
-                for c, indices in zip(coef, batch.buckets)]
+        if batch.unit_counts is None:
+            batch.unit_counts = [ops.unit_counts([batch.grads[i] for i in indices])
+                                 for indices in batch.buckets]
+        return batch.unit_counts
+
+    def _unit_coefs(self, batch: _Gathered, coef) -> list[list[Tensor]] | None:
+        """Per-unit coefficients as one view per gradient, bucket by bucket."""
+        counts = self._unit_counts(batch)
+        if counts is None:
+            return None
+        return [list(c.split(n)) for c, n in zip(coef, counts)]
 
     def _apply(self, batch: _Gathered, coef, unit_coefs: list[list[Tensor]] | None,
                elementwise, grad_scale: Tensor | None, skip: Tensor | None) -> None:
@@ -879,7 +890,7 @@ class FusedClipOptimizer(Optimizer):
                     global_state = self._policy_state or policy.init_state(device)
                     if global_state:
                         entry["state"] = dict(global_state)
-                if policy.scope == "tensor":
+                if policy.keeps_tensor_state:
                     tensor_state = self._policy_tensor_state.get(p)
                     if not tensor_state:
                         wide = p.dtype in (torch.float64, torch.complex128)
@@ -948,7 +959,7 @@ def _unnest_policy_state(state_dict: dict, policy, device):
     saved = {"policy": None, "state": {}, "tensor_state": {}}
     initial = policy.init_state(device) if policy is not None else {}
     initial_tensor = (policy.init_tensor_state(torch.float32, device)
-                      if policy is not None and policy.scope == "tensor" else {})
+                      if policy is not None and policy.keeps_tensor_state else {})
     state = {}
     for pid, s in per_param.items():
         entry = s.get("clip_policy") if isinstance(s, dict) else None
