@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fusedclip import ops
+
 __all__ = [
     "AGC", "AdaGC", "AutoClip", "ClipInputs", "ClipPolicy", "ClipResult", "Elementwise",
     "Chain", "GlobalNorm", "Normalize", "PerTensorNorm", "SmoothClip", "SpikeClip", "ValueClip",
@@ -1010,7 +1012,7 @@ class _ScaledNorms:
 
     def __init__(self, inputs: ClipInputs, norm_type: float) -> None:
         self.inputs = inputs
-        self.inf = math.isinf(norm_type)
+        self.norm_type = norm_type
         self.coef = None
         self.level = None
         self._gradient_of_unit: list[Tensor] | None = None
@@ -1100,16 +1102,13 @@ class _ScaledNorms:
                 self._gradient_of_unit.append(index.to(norms.device, non_blocking=True))
         return self._gradient_of_unit
 
+    # The norms of norms are taken by the norm op itself, which torch.compile
+    # calls as it is: torch's reductions (vector_norm, index_add) round otherwise
+    # compiled than eagerly, and the compiled step must be the eager one bit for bit.
     def _per_tensor(self, unit_norms: list[Tensor]) -> list[Tensor]:
         """Each gradient's norm from the norms of its units, per bucket."""
-        out = []
-        for norms, counts, index in zip(unit_norms, self.inputs.unit_counts, self._unit_index()):
-            zeros = norms.new_zeros(len(counts))
-            if self.inf:
-                out.append(zeros.scatter_reduce(0, index, norms, "amax"))
-            else:
-                out.append(zeros.index_add(0, index, norms * norms).sqrt())
-        return out
+        return [ops.multi_tensor_norm(list(norms.split(counts)), self.norm_type)[0]
+                for norms, counts in zip(unit_norms, self.inputs.unit_counts)]
 
     def _global(self, per_bucket: list[Tensor]) -> Tensor:
         """The global norm from norms of tensors or units, on the measured
@@ -1117,9 +1116,7 @@ class _ScaledNorms:
         total = self.inputs.total_norm
         values = torch.cat([n.to(total.device, total.dtype, non_blocking=True)
                             for n in per_bucket])
-        if self.inf:
-            return torch.cat([values.new_zeros(1), values]).amax()  # 0 where there is none
-        return torch.linalg.vector_norm(values)
+        return ops.multi_tensor_norm([values], self.norm_type)[1]
 
 
 def as_policy(clip) -> ClipPolicy | None:

@@ -437,10 +437,16 @@ POLICY_CASES = {
     "ValueClip": lambda: fusedclip.ValueClip(0.3),
     "AGC": lambda: fusedclip.AGC(0.3),
     "SpikeClip": lambda: fusedclip.SpikeClip(2.0),
+    # Per-unit, global and per-tensor members with state of their own, then an
+    # element-wise one (tests/test_chain.py has the chain's own tests).
+    "Chain": lambda: fusedclip.Chain(fusedclip.AGC(0.3), fusedclip.ZClip(warmup_steps=3),
+                                     fusedclip.AdaGC(warmup_steps=4), fusedclip.ValueClip(0.3)),
+    "Chain-spike": lambda: fusedclip.Chain(fusedclip.GlobalNorm(1.0), fusedclip.SpikeClip(2.0)),
 }
 ALL_POLICIES = tuple(POLICY_CASES)
 # The policies every optimizer takes (SpikeClip reads a second moment: Adam's).
-COMMON_POLICIES = tuple(p for p in POLICY_CASES if p != "SpikeClip")
+COMMON_POLICIES = tuple(p for p, make in POLICY_CASES.items()
+                        if getattr(make(), "reads_state", None) is None)
 ALL_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
