@@ -213,6 +213,12 @@ class ClipPolicy:
         ``ClipInputs.tensor_states``): by default, policies of scope "tensor"."""
         return self.scope == "tensor"
 
+    #: Whether the policy computes norms of a coarser scope from finer ones
+    #: itself (a global norm from tensor norms, say). Such norms are of this
+    #: process's gradients only, so an optimizer whose norms are reduced across
+    #: processes (DTensor parameters, ``norm_group``) refuses the policy.
+    derives_norms: bool = False
+
     def init_state(self, device: torch.device) -> dict:
         """The policy's state before its first step."""
         return {}
@@ -870,7 +876,11 @@ class Chain(ClipPolicy):
     an element-wise one is refused: the norm of clamped gradients needs a pass
     of its own. Nested chains are flattened; the members' norm-based policies
     must share one ``norm_type``. A float is refused as a member (``clip=1.0``
-    means ``GlobalNorm(1.0)``; in a chain, write that).
+    means ``GlobalNorm(1.0)``; in a chain, write that). Where norms are reduced
+    across processes (DTensor parameters, ``norm_group``), a chain that computes
+    a norm from finer ones (a norm-based member after a per-tensor or per-unit
+    one, or a per-tensor member beside a per-unit one: ``derives_norms``) is
+    refused: it would see this process's gradients only.
 
     The state of every member (its own and per parameter) is kept under keys
     prefixed ``"<position>.<class name>."`` (``"0.AutoClip.history"``), so two
@@ -925,6 +935,14 @@ class Chain(ClipPolicy):
         self.reads_params = any(m.reads_params for m in members)
         self.reads_state = reads.pop() if reads else None
         self._prefixes = tuple(f"{i}.{type(m).__name__}." for i, m in enumerate(members))
+        # A member after per-tensor or per-unit coefficients gets a global norm
+        # computed here from tensor or unit norms; a per-tensor member of a
+        # chain of scope "unit" (which measures unit norms only) gets tensor
+        # norms computed from unit norms.
+        after_finer = [m for i, m in enumerate(members) if m.needs_norms and any(
+            _FINENESS[e.scope] > _FINENESS["global"] for e in members[:i])]
+        self.derives_norms = bool(after_finer) or (
+            self.scope == "unit" and any(m.scope == "tensor" for m in members))
 
     @property
     def keeps_tensor_state(self) -> bool:

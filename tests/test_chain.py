@@ -480,6 +480,19 @@ def test_scope_and_needs_are_the_finest_members():
     assert Chain(fusedclip.GlobalNorm(1.0, INF), t.__class__(1.0, INF)).norm_type == INF
 
 
+def test_derives_norms_where_a_member_follows_finer_coefficients():
+    """What a distributed optimizer refuses (tests/test_distributed.py): norms
+    computed from finer ones of this process's gradients only."""
+    g, t, a = fusedclip.GlobalNorm(1.0), fusedclip.PerTensorNorm(1.0), fusedclip.AGC()
+    v = fusedclip.ValueClip(0.1)
+    for chain in (Chain(g), Chain(g, t), Chain(g, a), Chain(t, v), Chain(a, v), Chain(g, t, v)):
+        assert not chain.derives_norms, chain
+    for chain in (Chain(t, g), Chain(a, g), Chain(a, a), Chain(t, t), Chain(g, t, a),
+                  Chain(a, fusedclip.AdaGC())):
+        assert chain.derives_norms, chain
+    assert not any(p.derives_norms for p in (g, t, a, v))
+
+
 def test_nested_chains_flatten_and_repr_shows_the_members():
     g, a, v = fusedclip.GlobalNorm(1.0), fusedclip.AGC(0.01), fusedclip.ValueClip(0.1)
     chain = Chain(Chain(a, g), Chain(v))

@@ -537,9 +537,16 @@ class FusedClipOptimizer(Optimizer):
         to reduce), made once and kept while the layout, the policy and
         ``norm_group`` stay the same. Refuses a ``norm_group`` that overlaps a
         DTensor's mesh, before anything changes."""
+        policy = self.clip_policy
+        if policy is not None and policy.derives_norms:
+            raise ValueError(
+                f"{type(self).__name__}: {policy!r} computes norms from finer ones of this "
+                "process's gradients only, but this optimizer's norms are reduced across "
+                "processes (DTensor parameters or norm_group); use a policy that needs no "
+                "such norm here (in a Chain: no norm-based member after a per-tensor or "
+                "per-unit one, no per-tensor member beside a per-unit one)")
         if not self._needs_norms():
             return None
-        policy = self.clip_policy
         scope = policy.scope if policy is not None else "global"
         reads_params = bool(policy is not None and policy.reads_params)
         norm_type = policy.norm_type if policy is not None else 2.0
