@@ -222,6 +222,39 @@ def test_skipped_steps_change_no_member_state(name):
     assert int(opt.clip_stats["skipped"]) == 2
 
 
+def test_buckets_of_several_dtypes_match_reference():
+    """float32 and float64 parameters in one optimizer (two norm buckets,
+    per-tensor and per-unit coefficients in each, a global norm over both)
+    against the reference, within float32's tolerance for all of them (the
+    float64 ones are clipped by coefficients of float32 norms too)."""
+    dtypes = [torch.float32, torch.float64, torch.float32, torch.float64, torch.float32]
+    shapes = [(5, 7), (6, 4), (9,), (), (4, 3, 2)]
+    gen = torch.Generator().manual_seed(2)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(d))
+              for s, d in zip(shapes, dtypes)]
+    chain = Chain(fusedclip.AGC(0.3), fusedclip.ZClip(alpha=0.8, warmup_steps=3),
+                  fusedclip.AdaGC(beta=0.9, lambda_abs=3.0, warmup_steps=4),
+                  fusedclip.PerTensorNorm(0.4), fusedclip.ValueClip(0.05))
+    rchain = ref.RefChain(ref.RefAGC(0.3), ref.RefZClip(alpha=0.8, warmup_steps=3),
+                          ref.RefAdaGC(beta=0.9, lambda_abs=3.0, warmup_steps=4),
+                          ref.RefPerTensorNorm(0.4), ref.RefValueClip(0.05))
+    opt = fusedclip.FusedClipAdamW(params, lr=0.01, clip=chain)
+    reference = ref.ReferenceAdam([dict(params=list(params), lr=0.01, betas=(0.9, 0.999),
+                                        eps=1e-8, weight_decay=0.01, amsgrad=False,
+                                        maximize=False, decoupled_weight_decay=True)],
+                                  clip=rchain)
+    for step in range(STEPS):
+        grads = [torch.randn(s, generator=gen, dtype=torch.float64).to(d) * FACTORS[step] * 0.5
+                 for s, d in zip(shapes, dtypes)]
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+        reference.step(grads)
+        for i, (p, r) in enumerate(zip(params, reference.params())):
+            assert_close(p.detach().double(), r, REFERENCE[torch.float32],
+                         f"step {step} param {i} {p.dtype}")
+
+
 # -- against torch: the member's torch functions one after the other -------------------------------
 def timm_adaptive_clip_grad(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0):
     """timm.utils.agc.adaptive_clip_grad, as timm writes it."""
