@@ -315,7 +315,8 @@ TORCH_SEQUENCES = {
     "inf:GlobalNorm>PerTensorNorm": (
         lambda: Chain(fusedclip.GlobalNorm(0.3, norm_type=INF),
                       fusedclip.PerTensorNorm(0.2, norm_type=INF)),
-        lambda ps, opt: (torch.nn.utils.clip_grad_norm_(ps, 0.3, INF), per_tensor_clip(ps, 0.2, INF)),
+        lambda ps, opt: (torch.nn.utils.clip_grad_norm_(ps, 0.3, INF),
+                         per_tensor_clip(ps, 0.2, INF)),
         ("AdamW", "SGD")),
     "AGC>PerTensorNorm": (
         lambda: Chain(fusedclip.AGC(0.5, eps=3.0), fusedclip.PerTensorNorm(0.4)),
@@ -437,7 +438,7 @@ def test_chain_of_one_is_the_policy(name):
     assert int(chained.clip_stats["skipped"]) == 1
 
 
-# -- state ------------------------------------------------------------------------------------------
+# -- state ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", STATEFUL)
 def test_state_dict_round_trip(name):
     """Saved after 6 steps (one of them skipped) and loaded into a new
