@@ -479,6 +479,30 @@ def test_state_dict_round_trip(name):
     _assert_same_policy_state(_policy_state(sopt), _policy_state(nopt), name)
 
 
+def test_state_dict_of_other_members_is_refused():
+    """A Chain's state loads only into a Chain of members that keep the same state."""
+    problem = _problem(torch.float32)
+    params = problem.params()
+    opt = OPTIMIZERS["Adam"].make_fused(problem, params, {}, clip=fused_chain("ZClip>ZClip"))
+    set_grads(flat(params), _grads(problem, 0))
+    opt.step()
+    saved = opt.state_dict()
+    other = OPTIMIZERS["Adam"].make_fused(problem, problem.params(), {}, clip=Chain(
+        member("AutoClip"), member("ZClip")))
+    with pytest.raises(ValueError, match=r"state has the keys \['0.ZClip.count'.*keeps"):
+        other.load_state_dict(saved)
+    tensor_saved = OPTIMIZERS["Adam"].make_fused(problem, params, {}, clip=Chain(member("AdaGC")))
+    tensor_saved.step()
+    moved = OPTIMIZERS["Adam"].make_fused(problem, problem.params(), {}, clip=Chain(
+        member("GlobalNorm"), member("AdaGC")))
+    with pytest.raises(ValueError, match=r"per-tensor state has the keys \['0.AdaGC.gamma'"):
+        moved.load_state_dict(tensor_saved.state_dict())
+    same = OPTIMIZERS["Adam"].make_fused(problem, problem.params(), {},
+                                         clip=fused_chain("ZClip>ZClip"))
+    same.load_state_dict(saved)
+    assert set(same._policy_state) == set(saved["clip_policy"]["state"])
+
+
 @pytest.mark.parametrize("name", STATEFUL)
 def test_copies_step_as_the_original(name):
     """deepcopy and pickle keep the chain and every member's state."""

@@ -929,6 +929,18 @@ class FusedClipOptimizer(Optimizer):
                 f"this state_dict holds the state of clip policy {saved.get('policy')!r}, "
                 f"but this optimizer's policy is {policy!r}"
             )
+        if saved is not None:
+            # A policy of the same class that keeps other state (a Chain of other members).
+            cpu = torch.device("cpu")
+            keys = sorted(policy.init_state(cpu))
+            tensor_keys = (sorted(policy.init_tensor_state(torch.float32, cpu))
+                           if policy.keeps_tensor_state else [])
+            for what, got, own in [("", saved["state"], keys)] + [
+                    (" per-tensor", s, tensor_keys) for s in saved["tensor_state"].values()]:
+                if got and sorted(got) != own:
+                    raise ValueError(
+                        f"this state_dict's clip policy{what} state has the keys "
+                        f"{sorted(got)}, but this optimizer's policy {policy!r} keeps {own}")
         for group in state_dict.get("param_groups", []):
             for key in OPTIMIZER_WIDE:
                 if key in group:
