@@ -542,9 +542,8 @@ class FusedClipOptimizer(Optimizer):
             raise ValueError(
                 f"{type(self).__name__}: {policy!r} computes norms from finer ones of this "
                 "process's gradients only, but this optimizer's norms are reduced across "
-                "processes (DTensor parameters or norm_group); use a policy that needs no "
-                "such norm here (in a Chain: no norm-based member after a per-tensor or "
-                "per-unit one, no per-tensor member beside a per-unit one)")
+                "processes (DTensor parameters or norm_group); use a policy that takes its "
+                "norms from the norm pass here (see its derives_norms)")
         if not self._needs_norms():
             return None
         scope = policy.scope if policy is not None else "global"
@@ -930,7 +929,7 @@ class FusedClipOptimizer(Optimizer):
                 f"but this optimizer's policy is {policy!r}"
             )
         if saved is not None:
-            # A policy of the same class that keeps other state (a Chain of other members).
+            # A policy of the same class may keep other state (one made of other policies).
             cpu = torch.device("cpu")
             keys = sorted(policy.init_state(cpu))
             tensor_keys = (sorted(policy.init_tensor_state(torch.float32, cpu))
