@@ -8,8 +8,8 @@ gradient twice instead of three times and never waits on the device.
 
 from fusedclip import ops  # noqa: F401  (loads the compiled ops first)
 from fusedclip.clipping import (
-    AGC, AdaGC, AutoClip, ClipPolicy, GlobalNorm, Normalize, PerTensorNorm, SmoothClip, SpikeClip,
-    ValueClip, ZClip,
+    AGC, AdaGC, AutoClip, Chain, ClipPolicy, GlobalNorm, Normalize, PerTensorNorm, SmoothClip,
+    SpikeClip, ValueClip, ZClip,
 )
 from fusedclip.optim import (
     FusedClipAdagrad, FusedClipAdam, FusedClipAdamW, FusedClipLion, FusedClipSGD,
@@ -17,7 +17,7 @@ from fusedclip.optim import (
 from fusedclip import tune  # noqa: F401
 
 __all__ = [
-    "AGC", "AdaGC", "AutoClip", "ClipPolicy", "FusedClipAdagrad", "FusedClipAdam",
+    "AGC", "AdaGC", "AutoClip", "Chain", "ClipPolicy", "FusedClipAdagrad", "FusedClipAdam",
     "FusedClipAdamW", "FusedClipLion", "FusedClipSGD", "GlobalNorm", "Normalize",
     "PerTensorNorm", "SmoothClip", "SpikeClip", "ValueClip", "ZClip",
 ]

@@ -21,11 +21,12 @@ from torch import Tensor
 from fusedclip._validate import (
     int_arg as _int_arg, positive as _positive, real_number as _real_number,
 )
+from fusedclip import ops
 
 __all__ = [
     "AGC", "AdaGC", "AutoClip", "ClipInputs", "ClipPolicy", "ClipResult", "Elementwise",
-    "GlobalNorm", "Normalize", "PerTensorNorm", "SmoothClip", "SpikeClip", "ValueClip", "ZClip",
-    "as_policy",
+    "Chain", "GlobalNorm", "Normalize", "PerTensorNorm", "SmoothClip", "SpikeClip", "ValueClip",
+    "ZClip", "as_policy",
 ]
 
 # The epsilon torch.nn.utils.clip_grad_norm_ adds to the norm.
@@ -56,8 +57,8 @@ class ClipInputs:
             ``init_state`` made them and earlier steps left them), kept by the
             optimizer and saved in its state_dict. Read it; never write it: the
             new values go into ``ClipResult.state``.
-        tensor_states (list of list of dict, or None): for policies of scope
-            "tensor", one state dict per gradient (as
+        tensor_states (list of list of dict, or None): for policies that
+            ``keeps_tensor_state``, one state dict per gradient (as
             ``init_tensor_state`` made it), laid out like ``tensor_norms``;
             each belongs to its parameter and travels with it through
             state_dict save and load. Read only, as ``state``.
@@ -68,6 +69,9 @@ class ClipInputs:
             see ``fusedclip.ops.unit_counts``); ``None`` otherwise.
         param_unit_norms (list of Tensor or None): the same for the parameters
             (measured before the update), for policies with ``reads_params``.
+        unit_counts (list of list of int, or None): for policies of scope
+            "unit", per norm bucket the number of units of each gradient
+            (how ``unit_norms`` splits into gradients); ``None`` otherwise.
     """
 
     total_norm: Tensor
@@ -76,6 +80,7 @@ class ClipInputs:
     tensor_states: list[list[dict]] | None = None
     unit_norms: list[Tensor] | None = None
     param_unit_norms: list[Tensor] | None = None
+    unit_counts: list[list[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -175,7 +180,8 @@ class ClipPolicy:
       in the update (through ``Elementwise``), or None; an optimizer that keeps
       no such state refuses the policy;
     - its state: ``init_state`` (its own) and ``init_tensor_state`` (per
-      parameter, scope "tensor"), made by the optimizer before the first step.
+      parameter, for policies that ``keeps_tensor_state``: by default those of
+      scope "tensor"), made by the optimizer before the first step.
 
     ``clip`` gets a :class:`ClipInputs` once per step and returns a
     :class:`ClipResult` (coefficients, an element-wise transform, the next
@@ -196,6 +202,18 @@ class ClipPolicy:
         "element" still gets it where the optimizer needs the non-finite flag,
         nonfinite != "propagate")."""
         return self.scope != "element"
+
+    @property
+    def keeps_tensor_state(self) -> bool:
+        """Whether the policy keeps state per parameter (``init_tensor_state``,
+        ``ClipInputs.tensor_states``): by default, policies of scope "tensor"."""
+        return self.scope == "tensor"
+
+    #: Whether the policy computes norms of a coarser scope from finer ones
+    #: itself (a global norm from tensor norms, say). Such norms are of this
+    #: process's gradients only, so an optimizer whose norms are reduced across
+    #: processes (DTensor parameters, ``norm_group``) refuses the policy.
+    derives_norms: bool = False
 
     def init_state(self, device: torch.device) -> dict:
         """The policy's state before its first step."""
@@ -800,6 +818,302 @@ class SpikeClip(ClipPolicy):
 
     def __repr__(self) -> str:
         return f"SpikeClip(theta={self.theta})"
+
+
+# The scopes from the coarsest to the finest: a Chain asks for the finest any
+# member needs, and every coarser norm follows from it.
+_FINENESS = {"element": 0, "global": 1, "tensor": 2, "unit": 3}
+
+
+class Chain(ClipPolicy):
+    r"""Clip policies applied one after the other, as optax's ``chain``: each
+    member clips the gradients as the members before it left them.
+
+    ``Chain(AGC(0.01), GlobalNorm(1.0))`` is timm's ``adaptive_clip_grad(params,
+    0.01)`` followed by ``clip_grad_norm_(params, 1.0)``;
+    ``Chain(GlobalNorm(1.0), SpikeClip())`` clips the global norm, then the
+    spikes against Adam's second moment. It is still one norm pass and one
+    update pass, because coefficients scale norms: after the coefficients
+    :math:`c_u` of the units :math:`u` of a gradient (1 where a member has none)
+
+    .. math::
+        \lVert g \rVert_2 = \Big(\sum_u c_u^2 \lVert g_u \rVert_2^2\Big)^{1/2},
+        \qquad \lVert g \rVert_\infty = \max_u c_u \lVert g_u \rVert_\infty
+
+    (a tensor's and the global norm alike, from the norms of their units, or of
+    their tensors). The chain asks the norm pass for the finest scope any member
+    needs ("unit" with an AGC, else "tensor" with a per-tensor policy, else
+    "global"), hands each member the norms of the gradients as the members
+    before it scaled them (the measured ones to the first), and has the update
+    apply the product of the coefficients at that scope, then the element-wise
+    clamps.
+
+    Element-wise members (``ValueClip``, ``SpikeClip``) clamp magnitudes: two
+    ValueClips clamp to the smaller value, two SpikeClips to the smaller theta,
+    and a ValueClip and a SpikeClip give the same result in either order (the
+    update clamps the value first, then the spikes). A norm-based member after
+    an element-wise one is refused: the norm of clamped gradients needs a pass
+    of its own. Nested chains are flattened; the members' norm-based policies
+    must share one ``norm_type``. A float is refused as a member (``clip=1.0``
+    means ``GlobalNorm(1.0)``; in a chain, write that). Where norms are reduced
+    across processes (DTensor parameters, ``norm_group``), a chain that computes
+    a norm from finer ones (a norm-based member after a per-tensor or per-unit
+    one, or a per-tensor member beside a per-unit one: ``derives_norms``) is
+    refused: it would see this process's gradients only.
+
+    The state of every member (its own and per parameter) is kept under keys
+    prefixed ``"<position>.<class name>."`` (``"0.AutoClip.history"``), so two
+    members of one class keep theirs apart, and travels in the state_dict; a
+    skipped step changes none of it. ``opt.clip_stats["grad_norm"]`` is the
+    pre-clip global norm and ``clip_coef`` the product of the coefficients at
+    the chain's scope (per unit, per tensor or one).
+
+    Args:
+        *policies (ClipPolicy): the policies, in the order they clip; at least one.
+
+    References:
+        DeepMind, *Optax* (``optax.chain``), https://github.com/google-deepmind/optax.
+    """
+
+    def __init__(self, *policies: ClipPolicy) -> None:
+        members: list[ClipPolicy] = []
+        for policy in policies:
+            if isinstance(policy, Chain):
+                members.extend(policy.policies)
+            elif isinstance(policy, ClipPolicy):
+                members.append(policy)
+            else:
+                hint = ""
+                if isinstance(policy, numbers.Real) and not isinstance(policy, bool):
+                    hint = f"; for global norm clipping write fusedclip.GlobalNorm({policy!r})"
+                raise TypeError("Chain: every member must be a clip policy such as "
+                                f"fusedclip.GlobalNorm(1.0), got {policy!r}{hint}")
+        if not members:
+            raise ValueError("Chain needs at least one policy, e.g. Chain(AGC(0.01), "
+                             "GlobalNorm(1.0)); for no clipping give clip=None")
+        elementwise = None
+        for member in members:
+            if member.scope == "element":
+                elementwise = member
+            elif elementwise is not None:
+                raise ValueError(
+                    f"Chain: {member!r} comes after the element-wise {elementwise!r}: it "
+                    "would need the norms of the clamped gradients, which only a second "
+                    "pass over the gradients could measure (the fused step measures them "
+                    "once, before the update). Put the element-wise policies last.")
+        norm_types = {m.norm_type for m in members if m.scope != "element"}
+        if len(norm_types) > 1:
+            raise ValueError("Chain: its norm-based members must share one norm_type (the "
+                             f"norm pass measures one norm), got {sorted(norm_types)}")
+        reads = {m.reads_state for m in members if m.reads_state is not None}
+        if len(reads) > 1:
+            raise ValueError(f"Chain: its members read different optimizer states {sorted(reads)}")
+        self.policies = tuple(members)
+        self.scope = max((m.scope for m in members), key=_FINENESS.__getitem__)
+        self.norm_type = norm_types.pop() if norm_types else 2.0
+        self.reads_params = any(m.reads_params for m in members)
+        self.reads_state = reads.pop() if reads else None
+        self._prefixes = tuple(f"{i}.{type(m).__name__}." for i, m in enumerate(members))
+        # A member after per-tensor or per-unit coefficients gets a global norm
+        # computed here from tensor or unit norms; a per-tensor member of a
+        # chain of scope "unit" (which measures unit norms only) gets tensor
+        # norms computed from unit norms.
+        after_finer = [m for i, m in enumerate(members) if m.needs_norms and any(
+            _FINENESS[e.scope] > _FINENESS["global"] for e in members[:i])]
+        self.derives_norms = bool(after_finer) or (
+            self.scope == "unit" and any(m.scope == "tensor" for m in members))
+
+    @property
+    def keeps_tensor_state(self) -> bool:
+        return any(m.keeps_tensor_state for m in self.policies)
+
+    def init_state(self, device: torch.device) -> dict:
+        return {prefix + key: value for prefix, m in zip(self._prefixes, self.policies)
+                for key, value in m.init_state(device).items()}
+
+    def init_tensor_state(self, norm_dtype: torch.dtype, device: torch.device) -> dict:
+        return {prefix + key: value for prefix, m in zip(self._prefixes, self.policies)
+                if m.keeps_tensor_state
+                for key, value in m.init_tensor_state(norm_dtype, device).items()}
+
+    def clip(self, inputs: ClipInputs) -> ClipResult:
+        scaled = _ScaledNorms(inputs, self.norm_type)
+        clip_value = spike_theta = None
+        state: dict = {}
+        tensor_states = None
+        if self.keeps_tensor_state:
+            tensor_states = [[{} for _ in bucket] for bucket in inputs.tensor_states]
+        for prefix, member in zip(self._prefixes, self.policies):
+            own_tensor_states = None
+            if member.keeps_tensor_state:
+                own_tensor_states = [[_unprefixed(s, prefix) for s in bucket]
+                                     for bucket in inputs.tensor_states]
+            scope = member.scope
+            result = member.clip(ClipInputs(
+                # (element-wise members read no norm: they get the measured one)
+                total_norm=scaled.total() if member.needs_norms else inputs.total_norm,
+                tensor_norms=scaled.tensors() if scope == "tensor" else None,
+                state=_unprefixed(inputs.state, prefix), tensor_states=own_tensor_states,
+                unit_norms=scaled.units() if scope == "unit" else None,
+                param_unit_norms=inputs.param_unit_norms if member.reads_params else None,
+                unit_counts=inputs.unit_counts if scope == "unit" else None,
+            ))
+            if result.coef is not None:
+                scaled.multiply(result.coef, scope)
+            if result.elementwise is not None:
+                clip_value = _smaller(clip_value, result.elementwise.clip_value)
+                spike_theta = _smaller(spike_theta, result.elementwise.spike_theta)
+            if result.state:
+                state.update({prefix + key: value for key, value in result.state.items()})
+            if result.tensor_states:
+                for merged, new in zip(tensor_states, result.tensor_states):
+                    for into, values in zip(merged, new):
+                        into.update({prefix + key: value for key, value in values.items()})
+        elementwise = None
+        if clip_value is not None or spike_theta is not None:
+            elementwise = Elementwise(clip_value=clip_value, spike_theta=spike_theta)
+        return ClipResult(
+            coef=scaled.coefficients(self.scope), elementwise=elementwise, state=state or None,
+            tensor_states=tensor_states if tensor_states and any(
+                s for bucket in tensor_states for s in bucket) else None)
+
+    def __repr__(self) -> str:
+        return f"Chain({', '.join(map(repr, self.policies))})"
+
+
+def _unprefixed(values: dict | None, prefix: str) -> dict:
+    """The entries of ``values`` whose key starts with ``prefix``, without it."""
+    if not values:
+        return {}
+    return {key[len(prefix):]: value for key, value in values.items() if key.startswith(prefix)}
+
+
+def _times(a: Tensor, b: Tensor) -> Tensor:
+    """``a * b`` on the device of the 1-D one (a 0-d global coefficient
+    broadcasts to a bucket's)."""
+    device = b.device if a.dim() == 0 else a.device
+    return a.to(device, non_blocking=True) * b.to(device, non_blocking=True)
+
+
+def _smaller(a: float | None, b: float | None) -> float | None:
+    """The smaller bound of two clamps of the magnitude (None: no clamp)."""
+    return b if a is None else a if b is None else min(a, b)
+
+
+class _ScaledNorms:
+    """The norms of the gradients as the coefficients so far scaled them,
+    computed from one step's measured norms (``ClipInputs``), for the members of
+    a :class:`Chain`. ``coef`` is the product of the coefficients so far, at
+    ``level``, the finest scope among them: a 0-d tensor ("global") or one 1-D
+    tensor per norm bucket ("tensor", "unit"); None: none yet."""
+
+    def __init__(self, inputs: ClipInputs, norm_type: float) -> None:
+        self.inputs = inputs
+        self.norm_type = norm_type
+        self.coef = None
+        self.level = None
+        self._gradient_of_unit: list[Tensor] | None = None
+
+    # -- the norms a member asks for --------------------------------------------------
+    def total(self) -> Tensor:
+        total = self.inputs.total_norm
+        if self.coef is None:
+            return total
+        if self.level == "global":
+            return self.coef * total
+        return self._global(self._at(self.level))
+
+    def tensors(self) -> list[Tensor]:
+        if self.level == "unit" or self.inputs.tensor_norms is None:
+            # (a chain of scope "unit" has unit norms only: a tensor's follow from them)
+            return self._per_tensor(self.units())
+        return self._at("tensor")
+
+    def units(self) -> list[Tensor]:
+        return self._at("unit")
+
+    # -- the coefficients ---------------------------------------------------------------
+    def multiply(self, coef, scope: str) -> None:
+        """Takes a member's coefficient(s) of ``scope`` into the product."""
+        if self.coef is None:
+            self.coef, self.level = coef, scope
+            return
+        level = max(self.level, scope, key=_FINENESS.__getitem__)
+        old, new = self._lift(self.coef, self.level, level), self._lift(coef, scope, level)
+        if level == "global":
+            self.coef = old * new
+        else:
+            self.coef = [_times(a, b) for a, b in zip(old, new)]
+        self.level = level
+
+    def coefficients(self, scope: str):
+        """The product at ``scope`` (the chain's), None where there is none."""
+        if self.coef is None or scope == "element":
+            return self.coef
+        if self.level == "global" and scope != "global":
+            # One value per tensor or unit, dense: what the update op takes.
+            return [self.coef.to(n.device, non_blocking=True).expand(n.shape).clone()
+                    for n in self._base(scope)]
+        return self._lift(self.coef, self.level, scope)
+
+    # -- helpers -------------------------------------------------------------------------
+    def _base(self, scope: str) -> list[Tensor]:
+        """The measured norms of ``scope`` ("tensor" or "unit"), per bucket."""
+        if scope == "unit":
+            return self.inputs.unit_norms
+        if self.inputs.tensor_norms is not None:
+            return self.inputs.tensor_norms
+        return self._per_tensor(self.inputs.unit_norms)
+
+    def _at(self, scope: str) -> list[Tensor]:
+        """The scaled norms of ``scope`` (at least as fine as ``level``), per bucket."""
+        base = self._base(scope)
+        if self.coef is None:
+            return base
+        coef = self._lift(self.coef, self.level, scope)
+        return [_times(c, n) for c, n in zip(coef, base)]
+
+    def _lift(self, coef, level: str, scope: str):
+        """``coef`` of ``level`` as coefficients of the finer ``scope``: a
+        global one as it is (it broadcasts) once per bucket, a tensor's
+        repeated for each of its units."""
+        if level == scope:
+            return coef
+        if level == "global":
+            buckets = self.inputs.unit_norms or self.inputs.tensor_norms
+            return [coef] * len(buckets)
+        # tensor -> unit
+        return [c.index_select(0, index.to(c.device, non_blocking=True))
+                for c, index in zip(coef, self._unit_index())]
+
+    def _unit_index(self) -> list[Tensor]:
+        """Per bucket, the index of each unit's gradient, on the bucket's device."""
+        if self._gradient_of_unit is None:
+            self._gradient_of_unit = []
+            for counts, norms in zip(self.inputs.unit_counts, self.inputs.unit_norms):
+                index = torch.repeat_interleave(torch.arange(len(counts)),
+                                                torch.tensor(counts, dtype=torch.int64),
+                                                output_size=sum(counts))
+                if norms.device.type == "cuda":
+                    index = index.pin_memory()  # a copy from pageable memory would sync
+                self._gradient_of_unit.append(index.to(norms.device, non_blocking=True))
+        return self._gradient_of_unit
+
+    # The norms of norms are taken by the norm op itself, which torch.compile
+    # calls as it is: torch's reductions (vector_norm, index_add) round otherwise
+    # compiled than eagerly, and the compiled step must be the eager one bit for bit.
+    def _per_tensor(self, unit_norms: list[Tensor]) -> list[Tensor]:
+        """Each gradient's norm from the norms of its units, per bucket."""
+        return [ops.multi_tensor_norm(list(norms.split(counts)), self.norm_type)[0]
+                for norms, counts in zip(unit_norms, self.inputs.unit_counts)]
+
+    def _global(self, per_bucket: list[Tensor]) -> Tensor:
+        """The global norm from norms of tensors or units, on the measured
+        global norm's device, in its dtype."""
+        total = self.inputs.total_norm
+        values = torch.cat([n.to(total.device, total.dtype, non_blocking=True)
+                            for n in per_bucket])
+        return ops.multi_tensor_norm([values], self.norm_type)[1]
 
 
 def as_policy(clip) -> ClipPolicy | None:

@@ -490,7 +490,7 @@ def unitwise_norm(x: Tensor) -> Tensor:
     x = x.to(torch.float64)
     if x.dim() <= 1:
         return x.norm(2).reshape(1)
-    return x.reshape(x.shape[0], -1).norm(2, dim=1)
+    return x.flatten(1).norm(2, dim=1)  # (flatten: a (0, n) x has no unit)
 
 
 class RefAGC(ReferencePolicy):
@@ -516,3 +516,18 @@ class RefAGC(ReferencePolicy):
             self.last.append(c)
             out.append(g * c.reshape((-1,) + (1,) * (g.dim() - 1)) if g.dim() > 1 else g * c[0])
         return out
+
+
+class RefChain(ReferencePolicy):
+    """fusedclip.Chain: the policies one after the other, each clipping the
+    gradients the one before it returned (SpikeClip reading the optimizer
+    state as it is before this step's update, as alone)."""
+
+    def __init__(self, *policies: ReferencePolicy) -> None:
+        self.policies = policies
+
+    def clip_grads(self, grads, keys, params):
+        for policy in self.policies:
+            policy.states = getattr(self, "states", None)
+            grads = policy.clip_grads(grads, keys, params)
+        return grads

@@ -456,16 +456,14 @@ class PolicySpec:
     cases: dict               # case id -> build(namespace); ids unique over the table
     example: str              # the case of the tests that take one instance per policy
     stateful: tuple = ()      # cases whose state changes from step to step (state_dict tests)
-    # Reads the optimizer's second moment (exp_avg_sq): only optimizers whose
-    # rule keeps one take it (RuleSpec.second_moment); the others refuse it.
-    needs_second_moment: bool = False
 
     @property
     def fused(self) -> type:
         return getattr(fusedclip, self.name)
 
     def applies_to(self, spec: "OptimizerSpec") -> bool:
-        return spec.rule.second_moment or not self.needs_second_moment
+        """Whether its example applies to `spec` (see ``case_applies``)."""
+        return case_applies(self.example, spec)
 
     def __repr__(self) -> str:
         return self.name
@@ -521,7 +519,16 @@ POLICIES: dict[str, PolicySpec] = {p.name: p for p in [
     PolicySpec("SpikeClip", ref.RefSpikeClip, "element", {
         "SpikeClip(2)": lambda m: m.SpikeClip(2.0),
         "SpikeClip(50)": lambda m: m.SpikeClip(theta=50.0),
-    }, example="SpikeClip(2)", needs_second_moment=True),
+    }, example="SpikeClip(2)"),
+    # A chain's scope is its finest member's: the table's is its example's.
+    PolicySpec("Chain", ref.RefChain, "unit", {
+        "Chain(AGC,ZClip,AdaGC,ValueClip)": lambda m: m.Chain(
+            m.AGC(0.3), m.ZClip(warmup_steps=3), m.AdaGC(warmup_steps=4), m.ValueClip(0.3)),
+        "Chain(PerTensorNorm,GlobalNorm)": lambda m: m.Chain(
+            m.PerTensorNorm(0.4), m.GlobalNorm(1.0)),
+        "Chain(GlobalNorm,SpikeClip)": lambda m: m.Chain(m.GlobalNorm(1.0), m.SpikeClip(2.0)),
+    }, example="Chain(AGC,ZClip,AdaGC,ValueClip)",
+        stateful=("Chain(AGC,ZClip,AdaGC,ValueClip)",)),
 ]}
 # The same names bound to the reference classes: what a case builds its reference from.
 REFERENCE_POLICIES = SimpleNamespace(**{p.name: p.reference for p in POLICIES.values()})
@@ -539,9 +546,17 @@ def reference_case(case: str) -> ref.ReferencePolicy:
     return POLICY_OF_CASE[case].cases[case](REFERENCE_POLICIES)
 
 
+def case_applies(case: str, spec: "OptimizerSpec") -> bool:
+    """Whether the case's policy applies to `spec`: one that reads optimizer
+    state (``reads_state``: SpikeClip's second moment, alone or in a Chain)
+    only to optimizers whose rule keeps a second moment; the others refuse it."""
+    return spec.rule.second_moment or policy_case(case).reads_state is None
+
+
 def policy_cases(spec: "OptimizerSpec | None" = None) -> list[str]:
     """Every case id of every policy (that applies to `spec`)."""
-    return [c for p in POLICIES.values() if spec is None or p.applies_to(spec) for c in p.cases]
+    return [c for p in POLICIES.values() for c in p.cases
+            if spec is None or case_applies(c, spec)]
 
 
 # The clips of the tests that take one instance per kind of clip (compile,

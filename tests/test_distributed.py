@@ -710,6 +710,18 @@ def case_errors(rank, world):
     zopt = fusedclip.FusedClipAdamW(_mlp().parameters(), clip=1.0, norm_group=dist.group.WORLD)
     out["deepcopy_shares"] = copy.deepcopy(zopt).norm_group is dist.group.WORLD
     out["pickle"] = refused(lambda: pickle.dumps(zopt))
+    # a Chain that would compute a global norm from this rank's unit norms only
+    model = _mlp()
+    copt = fusedclip.FusedClipAdamW(
+        model.parameters(), lr=LR, norm_group=dist.group.WORLD,
+        clip=fusedclip.Chain(fusedclip.AGC(0.05), fusedclip.GlobalNorm(MAX_NORM)))
+    x, y = _local_batch(0, rank, world)
+    _loss(model(x), y).backward()
+    before = _full(model.parameters())
+    out["chain"] = refused(copt.step)
+    out["chain_unchanged"] = (all(np.array_equal(a, b) for a, b in
+                                  zip(before, _full(model.parameters())))
+                              and len(copt.state) == 0)
     return out
 
 
@@ -902,3 +914,5 @@ def test_clear_errors(pool2):
     assert "Shard and Replicate" in res["partial_param"]
     assert res["deepcopy_shares"]
     assert res["pickle"].startswith("TypeError") and "state_dict" in res["pickle"]
+    assert res["chain"].startswith("ValueError") and "Chain(AGC(" in res["chain"]
+    assert "reduced across processes" in res["chain"] and res["chain_unchanged"]

@@ -53,7 +53,7 @@ def reference_policy(case):
 
 
 def _scope(case) -> str:
-    return POLICY_OF_CASE[case].scope
+    return policy_case(case).scope  # a Chain's depends on its members
 
 
 def _problem(dtype, seed=5) -> Problem:

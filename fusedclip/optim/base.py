@@ -409,9 +409,15 @@ class FusedClipOptimizer(Optimizer):
         to reduce), made once and kept while the layout, the policy and
         ``norm_group`` stay the same. Refuses a ``norm_group`` that overlaps a
         DTensor's mesh, before anything changes."""
+        policy = self.clip_policy
+        if policy is not None and policy.derives_norms:
+            raise ValueError(
+                f"{type(self).__name__}: {policy!r} computes norms from finer ones of this "
+                "process's gradients only, but this optimizer's norms are reduced across "
+                "processes (DTensor parameters or norm_group); use a policy that takes its "
+                "norms from the norm pass here (see its derives_norms)")
         if not self._needs_norms():
             return None
-        policy = self.clip_policy
         scope = policy.scope if policy is not None else "global"
         reads_params = bool(policy is not None and policy.reads_params)
         norm_type = policy.norm_type if policy is not None else 2.0
@@ -519,7 +525,7 @@ class FusedClipOptimizer(Optimizer):
         tensor_states = None
         if norms is None:  # a policy that needs no norm (ValueClip), none measured
             norms = _Norms(None, None, [])
-        if policy.scope == "tensor":
+        if policy.keeps_tensor_state:
             tensor_states = []
             for indices, bucket_norms in zip(batch.buckets, norms.tensor_norms):
                 bucket = []
@@ -536,6 +542,7 @@ class FusedClipOptimizer(Optimizer):
             tensor_norms=norms.tensor_norms if policy.scope == "tensor" else None,
             state=state, tensor_states=tensor_states,
             unit_norms=norms.unit_norms, param_unit_norms=norms.param_unit_norms,
+            unit_counts=self._unit_counts(batch),
         ))
         olds, news = [], []
         if result.state:
@@ -548,12 +555,21 @@ class FusedClipOptimizer(Optimizer):
         commit_state(olds, news, skip)
         return result
 
-    def _unit_coefs(self, batch: Batch, coef) -> list[list[Tensor]] | None:
-        """Per-unit coefficients as one view per gradient, bucket by bucket."""
+    def _unit_counts(self, batch: Batch) -> list[list[int]] | None:
+        """For a per-unit policy, the units of each gradient, bucket by bucket."""
         if self.clip_policy is None or self.clip_policy.scope != "unit":
             return None
-        return [list(c.split(ops.unit_counts([batch.grads[i] for i in indices])))
-                for c, indices in zip(coef, batch.buckets)]
+        if batch.unit_counts is None:
+            batch.unit_counts = [ops.unit_counts([batch.grads[i] for i in indices])
+                                 for indices in batch.buckets]
+        return batch.unit_counts
+
+    def _unit_coefs(self, batch: Batch, coef) -> list[list[Tensor]] | None:
+        """Per-unit coefficients as one view per gradient, bucket by bucket."""
+        counts = self._unit_counts(batch)
+        if counts is None:
+            return None
+        return [list(c.split(n)) for c, n in zip(coef, counts)]
 
     def _apply(self, batch: Batch, coef, unit_coefs: list[list[Tensor]] | None,
                elementwise, grad_scale: Tensor | None, skip: Tensor | None) -> None:

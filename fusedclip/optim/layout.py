@@ -183,6 +183,7 @@ class Batch:
     originals: list[Tensor]  # the parameters themselves, all groups
     grads: list[Tensor]      # kernel views, all groups
     plan: distributed.Plan | None = None  # the reduce phase's, where there is one
+    unit_counts: list[list[int]] | None = None  # per bucket (per-unit policies; made once a step)
 
     @property
     def buckets(self) -> list[list[int]]:

@@ -103,7 +103,7 @@ def nest(opt, state_dict: dict) -> None:
                 global_state = opt._policy_state or policy.init_state(device)
                 if global_state:
                     entry["state"] = dict(global_state)
-            if policy.scope == "tensor":
+            if policy.keeps_tensor_state:
                 tensor_state = opt._policy_tensor_state.get(p)
                 if not tensor_state:
                     wide = p.dtype in (torch.float64, torch.complex128)
@@ -135,6 +135,8 @@ def check_and_unnest(opt, state_dict: dict) -> dict:
             f"this state_dict holds the state of clip policy {saved.get('policy')!r}, "
             f"but this optimizer's policy is {policy!r}"
         )
+    if saved is not None:
+        _check_keys(saved, policy)
     for group in state_dict.get("param_groups", []):
         for key in OPTIMIZER_WIDE:
             if key in group:
@@ -147,6 +149,22 @@ def check_and_unnest(opt, state_dict: dict) -> dict:
                 params[pid] = p
     opt.__dict__[_LOADING] = (saved, params)
     return state_dict
+
+
+def _check_keys(saved: dict, policy) -> None:
+    """Refuses a saved policy state whose keys (its own or per-tensor) are not
+    the policy's: a policy of the same class may keep other state (a Chain of
+    other members), which would otherwise fail at the next step."""
+    cpu = torch.device("cpu")
+    keys = sorted(policy.init_state(cpu))
+    tensor_keys = (sorted(policy.init_tensor_state(torch.float32, cpu))
+                   if policy.keeps_tensor_state else [])
+    for what, got, own in [("", saved["state"], keys)] + [
+            (" per-tensor", s, tensor_keys) for s in saved["tensor_state"].values()]:
+        if got and sorted(got) != own:
+            raise ValueError(
+                f"this state_dict's clip policy{what} state has the keys "
+                f"{sorted(got)}, but this optimizer's policy {policy!r} keeps {own}")
 
 
 def restore(opt) -> None:
@@ -182,7 +200,7 @@ def unnest(state_dict: dict, policy, device):
     saved = {"policy": None, "state": {}, "tensor_state": {}}
     initial = policy.init_state(device) if policy is not None else {}
     initial_tensor = (policy.init_tensor_state(torch.float32, device)
-                      if policy is not None and policy.scope == "tensor" else {})
+                      if policy is not None and policy.keeps_tensor_state else {})
     state = {}
     for pid, s in per_param.items():
         entry = s.get("clip_policy") if isinstance(s, dict) else None
