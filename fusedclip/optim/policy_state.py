@@ -153,8 +153,8 @@ def check_and_unnest(opt, state_dict: dict) -> dict:
 
 def _check_keys(saved: dict, policy) -> None:
     """Refuses a saved policy state whose keys (its own or per-tensor) are not
-    the policy's: a policy of the same class may keep other state (a Chain of
-    other members), which would otherwise fail at the next step."""
+    the policy's: a policy of the same class may keep other state (one made of
+    other policies), which would otherwise fail at the next step."""
     cpu = torch.device("cpu")
     keys = sorted(policy.init_state(cpu))
     tensor_keys = (sorted(policy.init_tensor_state(torch.float32, cpu))
