@@ -950,41 +950,35 @@ def _adam_applies(key: str, group: dict) -> bool:
     return key != "max_exp_avg_sq" or bool(group["amsgrad"])
 
 
+# What Adam and AdamW share in their specs (one rule, one reference, one family).
+_ADAM_SHARED = dict(
+    reference=ref.ReferenceAdam, rule=RULES["adam"],
+    state_keys=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper=ADAM_HYPER,
+    numeric_keys=("eps", "weight_decay"), ctor_keys=("betas", "eps"),
+    parity=(56, 20240601), against_reference=(28, 7_000_003),
+    family=("Adam", "AdamW"),
+    low_precision_groups=(dict(lr=0.01, weight_decay=0.1, eps=1e-6),
+                          dict(lr=0.03, weight_decay=0.01, amsgrad=True)),
+    state_dict_groups=(dict(lr=0.01, amsgrad=True, weight_decay=0.05),
+                       dict(lr=0.003, betas=(0.8, 0.99), maximize=True)),
+    bad_args=ADAM_BAD_ARGS, bad_group_values=ADAM_BAD_GROUP_VALUES,
+    bitwise=_adam_bitwise, bitwise_tensor_lr=dict(lr=1e-2, weight_decay=0.1),
+    extra_coverage=_adam_coverage)
+
+
 SPECS: dict[str, OptimizerSpec] = {
     "Adam": OptimizerSpec(
         name="Adam", fused=fusedclip.FusedClipAdam, twin=torch.optim.Adam,
-        reference=ref.ReferenceAdam, rule=RULES["adam"],
-        state_keys=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper=ADAM_HYPER,
+        **_ADAM_SHARED,
         example=dict(lr=0.01, amsgrad=True, weight_decay=0.1),
         random_group=_adam_group(decoupled_choice=True), state_applies=_adam_applies,
-        flags=_adam_flags, bool_keys=("amsgrad", "maximize", "decoupled_weight_decay"),
-        numeric_keys=("eps", "weight_decay"), ctor_keys=("betas", "eps"),
-        parity=(56, 20240601), against_reference=(28, 7_000_003),
-        family=("Adam", "AdamW"),
-        low_precision_groups=(dict(lr=0.01, weight_decay=0.1, eps=1e-6),
-                              dict(lr=0.03, weight_decay=0.01, amsgrad=True)),
-        state_dict_groups=(dict(lr=0.01, amsgrad=True, weight_decay=0.05),
-                           dict(lr=0.003, betas=(0.8, 0.99), maximize=True)),
-        bad_args=ADAM_BAD_ARGS, bad_group_values=ADAM_BAD_GROUP_VALUES,
-        bitwise=_adam_bitwise, bitwise_tensor_lr=dict(lr=1e-2, weight_decay=0.1),
-        extra_coverage=_adam_coverage),
+        flags=_adam_flags, bool_keys=("amsgrad", "maximize", "decoupled_weight_decay")),
     "AdamW": OptimizerSpec(
         name="AdamW", fused=fusedclip.FusedClipAdamW, twin=torch.optim.AdamW,
-        reference=ref.ReferenceAdam, rule=RULES["adam"],
-        state_keys=("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), hyper=ADAM_HYPER,
+        **_ADAM_SHARED,
         example=dict(lr=0.01, weight_decay=0.1, amsgrad=True),
         random_group=_adam_group(decoupled_choice=False), state_applies=_adam_applies,
-        flags=_adam_flags, bool_keys=("amsgrad", "maximize"),
-        numeric_keys=("eps", "weight_decay"), ctor_keys=("betas", "eps"),
-        parity=(56, 20240601), against_reference=(28, 7_000_003),
-        family=("Adam", "AdamW"),
-        low_precision_groups=(dict(lr=0.01, weight_decay=0.1, eps=1e-6),
-                              dict(lr=0.03, weight_decay=0.01, amsgrad=True)),
-        state_dict_groups=(dict(lr=0.01, amsgrad=True, weight_decay=0.05),
-                           dict(lr=0.003, betas=(0.8, 0.99), maximize=True)),
-        bad_args=ADAM_BAD_ARGS, bad_group_values=ADAM_BAD_GROUP_VALUES,
-        bitwise=_adam_bitwise, bitwise_tensor_lr=dict(lr=1e-2, weight_decay=0.1),
-        extra_coverage=_adam_coverage),
+        flags=_adam_flags, bool_keys=("amsgrad", "maximize")),
     "SGD": OptimizerSpec(
         name="SGD", fused=fusedclip.FusedClipSGD, twin=torch.optim.SGD,
         reference=ref.ReferenceSGD, rule=RULES["sgd"], state_keys=("momentum_buffer",),

@@ -479,14 +479,18 @@ def test_state_dict_round_trip(name):
     _assert_same_policy_state(_policy_state(sopt), _policy_state(nopt), name)
 
 
+def _adam_after_a_step(problem, params, clip):
+    opt = OPTIMIZERS["Adam"].make_fused(problem, params, {}, clip=clip)
+    set_grads(flat(params), _grads(problem, 0))
+    opt.step()
+    return opt
+
+
 def test_state_dict_of_other_members_is_refused():
     """A Chain's state loads only into a Chain of members that keep the same state."""
     problem = _problem(torch.float32)
     params = problem.params()
-    opt = OPTIMIZERS["Adam"].make_fused(problem, params, {}, clip=fused_chain("ZClip>ZClip"))
-    set_grads(flat(params), _grads(problem, 0))
-    opt.step()
-    saved = opt.state_dict()
+    saved = _adam_after_a_step(problem, params, fused_chain("ZClip>ZClip")).state_dict()
     other = OPTIMIZERS["Adam"].make_fused(problem, problem.params(), {}, clip=Chain(
         member("AutoClip"), member("ZClip")))
     with pytest.raises(ValueError, match=r"state has the keys \['0.ZClip.count'.*keeps"):

@@ -665,6 +665,16 @@ def case_errors(rank, world):
             return f"{type(exc).__name__}: {exc}"
         return None
 
+    def _refused_unchanged(opt, model, rank, world):
+        """Whether opt.step() after a backward of `model` is refused, and
+        leaves the parameters and the optimizer state as they were."""
+        x, y = _local_batch(0, rank, world)
+        _loss(model(x), y).backward()
+        before = _full(model.parameters())
+        refusal = refused(opt.step)
+        return refusal, (all(np.array_equal(a, b) for a, b in
+                             zip(before, _full(model.parameters()))) and len(opt.state) == 0)
+
     # norm_group arguments
     out["bad_type"] = refused(lambda: fusedclip.FusedClipAdamW(_mlp().parameters(),
                                                                norm_group="world"))
@@ -675,15 +685,10 @@ def case_errors(rank, world):
                                                                norm_group=mesh2d["b"]))
     # norm_group over the ranks of an FSDP2 mesh: counted twice
     model = _fsdp_model()
-    opt = fusedclip.FusedClipAdamW(model.parameters(), lr=LR, clip=0.05,
-                                   norm_group=dist.group.WORLD)
-    x, y = _local_batch(0, rank, world)
-    _loss(model(x), y).backward()
     before = _full(model.parameters())
-    out["overlap"] = refused(opt.step)
-    out["overlap_unchanged"] = (all(np.array_equal(a, b) for a, b in
-                                    zip(before, _full(model.parameters())))
-                                and len(opt.state) == 0)
+    out["overlap"], out["overlap_unchanged"] = _refused_unchanged(
+        fusedclip.FusedClipAdamW(model.parameters(), lr=LR, clip=0.05,
+                                 norm_group=dist.group.WORLD), model, rank, world)
     # a Partial gradient
     p = next(model.parameters())
     good = p.grad
@@ -712,16 +717,10 @@ def case_errors(rank, world):
     out["pickle"] = refused(lambda: pickle.dumps(zopt))
     # a Chain that would compute a global norm from this rank's unit norms only
     model = _mlp()
-    copt = fusedclip.FusedClipAdamW(
+    out["chain"], out["chain_unchanged"] = _refused_unchanged(fusedclip.FusedClipAdamW(
         model.parameters(), lr=LR, norm_group=dist.group.WORLD,
-        clip=fusedclip.Chain(fusedclip.AGC(0.05), fusedclip.GlobalNorm(MAX_NORM)))
-    x, y = _local_batch(0, rank, world)
-    _loss(model(x), y).backward()
-    before = _full(model.parameters())
-    out["chain"] = refused(copt.step)
-    out["chain_unchanged"] = (all(np.array_equal(a, b) for a, b in
-                                  zip(before, _full(model.parameters())))
-                              and len(copt.state) == 0)
+        clip=fusedclip.Chain(fusedclip.AGC(0.05), fusedclip.GlobalNorm(MAX_NORM))),
+        model, rank, world)
     return out
 
 

@@ -114,39 +114,36 @@ def test_parameter_replaced_in_its_group(gathers):
     step_both(opt, gathers)
 
 
-def test_new_param_group(gathers):
-    params = make_params()
-    opt = fusedclip.FusedClipAdamW(params[:4], lr=0.1, clip=1.0)
-    train(opt, params[:4], 3)
+def add_group(opt, params):
     opt.add_param_group({"params": params[4:], "lr": 0.01})
-    set_grads(params, 3)
-    step_both(opt, gathers)
 
 
-def test_param_group_replaced(gathers):
+def replace_group(opt, params):
     # The same parameters in a new group dict: its hyperparameters apply.
-    params = make_params()
-    opt = fusedclip.FusedClipAdamW(params, lr=0.1, clip=1.0)
-    train(opt, params, 3)
     opt.param_groups[0] = dict(opt.param_groups[0], lr=0.01)
-    set_grads(params, 3)
-    step_both(opt, gathers)
 
 
-def test_new_policy(gathers):
-    params = make_params()
-    opt = fusedclip.FusedClipAdamW(params, lr=0.1, clip=1.0)
-    train(opt, params, 3)
+def new_policy(opt, params):
     opt.clip = fusedclip.AGC(0.05)
-    set_grads(params, 3)
-    step_both(opt, gathers)
 
 
-def test_state_loaded(gathers):
-    params = make_params()
-    opt = fusedclip.FusedClipAdamW(params, lr=0.1, clip=fusedclip.ZClip())
-    train(opt, params, 3)
+def load_state(opt, params):
     opt.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("change, clip, first", [
+    (add_group, lambda: 1.0, 4),
+    (replace_group, lambda: 1.0, None),
+    (new_policy, lambda: 1.0, None),
+    (load_state, fusedclip.ZClip, None),
+], ids=["new_param_group", "param_group_replaced", "new_policy", "state_loaded"])
+def test_groups_policy_or_state_changed(gathers, change, clip, first):
+    """After a change of param groups, policy or state, the next step gathers
+    again (the first `first` parameters trained before it)."""
+    params = make_params()
+    opt = fusedclip.FusedClipAdamW(params[:first], lr=0.1, clip=clip())
+    train(opt, params[:first], 3)
+    change(opt, params)
     set_grads(params, 3)
     step_both(opt, gathers)
 

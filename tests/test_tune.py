@@ -294,30 +294,33 @@ def test_empty_batches_and_bad_arguments(tool):
         run_tool(tool, Vector([1.0, 1.0]), GOOD, steps=2.5)
 
 
-def test_bad_arguments_of_each_tool():
+# (tool, keyword arguments, error, message); a NaN is out of range like an inf
+# (the policies' checks say "must not be NaN").
+BAD_TOOL_ARGS = [
+    ("estimate_smoothness", lambda m: dict(optimizer=torch.optim.SGD(m.parameters(), lr=0.1)),
+     TypeError, "not an optimizer instance"),
+    ("estimate_smoothness", lambda m: dict(radius=0.0), ValueError, "radius"),
+    ("estimate_smoothness", lambda m: dict(radius=math.nan), ValueError,
+     "^radius must be a finite number > 0, got nan$"),
+    ("estimate_smoothness", lambda m: dict(step_scale=True), TypeError,
+     "^step_scale must be a real number, got True$"),
+    ("estimate_smoothness", lambda m: dict(power_iters=1.0), ValueError,
+     "^power_iters must be an int >= 0, got 1.0$"),
+    ("find_lr", lambda m: dict(optimizer_kwargs={"lr": 0.1}), ValueError, "must not hold lr"),
+    ("find_lr", lambda m: dict(min_lr=1.0, max_lr=0.1), ValueError, "min_lr"),
+    ("find_lr", lambda m: dict(safety=0.5), ValueError, "safety"),
+    ("find_lr", lambda m: dict(lr0=math.nan), ValueError,
+     "^lr0 must be a finite number > 0, got nan$"),
+    ("find_lr", lambda m: dict(eval_batches=True), ValueError,
+     "^eval_batches must be an int >= 1, got True$"),
+]
+
+
+@pytest.mark.parametrize("tool, kwargs, error, match", BAD_TOOL_ARGS)
+def test_bad_arguments_of_each_tool(tool, kwargs, error, match):
     model = Vector([1.0, 1.0])
-    with pytest.raises(TypeError, match="not an optimizer instance"):
-        tune.estimate_smoothness(model, GOOD, [None],
-                                 optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    with pytest.raises(ValueError, match="radius"):
-        tune.estimate_smoothness(model, GOOD, [None], radius=0.0)
-    # a NaN is out of range like an inf (the policies' checks say "must not be NaN")
-    with pytest.raises(ValueError, match="^radius must be a finite number > 0, got nan$"):
-        tune.estimate_smoothness(model, GOOD, [None], radius=math.nan)
-    with pytest.raises(TypeError, match="^step_scale must be a real number, got True$"):
-        tune.estimate_smoothness(model, GOOD, [None], step_scale=True)
-    with pytest.raises(ValueError, match="^power_iters must be an int >= 0, got 1.0$"):
-        tune.estimate_smoothness(model, GOOD, [None], power_iters=1.0)
-    with pytest.raises(ValueError, match="must not hold lr"):
-        tune.find_lr(model, GOOD, [None], optimizer_kwargs={"lr": 0.1})
-    with pytest.raises(ValueError, match="min_lr"):
-        tune.find_lr(model, GOOD, [None], min_lr=1.0, max_lr=0.1)
-    with pytest.raises(ValueError, match="safety"):
-        tune.find_lr(model, GOOD, [None], safety=0.5)
-    with pytest.raises(ValueError, match="^lr0 must be a finite number > 0, got nan$"):
-        tune.find_lr(model, GOOD, [None], lr0=math.nan)
-    with pytest.raises(ValueError, match="^eval_batches must be an int >= 1, got True$"):
-        tune.find_lr(model, GOOD, [None], eval_batches=True)
+    with pytest.raises(error, match=match):
+        getattr(tune, tool)(model, GOOD, [None], **kwargs(model))
 
 
 # -- the public names and the results' pickles ---------------------------------------------
