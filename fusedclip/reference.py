@@ -525,9 +525,21 @@ class RefChain(ReferencePolicy):
 
     def __init__(self, *policies: ReferencePolicy) -> None:
         self.policies = policies
+        self.last: list[Tensor] = []
 
     def clip_grads(self, grads, keys, params):
+        """``last`` keeps the product of the members' coefficients of this
+        call, one per gradient (1-D, one per unit, after a per-unit member;
+        else 0-d): what the fused chain reports as ``clip_coef``."""
+        coefs = [torch.ones((), dtype=torch.float64)] * len(grads)
         for policy in self.policies:
             policy.states = getattr(self, "states", None)
-            grads = policy.clip_grads(grads, keys, params)
+            if type(policy).coefficients is not ReferencePolicy.coefficients:
+                member = policy.coefficients(grads, keys)  # a coefficient per gradient
+                grads = [g * c for g, c in zip(grads, member)]
+            else:  # per unit (``last``) or element-wise (no coefficient)
+                grads = policy.clip_grads(grads, keys, params)
+                member = getattr(policy, "last", None) or [1.0] * len(grads)
+            coefs = [a * c for a, c in zip(coefs, member)]
+        self.last = coefs
         return grads
