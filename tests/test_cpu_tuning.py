@@ -1,11 +1,14 @@
 """The CPU kernels' tuning (fusedclip.ops.cpu_tuning): what it reports, how the
 software-prefetch distance is set and refused, and that the distance changes
-no result, only the speed."""
+no result, only the speed; which copy of the kernels runs (one per vector set,
+csrc/cpu/dispatch.cpp), how FUSEDCLIP_CPU_CAPABILITY caps it, and that no
+vector code of one set ends up in code that every CPU runs."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -52,8 +55,14 @@ def test_a_bad_distance_is_refused_and_changes_nothing(restore_distance, bad):
     assert ops.cpu_tuning() == before
 
 
-def run_python(code: str, prefetch_env: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, FUSEDCLIP_CPU_PREFETCH=prefetch_env)
+def run_python(code: str, prefetch_env: str | None = None,
+               capability_env: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    for name, value in (("FUSEDCLIP_CPU_PREFETCH", prefetch_env),
+                        ("FUSEDCLIP_CPU_CAPABILITY", capability_env)):
+        env.pop(name, None)
+        if value is not None:
+            env[name] = value
     return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)
 
@@ -101,3 +110,66 @@ def test_the_distance_changes_no_result(restore_distance, kind, dtype):
             assert len(a_list) == len(e_list)
             for a, e in zip(a_list, e_list):
                 assert torch.equal(a, e), f"{kind} {dtype}: {what} differ with distance {distance}"
+
+
+# -- the vector set (csrc/cpu/dispatch.cpp) ------------------------------------------------------
+SETS = ["default", "avx2", "avx512"]  # narrowest first
+ARCH_OF = "from fusedclip import ops; print(ops.cpu_tuning()[0])"
+
+
+def widest_set() -> str:
+    """The set the kernels run without a cap: the widest this CPU and this build have."""
+    result = run_python(ARCH_OF)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.mark.parametrize("cap", SETS)
+def test_the_capability_caps_the_vector_set(cap):
+    widest = widest_set()
+    result = run_python(ARCH_OF + "; import torch, fusedclip; p = torch.nn.Parameter("
+                        "torch.ones(37)); p.grad = torch.ones(37); "
+                        "fusedclip.FusedClipAdamW([p], clip=1.0).step()", capability_env=cap)
+    if result.returncode != 0 and "cannot run on this CPU" in result.stderr:
+        pytest.skip("this build has some of the vector sets only (FUSEDCLIP_CPU_ARCH)")
+    assert result.returncode == 0, result.stderr
+    # The cap, or the widest set this CPU runs where that is narrower.
+    assert result.stdout.strip() == min(cap, widest, key=SETS.index)
+
+
+def test_a_bad_capability_fails_at_import():
+    result = run_python("import fusedclip", capability_env="sse2")
+    assert result.returncode != 0
+    assert re.search(r"FUSEDCLIP_CPU_CAPABILITY must be 'default', 'avx2' or 'avx512', "
+                     r"got 'sse2'", result.stderr), result.stderr
+
+
+def functions_with_wide_registers(library: str) -> dict[str, set[str]]:
+    """Each function of the library's code that uses ymm or zmm registers, with
+    which of the two it uses (objdump's demangled names)."""
+    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", library],
+                             capture_output=True, text=True, check=True, timeout=300).stdout
+    found: dict[str, set[str]] = {}
+    name = None
+    for line in listing.splitlines():
+        header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if header:
+            name = header.group(1)
+        elif name is not None and ("%ymm" in line or "%zmm" in line):
+            found.setdefault(name, set()).update(re.findall(r"%([yz]mm)", line))
+    return found
+
+
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump (binutils)")
+def test_wide_vector_code_only_in_its_sets_namespace():
+    """Code that uses AVX registers must be a copy of the kernels for that set
+    (fusedclip::cpu::AVX2, ::AVX512, at::vec::AVX2, ...; capability.h), never
+    code that every CPU runs: an inline function that several copies emit once
+    each would otherwise be linked once, maybe as its AVX-512 body (setup.py
+    links the default copy and the shared code first)."""
+    import fusedclip._C
+
+    found = functions_with_wide_registers(fusedclip._C.__file__)
+    wrong = [f"{name} ({', '.join(sorted(regs))})" for name, regs in found.items()
+             if not ("AVX512" in name or ("AVX2" in name and "zmm" not in regs))]
+    assert not wrong, "AVX code outside its vector set's namespace:\n" + "\n".join(wrong[:20])

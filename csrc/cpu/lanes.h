@@ -9,9 +9,11 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "capability.h"
 #include "cpu_tuning.h"
 
 namespace fusedclip::cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 template <typename scalar_t>
 struct Lanes {
@@ -58,8 +60,9 @@ struct Lanes<at::Half> : ReducedLanes<at::Half> {};
 // are scalar; in its AVX2 kernels all t are (measured on torch 2.13 for every
 // t: tests/test_bitwise_torch.py, run on both). The rules whose scalar code
 // rounds differently (include/fusedclip/sgd.h, adam.h) run those elements
-// with SCALAR_TAIL. This build's vector set is torch's at run time where both
-// follow the CPU (ATEN_CPU_CAPABILITY can make them differ).
+// with SCALAR_TAIL. Each copy of the kernels (capability.h) has its own, for
+// the vector set it runs: torch's where both follow the CPU, or where
+// FUSEDCLIP_CPU_CAPABILITY and ATEN_CPU_CAPABILITY name the same set.
 template <typename scalar_t>
 int64_t scalar_tail_begin(int64_t numel) {
   constexpr int64_t kWidth = Lanes<scalar_t>::kWidth;
@@ -99,4 +102,5 @@ class Prefetch {
   std::uintptr_t bytes_;
 };
 
+}  // namespace CPU_CAPABILITY
 }  // namespace fusedclip::cpu
