@@ -55,11 +55,12 @@ def test_a_bad_distance_is_refused_and_changes_nothing(restore_distance, bad):
     assert ops.cpu_tuning() == before
 
 
-def run_python(code: str, prefetch_env: str | None = None,
-               capability_env: str | None = None) -> subprocess.CompletedProcess:
+def run_python(code: str, prefetch_env: str | None = None, capability_env: str | None = None,
+               aten_capability_env: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     for name, value in (("FUSEDCLIP_CPU_PREFETCH", prefetch_env),
-                        ("FUSEDCLIP_CPU_CAPABILITY", capability_env)):
+                        ("FUSEDCLIP_CPU_CAPABILITY", capability_env),
+                        ("ATEN_CPU_CAPABILITY", aten_capability_env)):
         env.pop(name, None)
         if value is not None:
             env[name] = value
@@ -173,3 +174,56 @@ def test_wide_vector_code_only_in_its_sets_namespace():
     wrong = [f"{name} ({', '.join(sorted(regs))})" for name, regs in found.items()
              if not ("AVX512" in name or ("AVX2" in name and "zmm" not in regs))]
     assert not wrong, "AVX code outside its vector set's namespace:\n" + "\n".join(wrong[:20])
+
+
+# Run in a process of its own per vector set, both libraries capped at it:
+# torch's fused CPU step and fusedclip's (clip=None) over three steps, on
+# tensors of every length up to two AVX-512 float vectors and one, so that
+# every tail length of every set is met; the cases fuse multiply-adds (weight
+# decay, the momentum blend, Nesterov, the second moment) and take both
+# branches of Adam's lerp (1 - beta1 below and above 0.5). Prints what differs.
+SAME_AS_TORCH = """
+import torch, fusedclip
+cases = [
+    (torch.optim.SGD, fusedclip.FusedClipSGD, dict(lr=0.1, momentum=0.9, weight_decay=0.1)),
+    (torch.optim.SGD, fusedclip.FusedClipSGD,
+     dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.1)),
+    (torch.optim.Adam, fusedclip.FusedClipAdam, dict(lr=0.1, weight_decay=0.1, amsgrad=True)),
+    (torch.optim.AdamW, fusedclip.FusedClipAdamW, dict(lr=0.1, betas=(0.2, 0.9))),
+    (torch.optim.Adagrad, fusedclip.FusedClipAdagrad, dict(lr=0.1, weight_decay=0.1)),
+]
+gen = torch.Generator().manual_seed(0)
+sizes = range(1, 34)
+for twin, fused_cls, kwargs in cases:
+    for dtype in (torch.float32, torch.float64):
+        init = [torch.randn(n, generator=gen, dtype=dtype) for n in sizes]
+        grads = [[torch.randn(n, generator=gen, dtype=dtype) for n in sizes] for _ in range(3)]
+        results = []
+        for make in (lambda p: twin(p, fused=True, **kwargs), lambda p: fused_cls(p, **kwargs)):
+            params = [torch.nn.Parameter(x.clone()) for x in init]
+            opt = make(params)
+            for step_grads in grads:
+                for p, g in zip(params, step_grads):
+                    p.grad = g.clone()
+                opt.step()
+            results.append(params)
+        for n, a, b in zip(sizes, *results):
+            if not torch.equal(a, b):
+                print(f"{fused_cls.__name__} {kwargs} {dtype} n={n}: differs")
+print(fusedclip.ops.cpu_tuning()[0], torch.backends.cpu.get_cpu_capability())
+"""
+
+
+@pytest.mark.parametrize("cap", SETS)
+def test_each_set_is_torchs_fused_step_bit_for_bit(cap):
+    """The bitwise checks of tests/test_bitwise_torch.py, in short, for each
+    set this CPU runs: torch's default build rounds every a * b + c twice,
+    its AVX2 and AVX-512 ones fuse it (csrc/cpu/lanes.h)."""
+    widest = widest_set()
+    if SETS.index(cap) > SETS.index(widest):
+        pytest.skip(f"this CPU (or build) runs {widest} at most")
+    result = run_python(SAME_AS_TORCH, capability_env=cap, aten_capability_env=cap)
+    assert result.returncode == 0, result.stderr
+    *differ, sets = result.stdout.strip().splitlines()
+    assert sets == f"{cap} {cap.upper()}"  # both libraries ran the set
+    assert not differ, "\n".join(differ)
