@@ -8,7 +8,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
 
-.PHONY: bench test build env cuda-check clean
+.PHONY: bench test build env cuda-check install-check clean
 
 bench: build
 	$(PY) bench/bench_optim.py
@@ -34,6 +34,11 @@ $(VENV)/.fusedclip-built: $(VENV)/.env-ready $(SOURCES)
 # does (no GPU needed; with a CPU-only torch, c10_cuda/torch_cuda are left out).
 cuda-check: env
 	PYTHON=$(PY) bash tools/check_cuda_compile.sh
+
+# What users install, tested: the sdist, a wheel built from it, installed into a
+# fresh venv and tested from outside the source tree (tools/check_install.sh).
+install-check: env
+	PYTHON=$(PY) bash tools/check_install.sh
 
 clean:
 	rm -rf build fusedclip/_C*.so *.egg-info $(VENV)/.fusedclip-built

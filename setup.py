@@ -5,11 +5,17 @@ installed torch has CUDA and a CUDA toolkit is found (below); FUSEDCLIP_CUDA=0/1
 overrides that. A GPU at build time only chooses the architectures compiled
 for when TORCH_CUDA_ARCH_LIST is unset (without one: 8.0 and 9.0+PTX).
 
-The CPU kernels are compiled for the widest ATen vector set the build
-machine's CPU has: AVX-512 (avx512f/bw/vl/dq, ATen's AVX512 capability, which
-torch itself uses on such CPUs), else AVX2 with FMA, else ATen's default.
-FUSEDCLIP_CPU_ARCH=avx512, avx2 or default asks for one of them (a build that
-must run on older CPUs, or a side-by-side measurement).
+The CPU kernels (csrc/cpu/*_cpu.cpp) are compiled once per ATen vector set,
+as torch compiles its own CPU kernels: ATen's default, AVX2 with FMA, and
+AVX-512 (avx512f/bw/vl/dq), each in a namespace of its own
+(csrc/cpu/capability.h); on other machines than x86, the default only. When
+the library loads, csrc/cpu/dispatch.cpp picks the widest set the running CPU
+supports, which FUSEDCLIP_CPU_CAPABILITY=default|avx2 caps at run time. The
+rest of the library is compiled once, for the compiler's baseline, so a wheel
+runs on any CPU of its architecture. FUSEDCLIP_CPU_ARCH=avx512, avx2 or default
+builds that one set only, =native the build machine's widest (quicker builds,
+side-by-side measurements). The build carries no debug information
+(FUSEDCLIP_DEBUG_INFO=1 keeps it).
 
 The CUDA toolkit is the first of: CUDA_HOME (or CUDA_PATH); the toolkit of the
 nvcc on PATH, found through symlinks and wrapper scripts (a script that execs
@@ -20,6 +26,8 @@ the parent of nvcc's folder, which for a wrapper at /usr/local/bin/nvcc is
 /usr/local, and the link then fails with "cannot find -lcudart".
 """
 
+import concurrent.futures
+import functools
 import glob
 import os
 import platform
@@ -197,8 +205,12 @@ def want_cuda():
     return CUDA_TOOLKIT is not None
 
 
+def is_x86():
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+
+
 def cpu_flag_set():
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not is_x86():
         return set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -208,45 +220,99 @@ def cpu_flag_set():
 
 
 # ATen picks its SIMD implementation (at::vec::Vectorized) from the
-# CPU_CAPABILITY macros; the -m flags are those torch builds that capability with.
+# CPU_CAPABILITY macros, which also name the namespace each copy of the CPU
+# kernels lives in; the -m flags are those torch builds that capability with.
 ARCH_FLAGS = {
     "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
                "-mf16c", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
     "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    "default": [],
+    "default": ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"],
 }
 ARCH_CPU_FLAGS = {
     "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"},
     "avx2": {"avx2", "fma", "f16c"},
     "default": set(),
 }
+# The kernels compiled once per vector set; every other source is compiled once.
+CPU_KERNEL_SOURCES = sorted(glob.glob("csrc/cpu/*_cpu.cpp"))
 
 
-def cpu_arch():
-    arch = os.environ.get("FUSEDCLIP_CPU_ARCH", "native")
-    if arch not in ("native", *ARCH_FLAGS):
-        raise SystemExit("FUSEDCLIP_CPU_ARCH must be 'native', 'avx512', 'avx2' or 'default', "
-                         f"got {arch!r}")
+def compiler_accepts(flags):
+    """Whether the C++ compiler takes these flags (an old one may lack AVX-512)."""
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        result = subprocess.run([compiler, *flags, "-x", "c++", "-E", "-o", os.devnull, os.devnull],
+                                capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return result.returncode == 0
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_arch_sets():
+    """The vector sets to compile the CPU kernels for, narrowest first."""
+    arch = os.environ.get("FUSEDCLIP_CPU_ARCH", "all")
+    if arch not in ("all", "native", *ARCH_FLAGS):
+        raise SystemExit("FUSEDCLIP_CPU_ARCH must be 'all' (the default), 'native', 'avx512', "
+                         f"'avx2' or 'default', got {arch!r}")
+    if not is_x86():
+        if arch in ("avx512", "avx2"):
+            raise SystemExit(f"FUSEDCLIP_CPU_ARCH={arch} is an x86 vector set; this machine is "
+                             f"{platform.machine()}")
+        return ["default"]
+    if arch == "all":
+        return ["default"] + [a for a in ("avx2", "avx512") if compiler_accepts(ARCH_FLAGS[a])]
     if arch != "native":
-        return arch
+        return [arch]
     # AVX-512 halves the instructions of the bfloat16/float16 loops, whose
     # conversions make them compute-bound on 2 cores: with it, the bf16 update
     # passes of GPT-2 small ran 1.5x (AdamW), 1.3x (Adagrad) and 1.05x (SGD)
     # faster than with AVX2, fp32 the same (bench/bench_optim.py --dtype
     # bfloat16, AMD EPYC, 2 threads).
     flags = cpu_flag_set()
-    return next(a for a in ("avx512", "avx2", "default") if ARCH_CPU_FLAGS[a] <= flags)
+    return [next(a for a in ("avx512", "avx2", "default") if ARCH_CPU_FLAGS[a] <= flags)]
+
+
+
+class BuildExt(BuildExtension):
+    """torch's BuildExtension, which first compiles the CPU kernels once per
+    vector set (each set's objects in a folder of its own, the sets in
+    parallel) and links them after the other sources' objects. The order
+    matters where an inline function of a shared header (update_op.h,
+    include/fusedclip/) is emitted in several objects: the linker keeps the
+    first copy, which is then one compiled for the baseline, not for AVX-512."""
+
+    def build_extension(self, ext):
+        cxx = ext.extra_compile_args["cxx"]  # BuildExtension made it a dict, with its flags
+
+        def compile_set(arch):
+            return self.compiler.compile(
+                CPU_KERNEL_SOURCES, output_dir=os.path.join(self.build_temp, "cpu_" + arch),
+                macros=ext.define_macros, include_dirs=ext.include_dirs, debug=self.debug,
+                extra_postargs={"cxx": cxx + ARCH_FLAGS[arch]}, depends=ext.depends)
+
+        with concurrent.futures.ThreadPoolExecutor(len(cpu_arch_sets())) as pool:
+            per_set = list(pool.map(compile_set, cpu_arch_sets()))
+        ext.extra_objects = list(ext.extra_objects or []) + [o for objs in per_set for o in objs]
+        super().build_extension(ext)
 
 
 def extension():
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(set(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+                     - set(CPU_KERNEL_SOURCES))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     # -fopenmp: at::parallel_for is an inline template that only runs in
     # parallel where _OPENMP is defined; the runtime is torch's own libgomp.
     # -ffp-contract=off: a multiply is fused into an add only where the source
     # says so (fc_fma in csrc/include/fusedclip/math_traits.h), which is how
     # the CPU steps round exactly as torch's fused CPU kernels do.
-    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-ffp-contract=off", "-fopenmp"] + ARCH_FLAGS[cpu_arch()]
+    # -g0: Python's own flags ask for debug information (-g), which made the
+    # library 18 MB.
+    debug_info = env_flag("FUSEDCLIP_DEBUG_INFO")
+    cxx = ["-O3", "-std=c++17", "-fno-math-errno", "-ffp-contract=off", "-fopenmp",
+           "-g" if debug_info else "-g0"]
+    # dispatch.cpp registers the sets that were built.
+    cxx += [f"-DFUSEDCLIP_CPU_{arch.upper()}" for arch in cpu_arch_sets()]
     link = ["-fopenmp"]
     if want_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
@@ -279,5 +345,5 @@ if __name__ == "__main__":
                   file=sys.stderr)
     setup(
         ext_modules=[extension()],
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
     )

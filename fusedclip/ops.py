@@ -16,7 +16,8 @@ from fusedclip import _extension
 _extension.load()
 
 _ops = torch.ops.fusedclip
-# Reports a bad FUSEDCLIP_CPU_PREFETCH at import, not at the first step.
+# Reports a bad FUSEDCLIP_CPU_PREFETCH or FUSEDCLIP_CPU_CAPABILITY at import, not at the
+# first step.
 _ops.cpu_tuning(None)
 
 
@@ -162,9 +163,14 @@ for _rule in RULES:
 
 def cpu_tuning(prefetch_distance: int | None = None) -> tuple[str, int]:
     """How the CPU kernels run on this machine: ``(vector_arch,
-    prefetch_distance)``, the SIMD set they were compiled for (``"avx512"``,
-    ``"avx2"`` or ``"default"``) and how many bytes ahead their loops prefetch
-    in software (0: not at all).
+    prefetch_distance)``, the SIMD set they run with (``"avx512"``, ``"avx2"``
+    or ``"default"``) and how many bytes ahead their loops prefetch in software
+    (0: not at all).
+
+    The kernels are compiled once per set; when the library loads it picks the
+    widest the CPU supports, capped by the environment variable
+    ``FUSEDCLIP_CPU_CAPABILITY`` (``default``, ``avx2`` or ``avx512``, as
+    ``ATEN_CPU_CAPABILITY`` caps torch's kernels; see csrc/cpu/dispatch.cpp).
 
     The distance starts from the environment variable
     ``FUSEDCLIP_CPU_PREFETCH`` where set, else from the CPU (none on AMD,

@@ -84,18 +84,12 @@ std::uintptr_t prefetch_distance() {
 
 std::tuple<std::string, int64_t> cpu_tuning(std::optional<int64_t> prefetch_distance) {
   TORCH_CHECK(initial.error.empty(), initial.error);
+  const std::string arch = cpu_capability();
   if (prefetch_distance.has_value()) {
     const std::string error = distance_error(*prefetch_distance, "prefetch_distance");
     TORCH_CHECK(error.empty(), error);
     distance.store(*prefetch_distance, std::memory_order_relaxed);
   }
-#if defined(CPU_CAPABILITY_AVX512)
-  const char* arch = "avx512";
-#elif defined(CPU_CAPABILITY_AVX2)
-  const char* arch = "avx2";
-#else
-  const char* arch = "default";
-#endif
   return {arch, distance.load(std::memory_order_relaxed)};
 }
 

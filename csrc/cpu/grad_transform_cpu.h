@@ -17,10 +17,12 @@
 
 #include <ATen/ATen.h>
 
+#include "capability.h"
 #include "../update_op.h"
 #include "fusedclip/grad_transform.h"
 
 namespace fusedclip::cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 // Per-unit coefficients of one tensor (a float32 or float64 tensor with one
 // value per unit), or none (ptr null).
@@ -73,4 +75,5 @@ void for_each_unit_run(int64_t begin, int64_t end, const TensorMult& tm, const R
   }
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace fusedclip::cpu

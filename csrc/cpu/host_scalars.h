@@ -8,10 +8,12 @@
 
 #include <ATen/ATen.h>
 
+#include "capability.h"
 #include "../update_op.h"
 #include "fusedclip/grad_transform.h"
 
 namespace fusedclip::cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 struct HostScalars {
   bool skip = false;       // found_inf non-zero: the call changes nothing
@@ -59,4 +61,5 @@ inline double increment_step(const at::Tensor& step) {
   return ++*step.data_ptr<double>();
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace fusedclip::cpu

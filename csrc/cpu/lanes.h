@@ -9,9 +9,11 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "capability.h"
 #include "cpu_tuning.h"
 
 namespace fusedclip::cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 template <typename scalar_t>
 struct Lanes {
@@ -51,18 +53,40 @@ struct Lanes<at::BFloat16> : ReducedLanes<at::BFloat16> {};
 template <>
 struct Lanes<at::Half> : ReducedLanes<at::Half> {};
 
-// Where torch's fused CPU kernels start their scalar code in a tensor of
-// `numel` elements of scalar_t. They leave the last t = numel % W elements (W
-// the vector width) to a scalar loop. In torch's AVX-512 kernels the compiler
-// vectorizes that loop once at half the width, so only the last t % (W / 2)
-// are scalar; in its AVX2 kernels all t are (measured on torch 2.13 for every
-// t: tests/test_bitwise_torch.py, run on both). The rules whose scalar code
-// rounds differently (include/fusedclip/sgd.h, adam.h) run those elements
-// with SCALAR_TAIL. This build's vector set is torch's at run time where both
-// follow the CPU (ATEN_CPU_CAPABILITY can make them differ).
+// Whether torch's fused CPU kernels of this vector set round a * b + c once in
+// their scalar code. torch compiles them in GCC's GNU mode, whose default
+// -ffp-contract=fast fuses such an expression wherever the target has a fused
+// multiply-add instruction: its AVX2 and AVX-512 builds (-mfma) have one, the
+// x86 baseline that its DEFAULT build targets has none (elsewhere, aarch64
+// say, the baseline has one). Where none, torch's vector code does not fuse
+// either (at::vec's default fmadd is a * b + c, two roundings), so its scalar
+// and vector code round alike (measured on torch 2.13, ATEN_CPU_CAPABILITY=
+// default: every a * b + c of its fused SGD rounds twice, in both).
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(__FMA__)
+constexpr bool kTorchScalarCodeFuses = false;
+#else
+constexpr bool kTorchScalarCodeFuses = true;
+#endif
+
+// Where fusedclip's element loop leaves its vectors for the rule's scalar
+// code (SCALAR_TAIL: include/fusedclip/sgd.h, adam.h, whose scalar code fuses
+// some multiply-adds the other way round) in a tensor of `numel` elements of
+// scalar_t: where torch's fused CPU kernels start theirs. They leave the last
+// t = numel % W elements (W the vector width) to a scalar loop. In torch's
+// AVX-512 kernels the compiler vectorizes that loop once at half the width, so
+// only the last t % (W / 2) are scalar; in its AVX2 kernels all t are
+// (measured on torch 2.13 for every t: tests/test_bitwise_torch.py, run on
+// both). Where its scalar code does not fuse (kTorchScalarCodeFuses), it
+// rounds as its vector code does, so fusedclip runs the whole tensor on
+// vectors, the last one partial: the shared scalar math (fc_fma, fc_lerp on a
+// float or double) always fuses, as the CUDA kernels and the other sets need.
+// Each copy of the kernels (capability.h) has its own, for the vector set it
+// runs: torch's where both follow the CPU, or where FUSEDCLIP_CPU_CAPABILITY
+// and ATEN_CPU_CAPABILITY name the same set.
 template <typename scalar_t>
 int64_t scalar_tail_begin(int64_t numel) {
   constexpr int64_t kWidth = Lanes<scalar_t>::kWidth;
+  if constexpr (!kTorchScalarCodeFuses) return numel;
 #if defined(CPU_CAPABILITY_AVX512)
   return numel - numel % kWidth % (kWidth / 2);
 #else
@@ -99,4 +123,5 @@ class Prefetch {
   std::uintptr_t bytes_;
 };
 
+}  // namespace CPU_CAPABILITY
 }  // namespace fusedclip::cpu

@@ -9,7 +9,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "capability.h"
+
 namespace fusedclip::cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 
 // Elements per work item of the update passes: the four fp32 arrays of an
 // Adam chunk (param, grad, two moments) take 256 KiB, well inside a core's L2.
@@ -68,4 +71,5 @@ void for_each_tensor_chunk(at::TensorList tensors, const F& fn) {
   });
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace fusedclip::cpu

@@ -11,13 +11,16 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "capability.h"
 #include "../checks.h"
 #include "fusedclip/norm_math.h"
+#include "kernels.h"
 #include "lanes.h"
 #include "multi_tensor.h"
 #include "vec_traits.h"
 
 namespace fusedclip::cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 namespace {
 
 // Independent accumulators, so additions of consecutive steps do not wait on
@@ -286,9 +289,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_unit_nor
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
-  m.impl("multi_tensor_norm", &multi_tensor_norm_cpu);
-  m.impl("multi_tensor_unit_norm", &multi_tensor_unit_norm_cpu);
+// This vector set's norm kernels, for dispatch.cpp (kernels.h).
+void add_norm_kernels(CpuKernels& kernels) {
+  kernels.norm = &multi_tensor_norm_cpu;
+  kernels.unit_norm = &multi_tensor_unit_norm_cpu;
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace fusedclip::cpu

@@ -16,16 +16,19 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include "capability.h"
 #include "../update_op.h"
 #include "fusedclip/grad_transform.h"
 #include "fusedclip/rules.h"
 #include "grad_transform_cpu.h"
 #include "host_scalars.h"
+#include "kernels.h"
 #include "lanes.h"
 #include "multi_tensor.h"
 #include "vec_traits.h"
 
 namespace fusedclip::cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
 namespace {
 
 // The arrays of one tensor: param, grad, then the rule's states (at most
@@ -159,8 +162,13 @@ struct CpuDriver {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fusedclip, CPU, m) {
-  register_update_ops<CpuDriver>(m);
+// This vector set's update ops, one per rule, for dispatch.cpp (kernels.h).
+void add_update_kernels(CpuKernels& kernels) {
+  int i = 0;
+#define FUSEDCLIP_ADD_UPDATE(Rule) kernels.update[i++] = &update_op<Rule, CpuDriver>;
+  FUSEDCLIP_FOR_EACH_RULE(FUSEDCLIP_ADD_UPDATE)
+#undef FUSEDCLIP_ADD_UPDATE
 }
 
+}  // namespace CPU_CAPABILITY
 }  // namespace fusedclip::cpu

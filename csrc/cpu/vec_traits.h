@@ -13,6 +13,10 @@ template <typename S>
 struct MathTraits<at::vec::Vectorized<S>> {
   using V = at::vec::Vectorized<S>;
   static V sqrt(const V& x) { return x.sqrt(); }
+  // at::vec::fmadd, as torch's fused kernels call it: one rounding in the AVX2
+  // and AVX-512 sets (an FMA instruction), two in the default set, whose
+  // Vectorized is an array and whose fmadd is a * b + c (lanes.h,
+  // kTorchScalarCodeFuses).
   static V fma(const V& a, const V& b, const V& c) { return at::vec::fmadd(a, b, c); }
   static V maximum(const V& a, const V& b) { return at::vec::maximum(a, b); }
   // at::vec::maximum/minimum propagate NaN, so the clamp does too.
