@@ -18,7 +18,7 @@ template <class Rule>
 struct AnyDriver;  // names update_op's type; never defined
 
 // The type of every update op, whatever its rule and driver.
-using UpdateKernel = decltype(&update_op<::fusedclip::Adam, AnyDriver>);
+using UpdateKernel = decltype(&UpdateOp<::fusedclip::Adam, AnyDriver>::call);
 
 #define FUSEDCLIP_COUNT_RULE(Rule) +1
 constexpr int kNumRules = 0 FUSEDCLIP_FOR_EACH_RULE(FUSEDCLIP_COUNT_RULE);

@@ -165,7 +165,7 @@ struct CpuDriver {
 // This vector set's update ops, one per rule, for dispatch.cpp (kernels.h).
 void add_update_kernels(CpuKernels& kernels) {
   int i = 0;
-#define FUSEDCLIP_ADD_UPDATE(Rule) kernels.update[i++] = &update_op<Rule, CpuDriver>;
+#define FUSEDCLIP_ADD_UPDATE(Rule) kernels.update[i++] = &UpdateOp<Rule, CpuDriver>::call;
   FUSEDCLIP_FOR_EACH_RULE(FUSEDCLIP_ADD_UPDATE)
 #undef FUSEDCLIP_ADD_UPDATE
 }
