@@ -424,10 +424,7 @@ class FusedClipOptimizer(Optimizer):
         device = batch.grads[0].device
         if specs is None:
             specs = [None] * len(batch.grads)
-        units = None
-        if scope == "unit":
-            units = [ops.unit_counts([batch.grads[i] for i in indices])
-                     for indices in batch.buckets]
+        units = self._unit_counts(batch)  # per-unit policies: made once a step, kept on batch
         group = self._norm_group.group if self._norm_group is not None else None
         key = (scope, reads_params, norm_type, device, id(group), tuple(map(id, specs)),
                tuple(map(tuple, batch.buckets)),
