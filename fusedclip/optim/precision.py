@@ -35,8 +35,12 @@ changed) is converted there too, from the parameter as it is then.
 the parameter's dtype; the pre hook takes the state this module owns (masters,
 remainders, generators and, where a group sets an option, the floating state)
 out of what torch loads and the post hook puts it back, the floating state
-cast to the group's state dtype. Param groups of a state dict without the
-options (torch.optim's) take the loading optimizer's.
+cast to the group's state dtype. Unlike the hyperparameters (lr, betas: the
+saved ones win, as in torch.optim), the options stay the loading optimizer's:
+they say how this optimizer keeps its state, and a state dict of another form
+is converted (a torch.optim state dict gets its masters made from the
+parameters, a full master becomes a remainder or the reverse, at the next step;
+masters and generators the loading optimizer does not use are dropped).
 """
 
 from __future__ import annotations
@@ -277,10 +281,11 @@ def take_out(opt, state_dict: dict) -> dict:
         return state_dict  # torch's own check raises
     groups = []
     for saved, current in zip(saved_groups, opt.param_groups):
-        missing = {k: current[k] for k in OPTIONS if k in current and k not in saved}
-        groups.append({**saved, **missing} if missing else saved)
-    for group in groups:
-        check_options(group)
+        # The options say how this optimizer keeps its state: its own, not the saved ones.
+        if any(k in saved or k in current for k in OPTIONS):
+            saved = {k: v for k, v in saved.items() if k not in OPTIONS}
+            saved.update((k, current[k]) for k in OPTIONS if k in current)
+        groups.append(saved)
     state = state_dict.get("state", {})
     kept, taken = {}, {}
     wanted = {pid for g in groups if active(g) for pid in g["params"]}
