@@ -106,6 +106,7 @@ void run(const TensorArrays& a, int64_t begin, int64_t end,
 template <class Rule>
 struct CpuDriver {
   static void run(const UpdateCall& call, const typename Rule::Hyper& hyper) {
+    TORCH_CHECK(!call.mixed(), "fusedclip: mixed precision on the CPU: not yet");
     const HostScalars host = HostScalars::read(call.lr, call.lr_tensor, call.clip_coef,
                                                call.grad_scale, call.found_inf);
     // A skipped step changes nothing, not even the step counters.
