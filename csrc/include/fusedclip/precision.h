@@ -94,6 +94,12 @@ FC_HOST_DEVICE float sr_bf16_grid(float x, uint32_t r) {
   return bits_float((m + (r >> 16)) & 0xffff0000u);
 }
 
+// The same as bf16 bits, from the bits m of x.
+FC_HOST_DEVICE uint16_t sr_bf16(uint32_t m, uint32_t r) {
+  if (bits_are_nan(m)) return static_cast<uint16_t>((m >> 16) | 0x0040u);
+  return static_cast<uint16_t>((m + (r >> 16)) >> 16);
+}
+
 // x rounded to fp16 stochastically with the random bits r, as a float32 on the
 // fp16 grid (or past its largest value, which a round-to-nearest conversion
 // makes inf): with ulp the fp16 spacing at |x| (2^(e - 10), e = max(floor(log2
@@ -148,14 +154,24 @@ FC_HOST_DEVICE SrKey sr_key(int64_t seed, int64_t counter, int slot) {
   return {static_cast<uint32_t>(z), static_cast<uint32_t>(z >> 32)};
 }
 
+// The key of the elements whose index has the high 32 bits of `index`: k1
+// mixed with them (k1 itself below 2^32).
+FC_HOST_DEVICE SrKey sr_key_high(SrKey key, int64_t index) {
+  return {key.k0, key.k1 ^ lowbias32(static_cast<uint32_t>(static_cast<uint64_t>(index) >> 32))};
+}
+
+// The bits of the element whose index has the low 32 bits `low`, under the
+// key sr_key_high gave for its high bits.
+FC_HOST_DEVICE uint32_t sr_bits_low(SrKey high_key, uint32_t low) {
+  return lowbias32(lowbias32(low ^ high_key.k0) ^ high_key.k1);
+}
+
 // The 32 random bits of element `index` (its flat index in the array the
-// kernel walks) of the array keyed `key`.
+// kernel walks) of the array keyed `key`:
+// lowbias32(lowbias32(low32(index) ^ k0) ^ k1 ^ lowbias32(high32(index))).
 FC_HOST_DEVICE uint32_t sr_bits(SrKey key, int64_t index) {
-  const uint64_t i = static_cast<uint64_t>(index);
-  uint32_t x = static_cast<uint32_t>(i) ^ key.k0;
-  x = lowbias32(x);
-  x ^= key.k1 ^ lowbias32(static_cast<uint32_t>(i >> 32));
-  return lowbias32(x);
+  return sr_bits_low(sr_key_high(key, index),
+                     static_cast<uint32_t>(static_cast<uint64_t>(index)));
 }
 
 }  // namespace precision
