@@ -94,6 +94,12 @@ FC_HOST_DEVICE float sr_bf16_grid(float x, uint32_t r) {
   return bits_float((m + (r >> 16)) & 0xffff0000u);
 }
 
+// The same as bf16 bits, from the bits m of x.
+FC_HOST_DEVICE uint16_t sr_bf16(uint32_t m, uint32_t r) {
+  if (bits_are_nan(m)) return static_cast<uint16_t>((m >> 16) | 0x0040u);
+  return static_cast<uint16_t>((m + (r >> 16)) >> 16);
+}
+
 // x rounded to fp16 stochastically with the random bits r, as a float32 on the
 // fp16 grid (or past its largest value, which a round-to-nearest conversion
 // makes inf): with ulp the fp16 spacing at |x| (2^(e - 10), e = max(floor(log2
@@ -101,19 +107,24 @@ FC_HOST_DEVICE float sr_bf16_grid(float x, uint32_t r) {
 // ulp, u = (r >> 8) * 2^-24, the sign kept. NaN and inf stay themselves, as
 // does every fp16 value.
 FC_HOST_DEVICE float sr_fp16_grid(float x, uint32_t r) {
+  // Branch free, so that a loop of it vectorizes: NaN and inf (biased
+  // exponent 0xff) are selected at the end.
   const uint32_t m = float_bits(x);
   const uint32_t biased = (m >> 23) & 0xffu;  // float32's biased exponent
-  if (biased == 0xffu) return x;              // NaN, inf
   int e = static_cast<int>(biased) - 127;     // floor(log2|x|) for normal x
-  if (e < -14) e = -14;                       // fp16's subnormal spacing
+  e = e < -14 ? -14 : e;                      // fp16's subnormal spacing
   const float ulp = bits_float(static_cast<uint32_t>(e - 10 + 127) << 23);
   const float inv_ulp = bits_float(static_cast<uint32_t>(10 - e + 127) << 23);
-  const float q = bits_float(m & 0x7fffffffu) * inv_ulp;  // exact: a power of two
-  const float whole = ::floorf(q);
-  const float u = static_cast<float>(r >> 8) * 5.9604644775390625e-8f;  // 2^-24
-  const float up = (u < q - whole) ? 1.0f : 0.0f;
-  const float magnitude = (whole + up) * ulp;  // exact (<= 2^11 * ulp)
-  return bits_float(float_bits(magnitude) | (m & 0x80000000u));
+  // q = |x| / ulp, exact (a power of two), below 2^11; 0 for NaN and inf
+  // (selected by bits: GCC does not if-convert a float expression).
+  const uint32_t special = biased == 0xffu ? 0xffffffffu : 0u;
+  const float q = bits_float(float_bits(bits_float(m & 0x7fffffffu) * inv_ulp) & ~special);
+  const float whole = static_cast<float>(static_cast<int32_t>(q));  // floor: q >= 0
+  const float u = static_cast<float>(r >> 8) * 5.9604644775390625e-8f;  // 2^-24, exact
+  const uint32_t up = (u < q - whole) ? 0x3f800000u : 0u;  // 1.0f or 0
+  const float magnitude = (whole + bits_float(up)) * ulp;  // exact (<= 2^11 * ulp)
+  const uint32_t rounded = float_bits(magnitude) | (m & 0x80000000u);
+  return bits_float((rounded & ~special) | (m & special));
 }
 
 // --- the random bits --------------------------------------------------------------
@@ -148,14 +159,24 @@ FC_HOST_DEVICE SrKey sr_key(int64_t seed, int64_t counter, int slot) {
   return {static_cast<uint32_t>(z), static_cast<uint32_t>(z >> 32)};
 }
 
+// The key of the elements whose index has the high 32 bits of `index`: k1
+// mixed with them (k1 itself below 2^32).
+FC_HOST_DEVICE SrKey sr_key_high(SrKey key, int64_t index) {
+  return {key.k0, key.k1 ^ lowbias32(static_cast<uint32_t>(static_cast<uint64_t>(index) >> 32))};
+}
+
+// The bits of the element whose index has the low 32 bits `low`, under the
+// key sr_key_high gave for its high bits.
+FC_HOST_DEVICE uint32_t sr_bits_low(SrKey high_key, uint32_t low) {
+  return lowbias32(lowbias32(low ^ high_key.k0) ^ high_key.k1);
+}
+
 // The 32 random bits of element `index` (its flat index in the array the
-// kernel walks) of the array keyed `key`.
+// kernel walks) of the array keyed `key`:
+// lowbias32(lowbias32(low32(index) ^ k0) ^ k1 ^ lowbias32(high32(index))).
 FC_HOST_DEVICE uint32_t sr_bits(SrKey key, int64_t index) {
-  const uint64_t i = static_cast<uint64_t>(index);
-  uint32_t x = static_cast<uint32_t>(i) ^ key.k0;
-  x = lowbias32(x);
-  x ^= key.k1 ^ lowbias32(static_cast<uint32_t>(i >> 32));
-  return lowbias32(x);
+  return sr_bits_low(sr_key_high(key, index),
+                     static_cast<uint32_t>(static_cast<uint64_t>(index)));
 }
 
 }  // namespace precision
