@@ -64,16 +64,17 @@ __device__ __forceinline__ uint32_t float_to_raw(Store s, float x) {
   }
 }
 
-// x rounded stochastically to the storage's grid with the random bits r
-// (float32: x itself).
-__device__ __forceinline__ float stochastic_grid(Store s, float x, uint32_t r) {
+// x stored stochastically rounded with the random bits r (precision.h; a
+// float32 array stores x itself). bfloat16 by bits, as the CPU driver does
+// (a NaN keeps its payload, quieted).
+__device__ __forceinline__ uint32_t stochastic_raw(Store s, float x, uint32_t r) {
   switch (s) {
     case Store::kBFloat16:
-      return precision::sr_bf16_grid(x, r);
+      return precision::sr_bf16(precision::float_bits(x), r);
     case Store::kHalf:
-      return precision::sr_fp16_grid(x, r);
+      return c10::Half(precision::sr_fp16_grid(x, r)).x;  // exact: on the fp16 grid
     default:
-      return x;
+      return precision::float_bits(x);
   }
 }
 

@@ -167,11 +167,16 @@ struct MixedUpdateFunctor {
       shared_mult = args.call.grad_mult(c.tensor);
       if (stores.stochastic) {
         // The counter before this call's increment (the increment launch
-        // writes it after this launch).
+        // writes it after this launch). A chunk never crosses a multiple of
+        // 2^32 elements, so the high bits of its elements' indices are
+        // folded into the keys here, once (sr_key_high, sr_bits_low).
+        static_assert((int64_t(1) << 32) % kChunkSize == 0, "chunks cross 2^32 boundaries");
         const int64_t seed = slot.sr[0];
         const int64_t counter = slot.sr[1];
 #pragma unroll
-        for (int a = 0; a <= kStates; ++a) shared_keys[a] = precision::sr_key(seed, counter, a);
+        for (int a = 0; a <= kStates; ++a) {
+          shared_keys[a] = precision::sr_key_high(precision::sr_key(seed, counter, a), c.begin);
+        }
       }
     }
     __syncthreads();
@@ -179,7 +184,8 @@ struct MixedUpdateFunctor {
     const ChunkMult<float> mult(shared_mult, slot.update.units, c.begin, args.unit_is_double);
     const auto transforms = args.transforms.template as<float>();
     const Master master = stores.master;
-    const bool stochastic = stores.stochastic;
+    const bool stochastic = stores.stochastic;  // for the bf16/fp16 arrays
+    const bool sr_param = stochastic && master == Master::kNone && stores.param != Store::kFloat;
 
     char* ptr[kDepth];
     int bytes[kDepth];
@@ -211,8 +217,9 @@ struct MixedUpdateFunctor {
           load_group(ptr[kMaster], 2, i, n, whole, rem);
 #pragma unroll
           for (int k = 0; k < G; ++k) {
-            x[0][k] = precision::bits_float(precision::bf16_rebuild(
-                static_cast<uint16_t>(raw[k]), static_cast<int16_t>(static_cast<uint16_t>(rem[k]))));
+            x[0][k] = precision::bits_float(
+                precision::bf16_rebuild(static_cast<uint16_t>(raw[k]),
+                                        static_cast<int16_t>(static_cast<uint16_t>(rem[k]))));
           }
         } else {
 #pragma unroll
@@ -238,45 +245,43 @@ struct MixedUpdateFunctor {
         for (int a = 0; a < kArrays; ++a) x[a][k] = e[a];
       }
 
+      // The low 32 bits of the tensor index of element k of the group: low + k.
+      const uint32_t low = static_cast<uint32_t>(c.begin + i);
+
       // The parameter (and its master): rounded to nearest from a master
       // (bf16: ties away from zero, so that the remainder rebuilds it),
       // stochastically without one where asked.
       if (master == Master::kNone) {
 #pragma unroll
         for (int k = 0; k < G; ++k) {
-          float v = x[0][k];
-          if (stochastic && stores.param != Store::kFloat) {
-            v = stochastic_grid(stores.param, v, precision::sr_bits(shared_keys[0], c.begin + i + k));
-          }
-          raw[k] = float_to_raw(stores.param, v);
+          raw[k] = sr_param ? stochastic_raw(stores.param, x[0][k],
+                                             precision::sr_bits_low(shared_keys[0], low + k))
+                            : float_to_raw(stores.param, x[0][k]);
         }
       } else {
-        uint32_t low[G];
+        uint32_t kept[G];  // the master, or its low 16 bits
 #pragma unroll
         for (int k = 0; k < G; ++k) {
           const uint32_t m = precision::float_bits(x[0][k]);
-          if (master == Master::kRemainder) {
-            low[k] = static_cast<uint16_t>(precision::bf16_remainder(m));
-          } else {
-            low[k] = m;
-          }
+          kept[k] = master == Master::kRemainder
+                        ? static_cast<uint16_t>(precision::bf16_remainder(m))
+                        : m;
           raw[k] = stores.param == Store::kBFloat16 ? precision::bf16_round_half_away(m)
                                                     : float_to_raw(stores.param, x[0][k]);
         }
-        store_group(ptr[kMaster], bytes[kMaster], i, n, whole, low);
+        store_group(ptr[kMaster], bytes[kMaster], i, n, whole, kept);
       }
       store_group(ptr[0], bytes[0], i, n, whole, raw);
 
 #pragma unroll
       for (int a = 2; a < kArrays; ++a) {
         const Store st = store_of(a);
+        const bool sr = stochastic && st != Store::kFloat;
 #pragma unroll
         for (int k = 0; k < G; ++k) {
-          float v = x[a][k];
-          if (stochastic && st != Store::kFloat) {
-            v = stochastic_grid(st, v, precision::sr_bits(shared_keys[a - 1], c.begin + i + k));
-          }
-          raw[k] = float_to_raw(st, v);
+          raw[k] = sr ? stochastic_raw(st, x[a][k],
+                                       precision::sr_bits_low(shared_keys[a - 1], low + k))
+                      : float_to_raw(st, x[a][k]);
         }
         store_group(ptr[a], bytes[a], i, n, whole, raw);
       }
@@ -359,36 +364,36 @@ struct CudaDriver {
     if (mixed) {
       run_mixed(call, hyper, flat, slots, step_is_double, unit_is_double, call_scalars);
     } else {
-    AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, call.params[0].scalar_type(), "fusedclip_update_cuda", [&] {
-          // The variant and the active element-wise transforms are chosen
-          // once per call, on the host: template parameters of the kernel.
-          Rule::dispatch(hyper, [&](auto variant) {
-            using V = decltype(variant);
-            static_assert(V::kStates <= max_states<Rule>(),
-                          "a variant keeps more states than its rule's kStateNames names");
-            TORCH_INTERNAL_ASSERT(static_cast<size_t>(V::kStates) == call.states.size(),
-                                  Rule::kName,
-                                  ": the variant's kStates is not Hyper::num_states()");
-            constexpr int kArrays = 2 + V::kStates;
-            std::vector<TensorRef<kArrays, UpdateSlot>> refs(n);
-            for (size_t i = 0; i < n; ++i) {
-              for (int a = 0; a < kArrays; ++a) refs[i].ptrs[a] = flat[i][a].data_ptr();
-              refs[i].numel = call.params[i].numel();
-              refs[i].extra = slots[i];
-            }
-            // A transform with an identity form runs in every kernel (the
-            // identity when off): ALU is spare here, compile time is not.
-            dispatch_grad_transforms<Rule, OffTransforms::kRunIdentity>(
-                call.transforms, [&](const auto& active) {
-                  using Active = std::decay_t<decltype(active)>;
-                  const UpdateArgs<Rule, Active> args{hyper, step_is_double, unit_is_double,
-                                                      call_scalars, active};
-                  multi_tensor_apply<kArrays>(refs,
-                                              UpdateFunctor<Rule, V, scalar_t, Active>{args});
-                });
+      AT_DISPATCH_FLOATING_TYPES_AND2(
+          at::kHalf, at::kBFloat16, call.params[0].scalar_type(), "fusedclip_update_cuda", [&] {
+            // The variant and the active element-wise transforms are chosen
+            // once per call, on the host: template parameters of the kernel.
+            Rule::dispatch(hyper, [&](auto variant) {
+              using V = decltype(variant);
+              static_assert(V::kStates <= max_states<Rule>(),
+                            "a variant keeps more states than its rule's kStateNames names");
+              TORCH_INTERNAL_ASSERT(static_cast<size_t>(V::kStates) == call.states.size(),
+                                    Rule::kName,
+                                    ": the variant's kStates is not Hyper::num_states()");
+              constexpr int kArrays = 2 + V::kStates;
+              std::vector<TensorRef<kArrays, UpdateSlot>> refs(n);
+              for (size_t i = 0; i < n; ++i) {
+                for (int a = 0; a < kArrays; ++a) refs[i].ptrs[a] = flat[i][a].data_ptr();
+                refs[i].numel = call.params[i].numel();
+                refs[i].extra = slots[i];
+              }
+              // A transform with an identity form runs in every kernel (the
+              // identity when off): ALU is spare here, compile time is not.
+              dispatch_grad_transforms<Rule, OffTransforms::kRunIdentity>(
+                  call.transforms, [&](const auto& active) {
+                    using Active = std::decay_t<decltype(active)>;
+                    const UpdateArgs<Rule, Active> args{hyper, step_is_double, unit_is_double,
+                                                        call_scalars, active};
+                    multi_tensor_apply<kArrays>(
+                        refs, UpdateFunctor<Rule, V, scalar_t, Active>{args});
+                  });
+            });
           });
-        });
     }
 
     // After the update, never during it: see the top of this file.
