@@ -127,7 +127,7 @@ class Call:
         out.steps = [to_device(t, device) for t in self.steps]
         out.masters = None if self.masters is None else [to_device(t, device)
                                                          for t in self.masters]
-        out.gens = None if self.gens is None else [t.to(device) for t in self.gens]
+        out.gens = None if self.gens is None else [to_device(t, device) for t in self.gens]
         return out
 
     def step(self, grads, **args):
