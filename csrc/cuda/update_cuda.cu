@@ -20,8 +20,9 @@
 // masters or sr_generators (UpdateCall::mixed(), issue 20), runs its own
 // kernel, MixedUpdateFunctor: float32 math, each array loaded and stored in
 // its own dtype (mixed_precision.cuh), the dtypes runtime values of the
-// kernel argument. Every other call runs UpdateFunctor, one kernel per dtype,
-// as before mixed precision came.
+// kernel argument; so do float16 calls of one dtype (the same arithmetic as
+// their UpdateFunctor had: see CudaDriver::run). Every other call (float32,
+// float64, bfloat16) runs UpdateFunctor, one kernel per dtype, as before.
 #include <array>
 #include <string>
 #include <type_traits>
@@ -350,7 +351,12 @@ struct CudaDriver {
     std::vector<at::Tensor> coefs;  // contiguous unit coefficients, alive until queued
     std::vector<std::vector<at::Tensor>> flat(n);
     std::vector<UpdateSlot> slots(n);
-    const bool mixed = call.mixed();
+    // float16 calls of one dtype run the mixed kernel too: the same
+    // arithmetic as a float16 UpdateFunctor (c10's exact widening, float32
+    // math, c10's round-to-nearest-even store; no master, no stochastic
+    // rounding), and one kernel fewer per (rule, variant, transforms) pays
+    // for the mixed one in compile time.
+    const bool mixed = call.mixed() || call.params[0].scalar_type() == at::kHalf;
     for (size_t i = 0; i < n; ++i) {
       flat[i] = mixed ? flat_mixed_arrays(flat_tensors, call, i)
                       : flat_update_arrays(flat_tensors, call, i);
@@ -364,8 +370,8 @@ struct CudaDriver {
     if (mixed) {
       run_mixed(call, hyper, flat, slots, step_is_double, unit_is_double, call_scalars);
     } else {
-      AT_DISPATCH_FLOATING_TYPES_AND2(
-          at::kHalf, at::kBFloat16, call.params[0].scalar_type(), "fusedclip_update_cuda", [&] {
+      AT_DISPATCH_FLOATING_TYPES_AND(
+          at::kBFloat16, call.params[0].scalar_type(), "fusedclip_update_cuda", [&] {
             // The variant and the active element-wise transforms are chosen
             // once per call, on the host: template parameters of the kernel.
             Rule::dispatch(hyper, [&](auto variant) {
