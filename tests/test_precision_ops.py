@@ -181,10 +181,10 @@ def test_low_precision_state_against_reference(rule, state_dtype):
     rounded to the state dtype after every step. Both round the same state
     value, computed in float64 there and float32 here, so a stored state
     differs by at most one ulp of the state dtype (where that value lies
-    within float32 rounding of a rounding boundary), and such an ulp moves
-    the next update by at most that relative amount: the parameters must agree
-    within steps * lr * 2 * eps(state dtype) * (largest update factor) plus
-    float32 rounding. Lion's update is lr * sign(u): a one-ulp state
+    within float32 rounding of a rounding boundary: rare), and such an ulp
+    moves the next update by at most that relative amount: the parameters must
+    agree within steps * lr * 2 * eps(state dtype) * (largest update factor)
+    plus float32 rounding (a worst case: measured errors are 100x smaller). Lion's update is lr * sign(u): a one-ulp state
     difference can flip the sign of a u near 0, so a few elements may differ
     by 2 lr per step (counted: at most 0.5%)."""
     fused = Problem(rule, torch.float32, state_dtype, seed=3)
@@ -219,15 +219,20 @@ def test_low_precision_state_against_reference(rule, state_dtype):
             assert (err > atol).sum().item() <= 0.005 * p.numel(), f"params[{i}]"
         else:
             assert err.le(atol + 1e-6 * r.abs()).all(), f"params[{i}]: {err.max()} > {atol}"
+    # The stored states are the reference's, but for the few elements whose
+    # value lies within float32 rounding of a rounding boundary (measured: at
+    # most 5 of 20142-60426 per run): at most 0.1% of them differ, each by one
+    # ulp of the state dtype (<= eps * |value|) plus the parameters' tiny
+    # differences (atol, through weight decay).
+    differ = total = 0
     for k, (sa, sb) in enumerate(zip(fused.states, ref_states)):
         for i, (a, b) in enumerate(zip(sa, sb)):
             assert a.dtype == state_dtype
-            scale = b.abs().max().item() if b.numel() else 0.0
-            # One ulp of the state's dtype at its own size, plus the parameter
-            # differences' effect on states that read them (weight decay).
-            tol = 2 * eps * (b.abs() + 0.01 * scale) + atol
-            bad = ((a.double() - b).abs() > tol).sum().item()
-            assert bad <= (0.005 * a.numel() if rule == "lion" else 0), f"state {k}[{i}]: {bad}"
+            diff = (a.double() - b).abs()
+            assert diff.le(eps * b.abs() + atol).all(), f"state {k}[{i}]: {diff.max()}"
+            differ += diff.ne(0).sum().item()
+            total += a.numel()
+    assert differ <= 0.001 * total, (differ, total)
 
 
 # -- (d) stochastic rounding ------------------------------------------------------------------------
@@ -303,38 +308,51 @@ def test_stochastic_rounding_reproducible(param_dtype, state_dtype):
         assert not torch.equal(results[1][0], results[2][0])
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_stochastic_rounding_bits_match_reference(dtype):
+SR_CASES = [("sgd", torch.bfloat16, torch.bfloat16), ("sgd", torch.float16, torch.float16),
+            ("adam", torch.float32, torch.bfloat16), ("adam", torch.bfloat16, torch.float16),
+            ("adagrad", torch.float16, torch.float32)]
+
+
+@pytest.mark.parametrize("rule,param_dtype,state_dtype", SR_CASES,
+                         ids=[f"{r}-{str(p)[6:]}-{str(s)[6:]}" for r, p, s in SR_CASES])
+def test_stochastic_rounding_bits_match_reference(rule, param_dtype, state_dtype):
     """Every stochastically rounded value is, bit for bit, reference.
-    stochastic_round of the float32 result with the bits of reference.sr_bits
-    under reference.sr_key(seed, counter before the call, slot): the param
-    (slot 0) and the momentum buffer (slot 1) of SGD, whose float32 results
-    are those of the homogeneous float32 op on float32 copies; two calls, so
-    the counter's increment is checked too."""
-    gen = torch.Generator().manual_seed(11)
-    shapes = [(5003,), (61, 33), ()]
-    params = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-    bufs = [(torch.randn(s, generator=gen) * 0.1).to(dtype) for s in shapes]
-    counters = [torch.tensor(1.0) for _ in shapes]
-    hyper = dict(momentum=0.9, dampening=0.1, weight_decay=0.05, nesterov=False)
+    stochastic_round of its float32 result with the bits of reference.sr_bits
+    under reference.sr_key(seed, counter before the call, slot), slot 0 the
+    parameter and 1 + k state k (Adam with amsgrad: three states); the float32
+    results are those of the homogeneous float32 op on float32 copies. Two
+    calls, so the counter's increment is checked too; seeds and counters past
+    2^32 and negative seeds."""
+    shapes = [((5003,), False), ((61, 33), True), ((), False)]
+    prob = Problem(rule, param_dtype, state_dtype, seed=11, shapes=shapes)
     gens = [torch.tensor([-(2**62) + 17 * i, 2**40 + i]) for i in range(len(shapes))]
     for call in range(2):
-        grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
-        p32 = [p.float() for p in params]
-        b32 = [b.float() for b in bufs]
-        c32 = [c.clone() for c in counters]
-        ops.update_("sgd", p32, [g.float() for g in grads], [b32], c32, hyper,
-                    ops.StepArgs(lr=0.05, clip_coef=torch.tensor(0.7)))
+        grads = prob.grads(call)
+        high = prob.clone()
+        high.params = [p.to(torch.float32, copy=True) for p in prob.params]
+        high.states = [[t.to(torch.float32, copy=True) for t in state] for state in prob.states]
+        high.step([g.float() for g in grads], clip_coef=torch.tensor(0.7))
         keys = [(int(g[0]), int(g[1])) for g in gens]
-        ops.update_("sgd", params, grads, [bufs], counters, hyper,
-                    ops.StepArgs(lr=0.05, clip_coef=torch.tensor(0.7), sr_generators=gens))
+        prob.step(grads, clip_coef=torch.tensor(0.7), sr_generators=gens)
         for i, (seed, counter) in enumerate(keys):
-            index = torch.arange(p32[i].numel())
-            for slot, (got, f32) in enumerate(((params[i], p32[i]), (bufs[i], b32[i]))):
+            arrays = [(prob.params[i], high.params[i])]
+            arrays += [(state[i], hstate[i]) for state, hstate in zip(prob.states, high.states)]
+            for slot, (got, f32) in enumerate(arrays):
+                if got.dtype == torch.float32:
+                    assert_bitwise(got, f32, f"call {call}, tensor {i}, slot {slot}")
+                    continue
+                # The element index is the one of the order the kernel walks:
+                # here row-major, as the transposed parameter's arrays do not
+                # share its layout (the gradient and states are contiguous), so
+                # contiguous stand-ins are walked (flat_tensors.h).
+                index = torch.arange(f32.numel())
                 r = R.sr_bits(R.sr_key(seed, counter, slot), index)
-                expected = R.stochastic_round(f32.reshape(-1), dtype, r).reshape(f32.shape)
+                expected = R.stochastic_round(f32.reshape(-1), got.dtype, r).reshape(f32.shape)
                 assert_bitwise(got, expected, f"call {call}, tensor {i}, slot {slot}")
             assert int(gens[i][1]) == counter + 1
+    # Not all values were on the grid: the rounding did choose.
+    assert any(not torch.equal(p.float(), h) for p, h in zip(prob.params, high.params)) or \
+        param_dtype == torch.float32
 
 
 def test_stochastic_rounding_keeps_representable_values_and_specials():
@@ -345,8 +363,8 @@ def test_stochastic_rounding_keeps_representable_values_and_specials():
         p[:3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
         before = p.clone()
         _sgd_plain([p], [torch.randn(3000).to(dtype)], 0.0, sr_generators=generators(1))
-        assert torch.equal(bits(p), bits(before)) or dtype == torch.float16 and torch.equal(
-            bits(p[3:]), bits(before[3:])) and p[2].isnan()
+        assert torch.equal(bits(p[:2]), bits(before[:2])) and p[2].isnan()
+        assert torch.equal(bits(p[3:]), bits(before[3:]))
     big = torch.full((100,), 65504.0, dtype=torch.float16)
     _sgd_plain([big], [torch.full((100,), -31.0, dtype=torch.float16)], 1.0,
                sr_generators=generators(1))

@@ -61,13 +61,13 @@ template <typename T>
 void widen(const T* src, float* dst, int64_t n) {
   using L = Lanes<T>;
   using OpVec = typename L::OpVec;
-  constexpr int64_t kHalf = OpVec::size();
+  constexpr int64_t kFloats = OpVec::size();  // per float vector
   typename L::OpVec v[L::kParts];
   for (int64_t j = 0; j < n; j += L::kWidth) {
     const int64_t count = std::min<int64_t>(L::kWidth, n - j);
     L::load(src + j, count, v);
-    v[0].store(dst + j, std::min<int64_t>(kHalf, count));
-    if (count > kHalf) v[1].store(dst + j + kHalf, count - kHalf);
+    v[0].store(dst + j, std::min<int64_t>(kFloats, count));
+    if (count > kFloats) v[1].store(dst + j + kFloats, count - kFloats);
   }
 }
 
@@ -77,12 +77,12 @@ template <typename T>
 void narrow(const float* src, T* dst, int64_t n) {
   using L = Lanes<T>;
   using OpVec = typename L::OpVec;
-  constexpr int64_t kHalf = OpVec::size();
+  constexpr int64_t kFloats = OpVec::size();  // per float vector
   OpVec v[L::kParts];
   for (int64_t j = 0; j < n; j += L::kWidth) {
     const int64_t count = std::min<int64_t>(L::kWidth, n - j);
-    v[0] = OpVec::loadu(src + j, std::min<int64_t>(kHalf, count));
-    v[1] = count > kHalf ? OpVec::loadu(src + j + kHalf, count - kHalf) : OpVec(0.0f);
+    v[0] = OpVec::loadu(src + j, std::min<int64_t>(kFloats, count));
+    v[1] = count > kFloats ? OpVec::loadu(src + j + kFloats, count - kFloats) : OpVec(0.0f);
     L::store(dst + j, count, v);
   }
 }

@@ -107,19 +107,24 @@ FC_HOST_DEVICE uint16_t sr_bf16(uint32_t m, uint32_t r) {
 // ulp, u = (r >> 8) * 2^-24, the sign kept. NaN and inf stay themselves, as
 // does every fp16 value.
 FC_HOST_DEVICE float sr_fp16_grid(float x, uint32_t r) {
+  // Branch free, so that a loop of it vectorizes: NaN and inf (biased
+  // exponent 0xff) are selected at the end.
   const uint32_t m = float_bits(x);
   const uint32_t biased = (m >> 23) & 0xffu;  // float32's biased exponent
-  if (biased == 0xffu) return x;              // NaN, inf
   int e = static_cast<int>(biased) - 127;     // floor(log2|x|) for normal x
-  if (e < -14) e = -14;                       // fp16's subnormal spacing
+  e = e < -14 ? -14 : e;                      // fp16's subnormal spacing
   const float ulp = bits_float(static_cast<uint32_t>(e - 10 + 127) << 23);
   const float inv_ulp = bits_float(static_cast<uint32_t>(10 - e + 127) << 23);
-  const float q = bits_float(m & 0x7fffffffu) * inv_ulp;  // exact: a power of two
-  const float whole = ::floorf(q);
-  const float u = static_cast<float>(r >> 8) * 5.9604644775390625e-8f;  // 2^-24
-  const float up = (u < q - whole) ? 1.0f : 0.0f;
-  const float magnitude = (whole + up) * ulp;  // exact (<= 2^11 * ulp)
-  return bits_float(float_bits(magnitude) | (m & 0x80000000u));
+  // q = |x| / ulp, exact (a power of two), below 2^11; 0 for NaN and inf
+  // (selected by bits: GCC does not if-convert a float expression).
+  const uint32_t special = biased == 0xffu ? 0xffffffffu : 0u;
+  const float q = bits_float(float_bits(bits_float(m & 0x7fffffffu) * inv_ulp) & ~special);
+  const float whole = static_cast<float>(static_cast<int32_t>(q));  // floor: q >= 0
+  const float u = static_cast<float>(r >> 8) * 5.9604644775390625e-8f;  // 2^-24, exact
+  const uint32_t up = (u < q - whole) ? 0x3f800000u : 0u;  // 1.0f or 0
+  const float magnitude = (whole + bits_float(up)) * ulp;  // exact (<= 2^11 * ulp)
+  const uint32_t rounded = float_bits(magnitude) | (m & 0x80000000u);
+  return bits_float((rounded & ~special) | (m & special));
 }
 
 // --- the random bits --------------------------------------------------------------
