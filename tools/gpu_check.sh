@@ -206,7 +206,8 @@ if [[ $BUILD_OK == 1 ]]; then
     -m cuda tests
   # Kernel-only checks first, then the trajectories, the no-sync test, the rest;
   # files not named here after them.
-  PRIORITY="test_cuda test_ops test_reference test_parity test_cuda_nosync test_nonfinite"
+  PRIORITY="test_cuda test_cuda_precision test_ops test_reference test_parity test_cuda_nosync"
+  PRIORITY="$PRIORITY test_nonfinite"
   PRIORITY="$PRIORITY test_state_dict test_amp test_compile"
   mapfile -t FOUND < <(sed -n 's/^\(tests\/[^:]*\.py\)::.*/\1/p' "$WORK/cuda-collect.log" \
                        | sort -u)
