@@ -105,9 +105,11 @@ bool is_supported_float(at::ScalarType t) {
 }
 
 // Every tensor of a list: dense (not sparse), real, a supported float dtype,
-// on `device` and of dtype `dtype`.
+// on `device` and of dtype `dtype` (that of the first parameter, or of the
+// tensor `dtype_of` names).
 void check_tensor_list(at::TensorList list, const char* name,
-                       const at::Device& device, at::ScalarType dtype) {
+                       const at::Device& device, at::ScalarType dtype,
+                       const char* dtype_of = nullptr) {
   for (size_t i = 0; i < list.size(); ++i) {
     const at::Tensor& t = list[i];
     TORCH_CHECK(t.defined(), "fusedclip: ", name, "[", i, "] is undefined");
@@ -123,9 +125,10 @@ void check_tensor_list(at::TensorList list, const char* name,
     TORCH_CHECK(t.device() == device, "fusedclip: all tensors of one call must "
                 "be on one device, but ", name, "[", i, "] is on ", t.device(),
                 " and the first parameter on ", device);
-    TORCH_CHECK(t.scalar_type() == dtype, "fusedclip: all tensors of one call "
-                "must have one dtype, but ", name, "[", i, "] is ",
-                t.scalar_type(), " and the first parameter ", dtype);
+    TORCH_CHECK(t.scalar_type() == dtype, "fusedclip: all tensors of one ",
+                (dtype_of == nullptr ? "call" : "list"), " must have one dtype, but ", name,
+                "[", i, "] is ", t.scalar_type(), " and ",
+                (dtype_of == nullptr ? "the first parameter" : dtype_of), " ", dtype);
   }
 }
 
@@ -139,6 +142,89 @@ void check_like_params(at::TensorList params, at::TensorList list, const char* n
     TORCH_CHECK(list[i].sizes() == params[i].sizes(), "fusedclip: ", name,
                 "[", i, "] has shape ", list[i].sizes(),
                 " but params[", i, "] has shape ", params[i].sizes());
+  }
+}
+
+bool is_mixable(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// A state list: like the parameters, except that its dtype (one for the whole
+// list) may differ from theirs where both are float32, bfloat16 or float16:
+// the math of such a call is float32 (include/fusedclip/precision.h).
+void check_state_list(at::TensorList params, at::TensorList list, const char* name) {
+  const at::ScalarType param_dtype = params[0].scalar_type();
+  if (list.empty() || list[0].scalar_type() == param_dtype || !list[0].defined() ||
+      !is_supported_float(list[0].scalar_type())) {
+    check_like_params(params, list, name);
+    return;
+  }
+  const at::ScalarType dtype = list[0].scalar_type();
+  TORCH_CHECK(is_mixable(dtype) && is_mixable(param_dtype), "fusedclip: ", name,
+              "[0] is ", dtype, " and the parameters ", param_dtype, ": a state of another "
+              "dtype than the parameters must be float32, bfloat16 or float16, with float32, "
+              "bfloat16 or float16 parameters (float64 does not mix: the mixed math is float32)");
+  const std::string first = std::string(name) + "[0]";
+  check_tensor_list(list, name, params[0].device(), dtype, first.c_str());
+  TORCH_CHECK(list.size() == params.size(), "fusedclip: ", name, " has ",
+              list.size(), " tensors but params has ", params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(list[i].sizes() == params[i].sizes(), "fusedclip: ", name,
+                "[", i, "] has shape ", list[i].sizes(),
+                " but params[", i, "] has shape ", params[i].sizes());
+  }
+}
+
+// masters: one per parameter, its shape, on its device, dense; float32 (a full
+// fp32 master of bf16/fp16 parameters) or int16 (the low 16 bits of the fp32
+// master of bf16 parameters), one dtype for the list.
+void check_masters(at::TensorList params, at::TensorList masters) {
+  const at::ScalarType param_dtype = params[0].scalar_type();
+  TORCH_CHECK(masters.size() == params.size(), "fusedclip: masters has ", masters.size(),
+              " tensors but params has ", params.size());
+  for (size_t i = 0; i < masters.size(); ++i) {
+    const at::Tensor& m = masters[i];
+    TORCH_CHECK(m.defined(), "fusedclip: masters[", i, "] is undefined");
+    TORCH_CHECK(m.layout() == at::kStrided, "fusedclip: masters[", i, "] is sparse (layout ",
+                m.layout(), "); only dense (strided) tensors are supported");
+    TORCH_CHECK(m.scalar_type() == at::kFloat || m.scalar_type() == at::kShort,
+                "fusedclip: masters[", i, "] has dtype ", m.scalar_type(), "; masters must be "
+                "float32 (fp32 master weights) or int16 (their low 16 bits, remainders of "
+                "bfloat16 parameters)");
+    TORCH_CHECK(m.scalar_type() == masters[0].scalar_type(), "fusedclip: all masters must "
+                "have one dtype, but masters[", i, "] is ", m.scalar_type(), " and masters[0] ",
+                masters[0].scalar_type());
+    TORCH_CHECK(m.scalar_type() != at::kFloat || param_dtype == at::kBFloat16 ||
+                    param_dtype == at::kHalf,
+                "fusedclip: float32 masters are for bfloat16 or float16 parameters, got ",
+                param_dtype, " parameters");
+    TORCH_CHECK(m.scalar_type() != at::kShort || param_dtype == at::kBFloat16,
+                "fusedclip: int16 masters (remainders) are for bfloat16 parameters only, got ",
+                param_dtype, " parameters");
+    TORCH_CHECK(m.device() == params[i].device(), "fusedclip: masters[", i, "] is on ",
+                m.device(), " but the parameters are on ", params[i].device());
+    TORCH_CHECK(m.sizes() == params[i].sizes(), "fusedclip: masters[", i, "] has shape ",
+                m.sizes(), " but params[", i, "] has shape ", params[i].sizes());
+  }
+}
+
+// sr_generators: one contiguous int64 tensor of 2 elements, [seed, counter],
+// per parameter, on its device; float32, bfloat16 or float16 parameters.
+void check_sr_generators(at::TensorList params, at::TensorList gens) {
+  const at::ScalarType param_dtype = params[0].scalar_type();
+  TORCH_CHECK(is_mixable(param_dtype), "fusedclip: sr_generators (stochastic rounding) are "
+              "for float32, bfloat16 or float16 parameters, got ", param_dtype, " parameters");
+  TORCH_CHECK(gens.size() == params.size(), "fusedclip: sr_generators has ", gens.size(),
+              " tensors but params has ", params.size());
+  for (size_t i = 0; i < gens.size(); ++i) {
+    const at::Tensor& g = gens[i];
+    TORCH_CHECK(g.defined(), "fusedclip: sr_generators[", i, "] is undefined");
+    TORCH_CHECK(g.layout() == at::kStrided && g.scalar_type() == at::kLong &&
+                    g.numel() == 2 && g.is_contiguous(),
+                "fusedclip: sr_generators[", i, "] must be a contiguous int64 tensor of 2 "
+                "elements [seed, counter], got ", g.scalar_type(), " of shape ", g.sizes());
+    TORCH_CHECK(g.device() == params[i].device(), "fusedclip: sr_generators[", i, "] is on ",
+                g.device(), " but the parameters are on ", params[i].device());
   }
 }
 
@@ -267,8 +353,10 @@ void check_update_call(const UpdateCall& call, at::TensorList states, const Rule
   check_tensor_list(params, "params", device, params[0].scalar_type());
   check_like_params(params, call.grads, "grads");
   for (size_t s = 0; s < k; ++s) {
-    check_like_params(params, states.slice(s * n, n), state_names[s].c_str());
+    check_state_list(params, states.slice(s * n, n), state_names[s].c_str());
   }
+  if (call.masters.has_value()) check_masters(params, *call.masters);
+  if (call.sr_generators.has_value()) check_sr_generators(params, *call.sr_generators);
   const std::string step_element = std::string(rule.steps_name) + "[i]";
   for (size_t i = 0; i < call.steps.size(); ++i) {
     check_small_tensor(call.steps[i], step_element.c_str(), device);

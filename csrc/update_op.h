@@ -24,7 +24,10 @@ namespace fusedclip {
 // The schema of fusedclip::<name>_, after the name. `states` holds the
 // rule's state lists one after the other (num_states lists of n tensors);
 // each element-wise transform (grad_transform.h) takes a `float? <kArg>`, in
-// the order of GradTransforms.
+// the order of GradTransforms. Mixed precision (include/fusedclip/precision.h):
+// `masters` one fp32 master (float32) or its low 16 bits (int16, bf16 params)
+// per param; `sr_generators` one int64 [seed, counter] per param, asking for
+// stochastic rounding of every bf16/fp16 value written from fp32 math.
 inline std::string update_schema(const char* name) {
   std::string transform_args;
   for_each_grad_transform([&](auto transform, int) {
@@ -33,7 +36,9 @@ inline std::string update_schema(const char* name) {
   return std::string(name) +
          "_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states, Tensor(c!)[] steps, *, "
          "float[] hyper, float lr, Tensor? lr_tensor, Tensor? clip_coef, Tensor? grad_scale, "
-         "Tensor? found_inf, " + transform_args + "Tensor[]? unit_coefs, bool maximize) -> ()";
+         "Tensor? found_inf, " + transform_args +
+         "Tensor[]? unit_coefs, Tensor(d!)[]? masters, Tensor(e!)[]? sr_generators, "
+         "bool maximize) -> ()";
 }
 
 // The arguments of one update call, as the drivers use them.
@@ -44,7 +49,19 @@ struct UpdateCall {
   std::optional<at::Tensor> lr_tensor, clip_coef, grad_scale, found_inf;
   GradTransformArgs transforms;  // the element-wise transforms' arguments
   std::optional<at::TensorList> unit_coefs;
+  std::optional<at::TensorList> masters;        // float32 or int16 (remainders), per param
+  std::optional<at::TensorList> sr_generators;  // int64 [seed, counter], per param
   bool maximize;
+
+  // Whether the call needs the mixed-precision path: masters, stochastic
+  // rounding, or a state list of another dtype than the params.
+  bool mixed() const {
+    if (masters.has_value() || sr_generators.has_value()) return true;
+    for (const at::TensorList& state : states) {
+      if (!state.empty() && state[0].scalar_type() != params[0].scalar_type()) return true;
+    }
+    return false;
+  }
 };
 
 // Tensor i's param, grad and states as flat-walkable arrays, in that order
@@ -107,9 +124,12 @@ struct UpdateOp<Rule, Driver, TypeList<Transforms...>> {
                    const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf,
                    TransformArg<Transforms>... transform_args,
-                   std::optional<at::TensorList> unit_coefs, bool maximize) {
+                   std::optional<at::TensorList> unit_coefs,
+                   std::optional<at::TensorList> masters,
+                   std::optional<at::TensorList> sr_generators, bool maximize) {
     UpdateCall call{params, grads, steps, {}, lr, lr_tensor, clip_coef, grad_scale,
-                    found_inf, {transform_args...}, unit_coefs, maximize};
+                    found_inf, {transform_args...}, unit_coefs, masters, sr_generators,
+                    maximize};
     const bool sized = hyper.size() == static_cast<size_t>(Rule::kNumHyper);
     typename Rule::Hyper h{};
     if (sized) h = Rule::Hyper::from(hyper.data());

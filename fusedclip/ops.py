@@ -104,6 +104,18 @@ class StepArgs(NamedTuple):
         unit_coefs (list of Tensor, optional): per tensor, one coefficient per
             index of dim 0 (one for 0-d and 1-d tensors).
         maximize (bool): negate the gradient.
+        masters (list of Tensor, optional): per parameter, its fp32 master
+            weights: float32 (bfloat16/float16 parameters), or int16, the
+            low 16 bits of the fp32 master (bfloat16 parameters: the
+            parameter and its remainder are the master exactly). The math
+            reads and writes the master; the parameter is written from it,
+            rounded to nearest (csrc/include/fusedclip/precision.h).
+        sr_generators (list of Tensor, optional): per parameter, an int64
+            tensor ``[seed, counter]`` on its device: every bfloat16/float16
+            value written from fp32 math (a parameter without master, states
+            of those dtypes) is rounded stochastically, with random bits
+            keyed by the seed, the counter, the array and the element; the
+            counter is incremented after each call that is not skipped.
     """
 
     lr: float | torch.Tensor
@@ -114,6 +126,8 @@ class StepArgs(NamedTuple):
     spike_theta: float | None = None
     unit_coefs: list[torch.Tensor] | None = None
     maximize: bool = False
+    masters: list[torch.Tensor] | None = None
+    sr_generators: list[torch.Tensor] | None = None
 
 
 # Every update rule (csrc/include/fusedclip/rules.h) and the names of its
@@ -136,6 +150,8 @@ def update_(rule: str, params: list[torch.Tensor], grads: list[torch.Tensor],
     Adagrad; SGD with momentum, where it counts the buffer's steps: its first
     step copies the gradient in), else is empty; each is incremented before
     it is used. ``hyper`` maps every name of ``RULES[rule]`` to its value.
+    A state list may have another dtype than the parameters (float32,
+    bfloat16, float16: the math is then float32; float64 does not mix).
     """
     lr = args.lr
     lr_tensor = None
@@ -148,12 +164,14 @@ def update_(rule: str, params: list[torch.Tensor], grads: list[torch.Tensor],
         grad_scale=args.grad_scale, found_inf=args.found_inf,
         clip_value=None if args.clip_value is None else float(args.clip_value),
         spike_theta=None if args.spike_theta is None else float(args.spike_theta),
-        unit_coefs=args.unit_coefs, maximize=bool(args.maximize),
+        unit_coefs=args.unit_coefs, masters=args.masters, sr_generators=args.sr_generators,
+        maximize=bool(args.maximize),
     )
 
 
 def _update_fake(params, grads, states, steps, *, hyper, lr, lr_tensor, clip_coef, grad_scale,
-                 found_inf, clip_value, spike_theta, unit_coefs, maximize):
+                 found_inf, clip_value, spike_theta, unit_coefs, masters, sr_generators,
+                 maximize):
     return None
 
 

@@ -543,3 +543,118 @@ class RefChain(ReferencePolicy):
             coefs = [a * c for a, c in zip(coefs, member)]
         self.last = coefs
         return grads
+
+
+# -- Mixed precision: the roundings of csrc/include/fusedclip/precision.h -------------------
+# Written with integer tensor ops (int64, masked to 32 bits) and Python ints, so
+# the kernels' bits can be checked bit for bit.
+
+MASK32 = 0xFFFFFFFF
+MASK64 = 0xFFFFFFFFFFFFFFFF
+
+
+def _float_bits(x: Tensor) -> Tensor:
+    """The bits of a float32 tensor as int64 values in [0, 2^32)."""
+    return x.to(torch.float32).contiguous().view(torch.int32).to(torch.int64) & MASK32
+
+
+def _bf16_from_bits(bits: Tensor) -> Tensor:
+    """bfloat16 values from int64 bit patterns in [0, 2^16)."""
+    signed = torch.where(bits >= 0x8000, bits - 0x10000, bits)
+    return signed.to(torch.int16).view(torch.bfloat16)
+
+
+def _is_nan_bits(m: Tensor) -> Tensor:
+    return (m & 0x7FFFFFFF) > 0x7F800000
+
+
+def round_bf16_half_away(master: Tensor) -> Tensor:
+    """The bfloat16 parameter of an fp32 master: to nearest, ties away from zero,
+    by bits ((m + 0x8000) >> 16); NaN gives a quiet NaN."""
+    m = _float_bits(master)
+    bits = torch.where(_is_nan_bits(m), (m >> 16) | 0x0040, (m + 0x8000) >> 16) & 0xFFFF
+    return _bf16_from_bits(bits).reshape(master.shape)
+
+
+def bf16_remainder(master: Tensor) -> Tensor:
+    """The int16 low bits that rebuild the fp32 master from round_bf16_half_away (0 for NaN)."""
+    m = _float_bits(master)
+    low = torch.where(_is_nan_bits(m), torch.zeros_like(m), m & 0xFFFF)
+    return torch.where(low >= 0x8000, low - 0x10000, low).to(torch.int16).reshape(master.shape)
+
+
+def bf16_rebuild(param: Tensor, remainder: Tensor) -> Tensor:
+    """The fp32 master of a bfloat16 parameter and its int16 remainder:
+    (bits(param) << 16) + remainder, a signed add modulo 2^32."""
+    p = param.contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    m = ((p << 16) + remainder.to(torch.int64)) & MASK32
+    m = torch.where(m >= 2**31, m - 2**32, m)
+    return m.to(torch.int32).view(torch.float32).reshape(param.shape)
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def sr_key(seed: int, counter: int, slot: int) -> tuple[int, int]:
+    """The key (k0, k1) of one array of one call: a parameter's [seed, counter]
+    (the counter before the call's increment) and the array's slot (0 the
+    parameter, 1 + k state k)."""
+    z = _splitmix64(seed & MASK64)
+    z = _splitmix64(z ^ (counter & MASK64))
+    z = _splitmix64(z ^ (slot & MASK64))
+    return z & MASK32, z >> 32
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """x * c modulo 2^32 for x in [0, 2^32), without int64 overflow."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & MASK32
+
+
+def _lowbias32(x: Tensor) -> Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x21F0AAAD)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x735A2D97)
+    return x ^ (x >> 15)
+
+
+def sr_bits(key: tuple[int, int], index: Tensor) -> Tensor:
+    """The 32 random bits (int64 values in [0, 2^32)) of the elements `index`
+    (their flat indices in the array the kernel walks) of the array keyed `key`."""
+    k0, k1 = key
+    index = index.to(torch.int64)
+    x = _lowbias32((index & MASK32) ^ k0)
+    x = x ^ k1 ^ _lowbias32(index >> 32)
+    return _lowbias32(x)
+
+
+def stochastic_round(x: Tensor, dtype: torch.dtype, bits: Tensor) -> Tensor:
+    """x (float32) rounded to bfloat16 or float16 stochastically with 32 random
+    bits per element (int64 in [0, 2^32), as sr_bits gives them), as the
+    kernels round: bfloat16 by bits(x) + (r >> 16), truncated; float16 by
+    (floor(q) + (u < frac(q))) * ulp with q = |x| / ulp, ulp the float16
+    spacing at |x| and u = (r >> 8) * 2^-24."""
+    x = x.to(torch.float32).reshape(-1)
+    bits = bits.reshape(-1)
+    if dtype == torch.bfloat16:
+        m = _float_bits(x)
+        out = torch.where(_is_nan_bits(m), (m >> 16) | 0x0040, (m + (bits >> 16)) >> 16) & 0xFFFF
+        return _bf16_from_bits(out)
+    assert dtype == torch.float16
+    ax = x.abs().to(torch.float64)
+    _, exp = torch.frexp(ax)                     # ax = mantissa * 2^exp, mantissa in [0.5, 1)
+    e = torch.clamp(exp.to(torch.int64) - 1, min=-14)
+    e = torch.where(ax == 0, torch.full_like(e, -14), e)
+    ulp = torch.pow(2.0, (e - 10).to(torch.float64))
+    q = ax / ulp
+    whole = torch.floor(q)
+    u = (bits >> 8).to(torch.float64) * 2.0**-24
+    rounded = (whole + (u < q - whole).to(torch.float64)) * ulp
+    out = torch.copysign(rounded, x.to(torch.float64)).to(torch.float16)
+    keep = ~torch.isfinite(x)
+    return torch.where(keep, x.to(torch.float16), out)

@@ -120,7 +120,8 @@ def step_args(s: OpSample) -> ops.StepArgs:
     return ops.StepArgs(lr=lr, clip_coef=a.get("clip_coef"), grad_scale=a.get("grad_scale"),
                         found_inf=a.get("found_inf"), clip_value=a.get("clip_value"),
                         spike_theta=a.get("spike_theta"), unit_coefs=a.get("unit_coefs"),
-                        maximize=a["maximize"])
+                        maximize=a["maximize"], masters=a.get("masters"),
+                        sr_generators=a.get("sr_generators"))
 
 
 def call_update(s: OpSample) -> None:
@@ -142,7 +143,8 @@ def op_call(s: OpSample):
         grad_scale=a.get("grad_scale"), found_inf=a.get("found_inf"),
         clip_value=None if clip_value is None else float(clip_value),
         spike_theta=None if spike_theta is None else float(spike_theta),
-        unit_coefs=a.get("unit_coefs"), maximize=bool(a["maximize"]))
+        unit_coefs=a.get("unit_coefs"), masters=a.get("masters"),
+        sr_generators=a.get("sr_generators"), maximize=bool(a["maximize"]))
     args = (s.params, s.grads, [t for state in s.states for t in state], s.steps)
     return getattr(torch.ops.fusedclip, s.rule.name + "_").default, args, kwargs
 

@@ -22,7 +22,8 @@ from registry import SPECS, spec_params
 from tolerances import NORM, NORM_OUT_DTYPE, TORCH_NORM, TORCH_PARITY
 
 # fusedclip's own arguments, keyword-only, and their defaults.
-EXTRAS = {"clip": None, "nonfinite": "skip", "norm_group": None}
+EXTRAS = {"clip": None, "nonfinite": "skip", "norm_group": None, "master_weights": False,
+          "store_param_remainders": False, "state_dtype": None, "stochastic_rounding": False}
 
 
 # -- signatures ------------------------------------------------------------------------------
@@ -30,7 +31,7 @@ EXTRAS = {"clip": None, "nonfinite": "skip", "norm_group": None}
 def test_signature_matches_torch(spec):
     """Every argument of torch's is ours too (issue 10), with torch's default
     and kind, all in torch's order; fusedclip's own (clip, nonfinite,
-    norm_group) are keyword-only extras."""
+    norm_group and the mixed-precision options) are keyword-only extras."""
     ours, theirs = spec.fused, spec.twin
     mine = inspect.signature(ours.__init__).parameters
     torchs = inspect.signature(theirs.__init__).parameters

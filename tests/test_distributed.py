@@ -724,6 +724,102 @@ def case_errors(rank, world):
     return out
 
 
+def case_precision(rank, world, path):
+    """DTensor parameters in bfloat16 (Shard(0), Replicate, Shard(1) on a 1-D
+    mesh) with the mixed-precision options: one group with master weights,
+    stochastic rounding and bfloat16 state, one with remainders. Masters,
+    remainders and state are DTensors of the parameter's placements, each
+    local parameter is its local master rounded, and a
+    torch.distributed.checkpoint round trip after 2 steps continues bit for bit
+    the uninterrupted 4 steps (generators included: plain tensors, the same
+    on every rank, as every rank seeds torch alike)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_optimizer_state_dict, set_optimizer_state_dict,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    from fusedclip.optim import precision
+
+    mesh = init_device_mesh("cpu", (world,))
+    layout = [((8, 3), Shard(0)), ((5,), Replicate()), ((6, 4), Shard(1))]
+
+    def shard(full, placement):
+        if isinstance(placement, Shard):
+            full = full.chunk(world, dim=placement.dim)[rank]
+        return DTensor.from_local(full.contiguous(), mesh, [placement], run_check=False)
+
+    def values(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.randn(shape, generator=gen, dtype=torch.float64).to(torch.bfloat16)
+                for shape, _ in layout]
+
+    def make():
+        torch.manual_seed(0)
+        module = nn.Module()
+        module.params = nn.ParameterList(
+            [nn.Parameter(shard(v, pl)) for v, (_, pl) in zip(values(0), layout)])
+        ps = list(module.params)
+        opt = fusedclip.FusedClipAdamW(
+            [{"params": ps[:2], "stochastic_rounding": True, "state_dtype": torch.bfloat16},
+             {"params": ps[2:], "store_param_remainders": True}],
+            lr=LR, weight_decay=WD, clip=0.5, master_weights=True)
+        return module, opt
+
+    def train(module, opt, steps):
+        for step in steps:
+            for p, g, (_, pl) in zip(module.params, values(100 + step), layout):
+                p.grad = shard(g, pl)
+            opt.step()
+            opt.zero_grad()
+
+    def bits(t):
+        t = t.to_local() if _is_dtensor(t) else t
+        width = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+        return t.contiguous().view(width)
+
+    out = {}
+    straight, sopt = make()
+    train(straight, sopt, range(4))
+    kinds = []
+    for p in straight.params:
+        state = sopt.state[p]
+        for key, value in state.items():
+            if key in ("step", "sr_generator"):
+                continue
+            kinds.append((key, type(value).__name__, value.placements == p.placements,
+                          str(value.dtype)))
+        key = "master_param" if "master_param" in state else "param_remainder"
+        master = state[key].to_local()
+        if key == "param_remainder":
+            master = precision.join_master(p.to_local().detach(), master)
+        kinds.append(("rounded", bool(torch.equal(bits(precision.round_master(master)),
+                                                  bits(p.detach())))))
+    out["kinds"] = kinds
+
+    first, fopt = make()
+    train(first, fopt, range(2))
+    dcp.save({"optim": get_optimizer_state_dict(first, fopt)}, checkpoint_id=path)
+    second, nopt = make()
+    state = {"optim": get_optimizer_state_dict(second, nopt)}
+    dcp.load(state, checkpoint_id=path)
+    set_optimizer_state_dict(second, nopt, state["optim"])
+    with torch.no_grad():
+        for a, b in zip(first.params, second.params):
+            b.to_local().copy_(a.to_local())
+    train(second, nopt, range(2, 4))
+    same = []
+    for a, b in zip(straight.params, second.params):
+        same.append(("param", bool(torch.equal(bits(a.detach()), bits(b.detach())))))
+        sa, sb = sopt.state[a], nopt.state[b]
+        same.append(("keys", sorted(sa) == sorted(sb)))
+        for key in sa:
+            same.append((key, bool(torch.equal(bits(sa[key]), bits(sb[key])))))
+    out["same"] = same
+    return out
+
+
 CASES = {name[len("case_"):]: fn for name, fn in list(globals().items())
          if name.startswith("case_")}
 
@@ -915,3 +1011,20 @@ def test_clear_errors(pool2):
     assert res["pickle"].startswith("TypeError") and "state_dict" in res["pickle"]
     assert res["chain"].startswith("ValueError") and "Chain(AGC(" in res["chain"]
     assert "reduced across processes" in res["chain"] and res["chain_unchanged"]
+
+
+def test_precision_dtensor_master_state_and_dcp(pool2, tmp_path):
+    """Mixed precision with DTensor parameters (case_precision)."""
+    results = pool2.run("precision", path=str(tmp_path / "ckpt"))
+    for res in results:
+        for kind in res["kinds"]:
+            if kind[0] == "rounded":
+                assert kind[1], res["kinds"]
+            else:
+                key, type_name, same_placements, dtype = kind
+                assert type_name == "DTensor" and same_placements, kind
+                expected = {"master_param": "torch.float32", "param_remainder": "torch.int16"}
+                assert dtype == expected.get(key, dtype), kind
+        assert any(k[0] == "param_remainder" for k in res["kinds"])
+        assert any(k[0] == "exp_avg" and k[3] == "torch.bfloat16" for k in res["kinds"])
+        assert all(ok for _, ok in res["same"]), res["same"]

@@ -14,6 +14,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <c10/util/FunctionRef.h>
 #include <torch/library.h>
 
 #include "capability.h"
@@ -24,6 +25,7 @@
 #include "host_scalars.h"
 #include "kernels.h"
 #include "lanes.h"
+#include "mixed_precision.h"
 #include "multi_tensor.h"
 #include "vec_traits.h"
 
@@ -32,12 +34,15 @@ inline namespace CPU_CAPABILITY {  // capability.h
 namespace {
 
 // The arrays of one tensor: param, grad, then the rule's states (at most
-// kMaxStates, rules.h: every variant is checked against it below).
+// kMaxStates, rules.h: every variant is checked against it below). Element
+// j of each array is element offset + j of the tensor (offset 0: the
+// tensor's own memory; a mixed call's float32 scratch block: its start).
 struct TensorArrays {
   void* param;
   const void* grad;
   std::array<void*, kMaxStates> states;
-  int64_t numel;
+  int64_t numel;  // the tensor's
+  int64_t offset = 0;
 };
 
 // What one tensor's element loop needs besides its arrays.
@@ -47,8 +52,8 @@ struct TensorWork {
   TensorMult mult;  // the gradient's multiplier and unit coefficients
 };
 
-// One run of elements [begin, end) of a tensor that shares one gradient
-// multiplier. Active: the call's element-wise transforms
+// One run of elements [begin, end) of the arrays (elements offset + begin ..
+// of the tensor) that shares one gradient multiplier. Active: the call's element-wise transforms
 // (ActiveTransforms<double, ...>). The elements torch's kernels run as scalar
 // code (lanes.h, scalar_tail_begin) go through the rule's SCALAR_TAIL
 // rounding, one by one.
@@ -69,7 +74,8 @@ void run(const TensorArrays& a, int64_t begin, int64_t end,
   auto* grad = static_cast<const scalar_t*>(a.grad);
   scalar_t* states[KA];
   for (int k = 0; k < KA; ++k) states[k] = static_cast<scalar_t*>(a.states[k]);
-  const int64_t vec_end = std::min(end, std::max(begin, scalar_tail_begin<scalar_t>(a.numel)));
+  const int64_t vec_end =
+      std::min(end, std::max(begin, scalar_tail_begin<scalar_t>(a.numel) - a.offset));
 
   OpVec p[L::kParts], g[L::kParts], st[KA][L::kParts];
   const Prefetch prefetch;
@@ -103,6 +109,108 @@ void run(const TensorArrays& a, int64_t begin, int64_t end,
   }
 }
 
+// The kernel of a mixed call's block: the float32 element loop over the
+// tensor's elements [begin, end), whose arrays `a` hold (a.offset: begin).
+using BlockKernel = c10::function_ref<void(const TensorArrays& a, int64_t begin, int64_t end)>;
+
+// Elements [begin, end) of a tensor of a mixed call, block by block: every
+// array not float32 widened into float32 scratch (a full fp32 master, or one
+// rebuilt from its remainder, standing in for the parameter), the float32
+// kernel, and the scratch stored back (precision.h); a parameter of a master
+// is written from it, rounded to nearest.
+void run_mixed_chunk(const MixedTensor& m, int64_t numel, int64_t begin, int64_t end,
+                     BlockKernel kernel) {
+  alignas(64) float scratch[2 + kMaxStates][kMixedBlock];
+  for (int64_t b0 = begin; b0 < end; b0 += kMixedBlock) {
+    const int64_t n = std::min(kMixedBlock, end - b0);
+    TensorArrays a;
+    a.numel = numel;
+    a.offset = b0;
+    float* param = scratch[0];
+    if (m.master_kind == Master::Full) {
+      param = static_cast<float*>(m.master) + b0;
+    } else if (m.master_kind == Master::Remainder) {
+      rebuild_masters(static_cast<const at::BFloat16*>(m.param) + b0,
+                      static_cast<const int16_t*>(m.master) + b0, param, n);
+    } else if (m.param_dtype == Dtype::F32) {
+      param = static_cast<float*>(m.param) + b0;
+    } else {
+      widen_any(m.param, m.param_dtype, b0, param, n);
+    }
+    a.param = param;
+    if (m.param_dtype == Dtype::F32) {
+      a.grad = static_cast<const float*>(m.grad) + b0;
+    } else {
+      widen_any(m.grad, m.param_dtype, b0, scratch[1], n);
+      a.grad = scratch[1];
+    }
+    for (int k = 0; k < m.num_states; ++k) {
+      if (m.state_dtypes[k] == Dtype::F32) {
+        a.states[k] = static_cast<float*>(m.states[k]) + b0;
+      } else {
+        widen_any(m.states[k], m.state_dtypes[k], b0, scratch[2 + k], n);
+        a.states[k] = scratch[2 + k];
+      }
+    }
+    kernel(a, b0, b0 + n);
+    for (int k = 0; k < m.num_states; ++k) {
+      if (m.state_dtypes[k] == Dtype::F32) continue;
+      narrow_any(scratch[2 + k], m.states[k], m.state_dtypes[k], m.sr, m.keys[1 + k], b0, n);
+    }
+    if (m.master_kind == Master::Remainder) {
+      split_masters(param, static_cast<at::BFloat16*>(m.param) + b0,
+                    static_cast<int16_t*>(m.master) + b0, n);
+    } else if (m.master_kind == Master::Full && m.param_dtype == Dtype::BF16) {
+      split_masters(param, static_cast<at::BFloat16*>(m.param) + b0, nullptr, n);
+    } else if (m.master_kind == Master::Full) {
+      narrow(param, static_cast<at::Half*>(m.param) + b0, n);
+    } else if (m.param_dtype != Dtype::F32) {
+      narrow_any(param, m.param, m.param_dtype, m.sr, m.keys[0], b0, n);
+    }
+  }
+}
+
+// The arrays of tensor i of a mixed call, flat (FlatTensors: stand-ins where
+// they do not share a dense layout), its dtypes and its stochastic-rounding
+// keys (from the counter before this call's increment).
+MixedTensor mixed_tensor(FlatTensors& flat_tensors, const UpdateCall& call, size_t i) {
+  std::vector<at::Tensor> arrays = {call.params[i], call.grads[i]};
+  std::vector<bool> written = {true, false};
+  for (const at::TensorList& state : call.states) {
+    arrays.push_back(state[i]);
+    written.push_back(true);
+  }
+  if (call.masters.has_value()) {
+    arrays.push_back((*call.masters)[i]);
+    written.push_back(true);
+  }
+  const std::vector<at::Tensor> flat =
+      flat_tensors.take(std::move(arrays), written, call.unit_coefs.has_value());
+  MixedTensor m{};
+  m.param = flat[0].data_ptr();
+  m.grad = flat[1].const_data_ptr();
+  m.param_dtype = dtype_of(flat[0].scalar_type());
+  m.num_states = static_cast<int>(call.states.size());
+  for (int k = 0; k < m.num_states; ++k) {
+    m.states[k] = flat[2 + k].data_ptr();
+    m.state_dtypes[k] = dtype_of(flat[2 + k].scalar_type());
+  }
+  m.master_kind = Master::None;
+  if (call.masters.has_value()) {
+    const at::Tensor& master = flat[2 + m.num_states];
+    m.master = master.data_ptr();
+    m.master_kind = master.scalar_type() == at::kFloat ? Master::Full : Master::Remainder;
+  }
+  m.sr = call.sr_generators.has_value();
+  if (m.sr) {
+    const int64_t* gen = (*call.sr_generators)[i].const_data_ptr<int64_t>();
+    for (int slot = 0; slot <= m.num_states; ++slot) {
+      m.keys[slot] = precision::sr_key(gen[0], gen[1], slot);
+    }
+  }
+  return m;
+}
+
 template <class Rule>
 struct CpuDriver {
   static void run(const UpdateCall& call, const typename Rule::Hyper& hyper) {
@@ -113,15 +221,24 @@ struct CpuDriver {
     const size_t n = call.params.size();
     const size_t k = call.states.size();
 
+    // Mixed precision (masters, stochastic rounding, states of another
+    // dtype): the float32 kernel on float32 blocks (run_mixed_chunk).
+    const bool mixed = call.mixed();
+
     FlatTensors flat_tensors;
-    std::vector<TensorArrays> arrays(n);
+    std::vector<TensorArrays> arrays(mixed ? 0 : n);
+    std::vector<MixedTensor> mixed_tensors(mixed ? n : 0);
     std::vector<TensorWork<Rule>> work(n);
     for (size_t i = 0; i < n; ++i) {
-      const std::vector<at::Tensor> flat = flat_update_arrays(flat_tensors, call, i);
-      arrays[i].param = flat[0].data_ptr();
-      arrays[i].grad = flat[1].const_data_ptr();
-      for (size_t s = 0; s < k; ++s) arrays[i].states[s] = flat[2 + s].data_ptr();
-      arrays[i].numel = call.params[i].numel();
+      if (mixed) {
+        mixed_tensors[i] = mixed_tensor(flat_tensors, call, i);
+      } else {
+        const std::vector<at::Tensor> flat = flat_update_arrays(flat_tensors, call, i);
+        arrays[i].param = flat[0].data_ptr();
+        arrays[i].grad = flat[1].const_data_ptr();
+        for (size_t s = 0; s < k; ++s) arrays[i].states[s] = flat[2 + s].data_ptr();
+        arrays[i].numel = call.params[i].numel();
+      }
       const double step = call.steps.empty() ? 0.0 : increment_step(call.steps[i]);
       work[i].scalars = Rule::scalars(hyper, host.lr, step);
       work[i].mult =
@@ -129,7 +246,8 @@ struct CpuDriver {
     }
 
     AT_DISPATCH_FLOATING_TYPES_AND2(
-        at::kHalf, at::kBFloat16, call.params[0].scalar_type(), "fusedclip_update_cpu", [&] {
+        at::kHalf, at::kBFloat16, mixed ? at::kFloat : call.params[0].scalar_type(),
+        "fusedclip_update_cpu", [&] {
           using L = Lanes<scalar_t>;
           using opmath_t = typename L::opmath_t;
           using OpVec = typename L::OpVec;
@@ -146,17 +264,33 @@ struct CpuDriver {
               for_each_tensor_chunk(call.params, [&](int64_t t, int64_t begin, int64_t end) {
                 const auto tail_s = work[t].scalars.template as<opmath_t>();
                 const auto s = tail_s.template as<OpVec>();
-                for_each_unit_run(begin, end, work[t].mult, [&](int64_t b, int64_t e, double mult) {
-                  const opmath_t tail_mult = static_cast<opmath_t>(mult);
-                  cpu::run<scalar_t, Rule, V, Active>(arrays[t], b, e, s, OpVec(tail_mult),
-                                                      transforms, tail_s, tail_mult,
-                                                      tail_transforms);
-                });
+                // Elements [rb, re) of tensor t, whose arrays `a` hold.
+                const auto kernel = [&](const TensorArrays& a, int64_t rb, int64_t re) {
+                  for_each_unit_run(rb, re, work[t].mult, [&](int64_t b, int64_t e, double mult) {
+                    const opmath_t tail_mult = static_cast<opmath_t>(mult);
+                    cpu::run<scalar_t, Rule, V, Active>(a, b - a.offset, e - a.offset, s,
+                                                        OpVec(tail_mult), transforms, tail_s,
+                                                        tail_mult, tail_transforms);
+                  });
+                };
+                if constexpr (std::is_same_v<scalar_t, float>) {
+                  if (mixed) {
+                    run_mixed_chunk(mixed_tensors[t], call.params[t].numel(), begin, end,
+                                    kernel);
+                    return;
+                  }
+                }
+                kernel(arrays[t], begin, end);
               });
             });
           });
         });
     flat_tensors.copy_home();
+    // The generators move on once the call is done (a skipped call returned
+    // above: it moves nothing).
+    if (call.sr_generators.has_value()) {
+      for (const at::Tensor& gen : *call.sr_generators) ++gen.data_ptr<int64_t>()[1];
+    }
   }
 };
 

@@ -7,7 +7,10 @@ from torch import Tensor
 
 from fusedclip import ops
 from fusedclip.optim.base import FusedClipOptimizer, check_lr, scalar_dtype, state_list
-from fusedclip.optim.docs import CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC
+from fusedclip.optim import precision
+from fusedclip.optim.docs import (
+    CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC, PRECISION_ARG_DOC, PRECISION_REFERENCES,
+)
 
 __all__ = ["FusedClipAdagrad"]
 
@@ -16,7 +19,8 @@ class FusedClipAdagrad(FusedClipOptimizer):
     __doc__ = r"""Implements Adagrad with gradient clipping fused into the step.
 
     Drop-in for ``torch.optim.Adagrad`` (same arguments, defaults and state),
-    plus keyword-only ``clip=`` and ``nonfinite=``. As in torch, the state of
+    plus keyword-only ``clip=``, ``nonfinite=`` and the mixed-precision
+    options. As in torch, the state of
     every parameter (``step``, ``sum``) is made when it joins the optimizer.
 
     .. math::
@@ -66,7 +70,8 @@ class FusedClipAdagrad(FusedClipOptimizer):
         Learning and Stochastic Optimization*, JMLR 12, 2011.
         Pascanu, Mikolov & Bengio, *On the difficulty of training recurrent
         neural networks*, ICML 2013 (clipping by the global norm).
-    """.replace("{clip_arg}", CLIP_ARG_DOC).replace("{impl_args}", IMPL_ARGS_DOC).replace(
+{precision_refs}    """.replace("{clip_arg}", PRECISION_ARG_DOC + CLIP_ARG_DOC).replace(
+        "{precision_refs}", PRECISION_REFERENCES).replace("{impl_args}", IMPL_ARGS_DOC).replace(
         "{clip_stats}", CLIP_STATS_DOC)
 
     def __init__(
@@ -82,6 +87,10 @@ class FusedClipAdagrad(FusedClipOptimizer):
         maximize: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool = False,
+        store_param_remainders: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
         clip=None,
         nonfinite: str = "skip",
         norm_group=None,
@@ -91,6 +100,8 @@ class FusedClipAdagrad(FusedClipOptimizer):
             initial_accumulator_value=initial_accumulator_value, foreach=foreach,
             maximize=maximize, differentiable=differentiable, fused=fused,
         )
+        defaults.update(precision.defaults(master_weights, store_param_remainders, state_dtype,
+                                           stochastic_rounding))
         super().__init__(params, defaults, clip=clip, nonfinite=nonfinite,
                          norm_group=norm_group)
 
@@ -127,7 +138,7 @@ class FusedClipAdagrad(FusedClipOptimizer):
         value = group["initial_accumulator_value"]
         if param.is_complex():
             value = complex(value, value)  # as torch.optim.Adagrad starts a complex sum
-        state["sum"] = torch.full_like(param, value, memory_format=torch.preserve_format)
+        state["sum"] = precision.full(param, group, value)
 
     state_keys = ("step", "sum")
 

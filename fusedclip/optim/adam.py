@@ -6,8 +6,12 @@ import torch
 from torch import Tensor
 
 from fusedclip import ops
+from fusedclip.optim import precision
 from fusedclip.optim.base import FusedClipOptimizer, check_lr, state_list
-from fusedclip.optim.docs import CAPTURABLE_ARG_DOC, CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC
+from fusedclip.optim.docs import (
+    CAPTURABLE_ARG_DOC, CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC, PRECISION_ARG_DOC,
+    PRECISION_REFERENCES,
+)
 from fusedclip.optim.base import scalar_dtype as _scalar_dtype
 
 __all__ = ["FusedClipAdam", "FusedClipAdamW"]
@@ -70,14 +74,14 @@ _ARGS = """
         Reddi, Kale & Kumar, *On the Convergence of Adam and Beyond*, ICLR 2018.
         Pascanu, Mikolov & Bengio, *On the difficulty of training recurrent
         neural networks*, ICML 2013 (clipping by the global norm).
-"""
+{precision_refs}"""
 
 
 class FusedClipAdam(FusedClipOptimizer):
     __doc__ = (
         "Implements Adam with gradient clipping fused into the step.\n"
         "\n    Drop-in for ``torch.optim.Adam`` (same arguments, defaults and state),\n"
-        "    plus keyword-only ``clip=`` and ``nonfinite=``.\n"
+        "    plus keyword-only ``clip=``, ``nonfinite=`` and the mixed-precision options.\n"
         + _ALGORITHM.replace(
             "{WEIGHT_DECAY}",
             r"\textbf{if}\: \lambda \neq 0: \textbf{if} \textit{ decoupled}: "
@@ -85,7 +89,7 @@ class FusedClipAdam(FusedClipOptimizer):
             r"\textbf{ else } g_t \leftarrow g_t + \lambda \theta_{t-1}",
         )
         + _ARGS.format(
-            clip_arg=CLIP_ARG_DOC, impl_args=IMPL_ARGS_DOC + CAPTURABLE_ARG_DOC,
+            clip_arg=PRECISION_ARG_DOC + CLIP_ARG_DOC, precision_refs=PRECISION_REFERENCES, impl_args=IMPL_ARGS_DOC + CAPTURABLE_ARG_DOC,
             clip_stats=CLIP_STATS_DOC, lr="1e-3", wd="0",
             extra="\n        decoupled_weight_decay (bool, optional): if True, this optimizer is\n"
             "            equivalent to AdamW (default: False)",
@@ -107,6 +111,10 @@ class FusedClipAdam(FusedClipOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
+        master_weights: bool = False,
+        store_param_remainders: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
         clip=None,
         nonfinite: str = "skip",
         norm_group=None,
@@ -117,6 +125,8 @@ class FusedClipAdam(FusedClipOptimizer):
             differentiable=differentiable, fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
         )
+        defaults.update(precision.defaults(master_weights, store_param_remainders, state_dtype,
+                                           stochastic_rounding))
         super().__init__(params, defaults, clip=clip, nonfinite=nonfinite,
                          norm_group=norm_group)
 
@@ -151,10 +161,10 @@ class FusedClipAdam(FusedClipOptimizer):
 
     def _init_state(self, param: Tensor, group: dict, state: dict) -> None:
         state["step"] = torch.zeros((), dtype=_scalar_dtype(), device=param.device)
-        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg"] = precision.zeros(param, group)
+        state["exp_avg_sq"] = precision.zeros(param, group)
         if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["max_exp_avg_sq"] = precision.zeros(param, group)
 
     state_keys = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
@@ -163,7 +173,7 @@ class FusedClipAdam(FusedClipOptimizer):
         if amsgrad:
             for p, s in zip(originals, states):
                 if "max_exp_avg_sq" not in s:  # amsgrad switched on after the first step
-                    s["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    s["max_exp_avg_sq"] = precision.zeros(p, group)
         keys = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq") if amsgrad else ("exp_avg", "exp_avg_sq")
         beta1, beta2 = group["betas"]
         ops.update_(
@@ -181,11 +191,11 @@ class FusedClipAdamW(FusedClipAdam):
         "Implements AdamW (Adam with decoupled weight decay) with gradient\n"
         "    clipping fused into the step.\n"
         "\n    Drop-in for ``torch.optim.AdamW`` (same arguments, defaults and state),\n"
-        "    plus keyword-only ``clip=`` and ``nonfinite=``.\n"
+        "    plus keyword-only ``clip=``, ``nonfinite=`` and the mixed-precision options.\n"
         + _ALGORITHM.replace(
             "{WEIGHT_DECAY}", r"\theta_t \leftarrow \theta_{t-1} - \gamma \lambda \theta_{t-1}"
         )
-        + _ARGS.format(clip_arg=CLIP_ARG_DOC, impl_args=IMPL_ARGS_DOC + CAPTURABLE_ARG_DOC,
+        + _ARGS.format(clip_arg=PRECISION_ARG_DOC + CLIP_ARG_DOC, precision_refs=PRECISION_REFERENCES, impl_args=IMPL_ARGS_DOC + CAPTURABLE_ARG_DOC,
                        clip_stats=CLIP_STATS_DOC, lr="1e-3", wd="1e-2", extra="")
     )
 
@@ -203,6 +213,10 @@ class FusedClipAdamW(FusedClipAdam):
         capturable: bool = False,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool = False,
+        store_param_remainders: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
         clip=None,
         nonfinite: str = "skip",
         norm_group=None,
@@ -211,5 +225,7 @@ class FusedClipAdamW(FusedClipAdam):
             params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             foreach=foreach, maximize=maximize, capturable=capturable,
             differentiable=differentiable, fused=fused, decoupled_weight_decay=True,
+            master_weights=master_weights, store_param_remainders=store_param_remainders,
+            state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
             clip=clip, nonfinite=nonfinite, norm_group=norm_group,
         )

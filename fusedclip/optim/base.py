@@ -48,7 +48,7 @@ from torch.optim import Optimizer
 from fusedclip import distributed, ops
 from fusedclip.caller_clipping import check_caller_clipping
 from fusedclip.clipping import ClipInputs, as_policy, commit_state
-from fusedclip.optim import layout, policy_state
+from fusedclip.optim import layout, policy_state, precision
 from fusedclip.optim.layout import Batch, kernel_view
 from fusedclip.optim.policy_state import OPTIMIZER_WIDE
 from fusedclip.optim.skip_monitor import SkipMonitor
@@ -135,8 +135,11 @@ class FusedClipOptimizer(Optimizer):
     """Base class of the fused optimizers (not for direct use).
 
     Subclasses implement ``_check_group`` (hyperparameters), ``_init_state``
-    (torch.optim's state keys, listed in ``state_keys``) and ``_update`` (one
-    fused op call).
+    (torch.optim's state keys, listed in ``state_keys``; every floating buffer
+    made by ``precision.zeros`` / ``precision.full``, in the group's state
+    dtype) and ``_update`` (one fused op call). The mixed-precision options
+    (``fusedclip.optim.precision``: master weights, remainders, generators) are
+    the base's: ``_apply`` hands each call's lists to the op in ``StepArgs``.
 
     ``state_dict()`` and ``load_state_dict()`` are torch.optim's, with the
     clip policy's state carried under ``"clip_policy"`` by state_dict hooks
@@ -168,6 +171,7 @@ class FusedClipOptimizer(Optimizer):
         # torch validates hyperparameters before it looks at the parameters.
         check_impl_flags(type(self).__name__, defaults)
         self._check_group(defaults)
+        precision.check_options(defaults)
         self.clip = clip
         self.nonfinite = nonfinite
         self._norm_group = distributed.resolve_norm_group(norm_group, type(self).__name__)
@@ -188,6 +192,7 @@ class FusedClipOptimizer(Optimizer):
         self._skip_monitor = SkipMonitor()
         self._reset_stats(device)
         policy_state.install(self)
+        precision.install(self)
 
     # -- settings: clip, nonfinite ----------------------------------------------------------
     @property
@@ -244,6 +249,13 @@ class FusedClipOptimizer(Optimizer):
                     f"{type(self).__name__} (one global norm covers every group); give "
                     "parameters that need another policy an optimizer of their own")
         super().add_param_group(param_group)
+        try:  # the mixed-precision options, against this group's parameters
+            group = self.param_groups[-1]
+            precision.check_options(group)
+            precision.check_params(group, f" (param group {len(self.param_groups) - 1})")
+        except ValueError:
+            self.param_groups.pop()
+            raise
         self._forget_layout()
 
     def _forget_layout(self) -> None:
@@ -273,6 +285,7 @@ class FusedClipOptimizer(Optimizer):
         # "param_groups": the attributes not given are kept.
         super().__setstate__(state)
         policy_state.install(self)
+        precision.install(self)
         if "_skip_monitor" not in self.__dict__:
             self._skip_monitor = SkipMonitor()
             self._check_caller = {"pending": True}
@@ -381,6 +394,7 @@ class FusedClipOptimizer(Optimizer):
         groups = self.param_groups
         for group in groups:
             self._check_group(group)
+            precision.check_options(group)
         all_grads = [[p.grad for p in group["params"]] for group in groups]
         # Under torch.compile the layout is made afresh in the traced code
         # (dynamo guards on what it depends on) and not kept.
@@ -389,6 +403,8 @@ class FusedClipOptimizer(Optimizer):
         grads = kept.grads(groups, all_grads) if kept is not None else None
         if grads is None:
             kept = layout.gather(type(self).__name__, groups, all_grads, self._dist_cache)
+            for g, group in enumerate(groups):  # (parameters may have changed dtype)
+                precision.check_params(group, f" (param group {g})")
             if not compiling:
                 self._forget_layout()
                 if kept.reusable:
@@ -619,10 +635,14 @@ class FusedClipOptimizer(Optimizer):
                 lr = group["lr"]
                 if isinstance(lr, Tensor) and lr.dim() > 1:
                     lr = lr.reshape(())  # torch takes any 1-element tensor; a view
+                # Master weights and generators (None, None without those options).
+                masters, generators = precision.step_lists(
+                    group, call_params[0].dtype, call_originals, call_states, views)
                 args = ops.StepArgs(
                     lr=lr, clip_coef=call_coef, grad_scale=scale_on.on(device),
                     found_inf=skip_on.on(device), clip_value=clip_value,
                     spike_theta=spike_theta, unit_coefs=units,
+                    masters=masters, sr_generators=generators,
                     maximize=bool(group.get("maximize", False)))
                 self._update(group, call_params, call_grads, call_states,
                              originals=call_originals, views=views, args=args)

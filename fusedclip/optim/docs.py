@@ -50,3 +50,43 @@ CLIP_STATS_DOC = """    ``opt.clip_stats`` holds device tensors under the same k
     ``warn_after_skips`` (10) steps in a row warns at ``zero_grad()`` (see
     ``FusedClipOptimizer``).
 """
+# The mixed-precision options (fusedclip.optim.precision), keyword-only and
+# per param group, as every optimizer's docstring states them before "{clip_arg}".
+PRECISION_ARG_DOC = """        master_weights (bool, optional): keyword-only; for bfloat16/float16
+            parameters, a float32 copy in the state (``"master_param"``), made
+            from the parameter at its first step: the step reads and writes the
+            master and writes the parameter rounded to nearest, in the same
+            pass (Micikevicius et al., 2018). float32/float64 parameters have
+            none. The floating state is then float32 unless ``state_dtype``
+            says otherwise. (default: False)
+        store_param_remainders (bool, optional): keyword-only; with
+            ``master_weights`` and bfloat16 parameters, keep only the low 16
+            bits of the float32 master (``"param_remainder"``, int16): the
+            parameter (rounded to nearest, ties away from zero) and its
+            remainder are the master exactly, at 2 bytes per parameter instead
+            of 4; bit for bit the run with a full master. Refused for float16
+            parameters. (default: False)
+        state_dtype (torch.dtype, optional): keyword-only; the dtype of the
+            floating state buffers (float32, bfloat16, float16; float64 only
+            with float64 parameters). None: the parameter's dtype (float32
+            under ``master_weights``). The math stays float32; only what is
+            stored changes (Zamirai et al., 2020). (default: None)
+        stochastic_rounding (bool, optional): keyword-only; every bfloat16 or
+            float16 value the step writes from float32 math (a parameter
+            without a master, low-precision state) is rounded stochastically,
+            so that its expectation is the float32 value (Gupta et al., 2015;
+            Zamirai et al., 2020). The random bits are a function of a seed,
+            a counter, the tensor and the element (``"sr_generator"``: int64
+            ``[seed, counter]`` per parameter, the seed drawn from torch's
+            default generator, on the parameter's device): the same
+            ``torch.manual_seed`` gives the same run whatever the thread count.
+            (default: False)
+"""
+PRECISION_REFERENCES = """        Micikevicius, Narang, Alben, Diamos, Elsen, Garcia, Ginsburg, Houston,
+        Kuchaiev, Venkatesh & Wu, *Mixed Precision Training*, ICLR 2018
+        (master weights).
+        Gupta, Agrawal, Gopalakrishnan & Narayanan, *Deep Learning with Limited
+        Numerical Precision*, ICML 2015 (stochastic rounding).
+        Zamirai, Zhang, Aberger & De Sa, *Revisiting BFloat16 Training*,
+        arXiv:2010.06192, 2020 (bfloat16 state, stochastic rounding).
+"""

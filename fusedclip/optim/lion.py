@@ -7,7 +7,10 @@ from torch import Tensor
 
 from fusedclip import ops
 from fusedclip.optim.base import FusedClipOptimizer, check_lr, state_list
-from fusedclip.optim.docs import CLIP_ARG_DOC, CLIP_STATS_DOC
+from fusedclip.optim import precision
+from fusedclip.optim.docs import (
+    CLIP_ARG_DOC, CLIP_STATS_DOC, PRECISION_ARG_DOC, PRECISION_REFERENCES,
+)
 
 __all__ = ["FusedClipLion"]
 
@@ -18,8 +21,8 @@ class FusedClipLion(FusedClipOptimizer):
 
     torch.optim has no Lion; the arguments follow the paper's reference code
     (``lr=1e-4``, ``betas=(0.9, 0.99)``, decoupled ``weight_decay``), plus
-    torch's ``maximize`` and fusedclip's keyword-only ``clip=`` and
-    ``nonfinite=``.
+    torch's ``maximize`` and fusedclip's keyword-only ``clip=``,
+    ``nonfinite=`` and mixed-precision options.
 
     .. math::
        \begin{aligned}
@@ -64,7 +67,8 @@ class FusedClipLion(FusedClipOptimizer):
         Chen, Liang, Huang, Real, Wang, Pham, Dong, Luong, Hsieh, Lu & Le,
         *Symbolic Discovery of Optimization Algorithms*, NeurIPS 2023
         (arXiv:2302.06675).
-    """.replace("{clip_arg}", CLIP_ARG_DOC).replace("{clip_stats}", CLIP_STATS_DOC)
+{precision_refs}    """.replace("{clip_arg}", PRECISION_ARG_DOC + CLIP_ARG_DOC).replace(
+        "{precision_refs}", PRECISION_REFERENCES).replace("{clip_stats}", CLIP_STATS_DOC)
 
     state_keys = ("exp_avg",)
 
@@ -76,11 +80,17 @@ class FusedClipLion(FusedClipOptimizer):
         weight_decay: float = 0.0,
         *,
         maximize: bool = False,
+        master_weights: bool = False,
+        store_param_remainders: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
         clip=None,
         nonfinite: str = "skip",
         norm_group=None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        defaults.update(precision.defaults(master_weights, store_param_remainders, state_dtype,
+                                           stochastic_rounding))
         super().__init__(params, defaults, clip=clip, nonfinite=nonfinite,
                          norm_group=norm_group)
 
@@ -99,7 +109,7 @@ class FusedClipLion(FusedClipOptimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
 
     def _init_state(self, param: Tensor, group: dict, state: dict) -> None:
-        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        state["exp_avg"] = precision.zeros(param, group)
 
     def _update(self, group, params, grads, states, *, originals, views, args) -> None:
         beta1, beta2 = group["betas"]

@@ -8,8 +8,11 @@ import torch
 from torch import Tensor
 
 from fusedclip import ops
+from fusedclip.optim import precision
 from fusedclip.optim.base import FusedClipOptimizer, check_lr
-from fusedclip.optim.docs import CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC
+from fusedclip.optim.docs import (
+    CLIP_ARG_DOC, CLIP_STATS_DOC, IMPL_ARGS_DOC, PRECISION_ARG_DOC, PRECISION_REFERENCES,
+)
 from fusedclip.optim.layout import kernel_view
 
 __all__ = ["FusedClipSGD"]
@@ -27,7 +30,8 @@ class FusedClipSGD(FusedClipOptimizer):
     gradient clipping fused into the step.
 
     Drop-in for ``torch.optim.SGD`` (same arguments, defaults and state),
-    plus keyword-only ``clip=`` and ``nonfinite=``. With ``momentum=0`` and
+    plus keyword-only ``clip=``, ``nonfinite=`` and the mixed-precision
+    options. With ``momentum=0`` and
     ``clip=fusedclip.Normalize()`` it is normalized SGD.
 
     .. math::
@@ -91,7 +95,8 @@ class FusedClipSGD(FusedClipOptimizer):
         momentum in this form).
         Pascanu, Mikolov & Bengio, *On the difficulty of training recurrent
         neural networks*, ICML 2013 (clipping by the global norm).
-    """.replace("{clip_arg}", CLIP_ARG_DOC).replace("{impl_args}", IMPL_ARGS_DOC).replace(
+{precision_refs}    """.replace("{clip_arg}", PRECISION_ARG_DOC + CLIP_ARG_DOC).replace(
+        "{precision_refs}", PRECISION_REFERENCES).replace("{impl_args}", IMPL_ARGS_DOC).replace(
         "{clip_stats}", CLIP_STATS_DOC)
 
     def __init__(
@@ -107,6 +112,10 @@ class FusedClipSGD(FusedClipOptimizer):
         foreach: bool | None = None,
         differentiable: bool = False,
         fused: bool | None = None,
+        master_weights: bool = False,
+        store_param_remainders: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
         clip=None,
         nonfinite: str = "skip",
         norm_group=None,
@@ -116,6 +125,8 @@ class FusedClipSGD(FusedClipOptimizer):
             nesterov=nesterov, maximize=maximize, foreach=foreach,
             differentiable=differentiable, fused=fused,
         )
+        defaults.update(precision.defaults(master_weights, store_param_remainders, state_dtype,
+                                           stochastic_rounding))
         # Per parameter (by id), (parameter, buffer, counter): how many steps
         # that buffer has taken, on the parameter's device (see the note
         # above). Keyed by id(param), which hashes in C where a Tensor key
@@ -162,11 +173,11 @@ class FusedClipSGD(FusedClipOptimizer):
         # torch.optim.SGD keeps no state entry at all without momentum, so
         # the empty one made for this call goes; with momentum the buffer is
         # made by _update (also when momentum is switched on later).
-        if not state and group["momentum"] == 0:
+        if not state and group["momentum"] == 0 and not precision.keeps_state(param, group):
             self.state.pop(param, None)
 
-    def _buffers(self, params: list[Tensor], states: list[dict],
-                 views: bool) -> tuple[list[Tensor], list[Tensor]]:
+    def _buffers(self, params: list[Tensor], states: list[dict], views: bool,
+                 group: dict) -> tuple[list[Tensor], list[Tensor]]:
         """Each parameter's momentum buffer (as the kernel sees it: through
         ``kernel_view`` where ``views``) and its step counter, made where missing."""
         table = self._buffer_steps
@@ -176,8 +187,7 @@ class FusedClipSGD(FusedClipOptimizer):
             entry = table.get(id(p))
             if buf is None:
                 # Zero until its first step, which overwrites it with the gradient.
-                buf = state["momentum_buffer"] = torch.zeros_like(
-                    p, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"] = precision.zeros(p, group)
                 entry = table[id(p)] = (
                     p, buf, torch.zeros((), dtype=torch.float32, device=p.device))
             elif entry is None or entry[1] is not buf:
@@ -192,7 +202,7 @@ class FusedClipSGD(FusedClipOptimizer):
 
     def _update(self, group, params, grads, states, *, originals, views, args) -> None:
         momentum = float(group["momentum"])
-        buffers, counters = self._buffers(originals, states, views) if momentum != 0 else ([], [])
+        buffers, counters = self._buffers(originals, states, views, group) if momentum != 0 else ([], [])
         ops.update_(
             "sgd", params, grads, [buffers] if momentum != 0 else [], counters,
             dict(momentum=momentum, dampening=group["dampening"],

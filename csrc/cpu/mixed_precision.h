@@ -1,0 +1,155 @@
+// The block conversions of the CPU driver's mixed-precision calls (issue 20;
+// the roundings are include/fusedclip/precision.h): arrays that are not
+// float32 are widened into float32 scratch (exactly), the float32 kernel runs
+// on the scratch, and the scratch is narrowed back, rounded to nearest even
+// (as the homogeneous kernels store), stochastically (sr), or, for a
+// parameter of an fp32 master, to nearest with ties away from zero (bf16) /
+// even (fp16). Nothing here depends on the rule: compiled once per vector set.
+// The loops are plain element loops over a block (ATen's vectorized
+// conversions, or bit operations the compiler vectorizes).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include <ATen/ATen.h>
+
+#include "capability.h"
+#include "fusedclip/precision.h"
+#include "fusedclip/rules.h"
+#include "lanes.h"
+
+namespace fusedclip::cpu {
+inline namespace CPU_CAPABILITY {  // capability.h
+
+// The dtype of one array of a mixed call.
+enum class Dtype : uint8_t { F32, BF16, F16 };
+
+inline Dtype dtype_of(at::ScalarType t) {
+  if (t == at::kBFloat16) return Dtype::BF16;
+  if (t == at::kHalf) return Dtype::F16;
+  TORCH_INTERNAL_ASSERT(t == at::kFloat, "fusedclip: a mixed call's arrays are float32, "
+                        "bfloat16 or float16, got ", t);
+  return Dtype::F32;
+}
+
+// A tensor's fp32 master: none, a full float32 copy, or the low 16 bits of it
+// beside a bfloat16 parameter (precision.h: bf16_rebuild).
+enum class Master : uint8_t { None, Full, Remainder };
+
+// One tensor of a mixed call: its arrays (element 0 of each is element 0 of
+// the tensor, in the order the kernel walks) and their dtypes.
+struct MixedTensor {
+  void* param;
+  const void* grad;  // the param's dtype
+  std::array<void*, kMaxStates> states;
+  void* master;
+  Dtype param_dtype;
+  std::array<Dtype, kMaxStates> state_dtypes;
+  Master master_kind;
+  bool sr;  // stochastic rounding: keys[0] the param's, keys[1 + k] state k's
+  std::array<precision::SrKey, 1 + kMaxStates> keys;
+  int num_states;
+};
+
+// Elements per block: float32 scratch for param, grad and every state, 10 KiB
+// in all, stays in L1.
+constexpr int64_t kMixedBlock = 512;
+
+// n elements of a bfloat16/float16 array, widened into float32 (exact).
+template <typename T>
+void widen(const T* src, float* dst, int64_t n) {
+  using L = Lanes<T>;
+  using OpVec = typename L::OpVec;
+  constexpr int64_t kFloats = OpVec::size();  // per float vector
+  typename L::OpVec v[L::kParts];
+  for (int64_t j = 0; j < n; j += L::kWidth) {
+    const int64_t count = std::min<int64_t>(L::kWidth, n - j);
+    L::load(src + j, count, v);
+    v[0].store(dst + j, std::min<int64_t>(kFloats, count));
+    if (count > kFloats) v[1].store(dst + j + kFloats, count - kFloats);
+  }
+}
+
+// n float32 values stored as T, rounded to nearest even: the conversion the
+// homogeneous kernels store with (lanes.h).
+template <typename T>
+void narrow(const float* src, T* dst, int64_t n) {
+  using L = Lanes<T>;
+  using OpVec = typename L::OpVec;
+  constexpr int64_t kFloats = OpVec::size();  // per float vector
+  OpVec v[L::kParts];
+  for (int64_t j = 0; j < n; j += L::kWidth) {
+    const int64_t count = std::min<int64_t>(L::kWidth, n - j);
+    v[0] = OpVec::loadu(src + j, std::min<int64_t>(kFloats, count));
+    v[1] = count > kFloats ? OpVec::loadu(src + j + kFloats, count - kFloats) : OpVec(0.0f);
+    L::store(dst + j, count, v);
+  }
+}
+
+inline void widen_any(const void* src, Dtype d, int64_t offset, float* dst, int64_t n) {
+  if (d == Dtype::BF16) {
+    widen(static_cast<const at::BFloat16*>(src) + offset, dst, n);
+  } else {
+    widen(static_cast<const at::Half*>(src) + offset, dst, n);
+  }
+}
+
+// The random bits of a block: 32 per element, for the tensor's elements
+// [offset, offset + n) (a block never crosses a multiple of 2^32: offsets
+// are multiples of kMixedBlock).
+inline void sr_block_bits(precision::SrKey key, int64_t offset, uint32_t* r, int64_t n) {
+  const precision::SrKey block_key = precision::sr_key_high(key, offset);
+  const uint32_t low = static_cast<uint32_t>(offset);
+  for (int64_t j = 0; j < n; ++j) r[j] = precision::sr_bits_low(block_key, low + static_cast<uint32_t>(j));
+}
+
+// n float32 values stored as bfloat16/float16, rounded stochastically with the
+// random bits of the tensor's elements [offset, offset + n) under `key`.
+inline void narrow_sr(float* src, void* dst, Dtype d, precision::SrKey key, int64_t offset,
+                      int64_t n) {
+  alignas(64) uint32_t r[kMixedBlock];
+  sr_block_bits(key, offset, r, n);
+  if (d == Dtype::BF16) {
+    uint16_t* out = reinterpret_cast<uint16_t*>(static_cast<at::BFloat16*>(dst) + offset);
+    for (int64_t j = 0; j < n; ++j) out[j] = precision::sr_bf16(precision::float_bits(src[j]), r[j]);
+  } else {
+    for (int64_t j = 0; j < n; ++j) src[j] = precision::sr_fp16_grid(src[j], r[j]);
+    narrow(src, static_cast<at::Half*>(dst) + offset, n);  // exact: on the fp16 grid
+  }
+}
+
+// Stores n float32 values of a non-float32 array: stochastically with sr,
+// else rounded to nearest even.
+inline void narrow_any(float* src, void* dst, Dtype d, bool sr, precision::SrKey key,
+                       int64_t offset, int64_t n) {
+  if (sr) {
+    narrow_sr(src, dst, d, key, offset, n);
+  } else if (d == Dtype::BF16) {
+    narrow(src, static_cast<at::BFloat16*>(dst) + offset, n);
+  } else {
+    narrow(src, static_cast<at::Half*>(dst) + offset, n);
+  }
+}
+
+// The fp32 masters of n bfloat16 parameters and their remainders.
+inline void rebuild_masters(const at::BFloat16* param, const int16_t* remainder, float* dst,
+                            int64_t n) {
+  const uint16_t* p = reinterpret_cast<const uint16_t*>(param);
+  for (int64_t j = 0; j < n; ++j) {
+    dst[j] = precision::bits_float(precision::bf16_rebuild(p[j], remainder[j]));
+  }
+}
+
+// bfloat16 parameters from n fp32 masters, to nearest with ties away from zero
+// (and the masters' remainders where `remainder` is not null).
+inline void split_masters(const float* master, at::BFloat16* param, int16_t* remainder,
+                          int64_t n) {
+  uint16_t* p = reinterpret_cast<uint16_t*>(param);
+  for (int64_t j = 0; j < n; ++j) p[j] = precision::bf16_round_half_away(precision::float_bits(master[j]));
+  if (remainder == nullptr) return;
+  for (int64_t j = 0; j < n; ++j) remainder[j] = precision::bf16_remainder(precision::float_bits(master[j]));
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace fusedclip::cpu
