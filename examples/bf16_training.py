@@ -150,7 +150,7 @@ class Setup(NamedTuple):
     eval_batches: int
 
 
-FULL = Setup(steps=1000, batch=16, context=64, width=48, layers=2, heads=4, chars=400_000, eval_batches=8)
+FULL = Setup(steps=800, batch=16, context=64, width=48, layers=2, heads=4, chars=400_000, eval_batches=8)
 FAST = Setup(steps=20, batch=4, context=32, width=32, layers=1, heads=2, chars=50_000, eval_batches=2)
 
 
@@ -204,7 +204,8 @@ def main(argv=None) -> int:
                         default=os.environ.get("FUSEDCLIP_EXAMPLES_FAST") == "1",
                         help="a few seconds (also FUSEDCLIP_EXAMPLES_FAST=1)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the PNG")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: the model is tiny, and a second thread only waits)")
     parser.add_argument("--compute", choices=["float32", "params"], default="float32",
                         help="the forward and backward's dtype: float32 (default; the bf16 parameters "
                              "cast in the graph, their gradients bf16) or the parameters' own (bf16 "
