@@ -23,7 +23,10 @@ memory per parameter of parameter, state and master (measured from the
 tensors; gradients, the same for every variant of a dtype, left out); the
 median time; time over fusedclip's fp32 step (median of per-round ratios); GB/s;
 and bandwidth (bytes/s) over the fp32 step's. Then the issue's targets, met or
-not. Writes JSON under bench/results/.
+not. Writes JSON under bench/results/. `make bench` runs it after
+bench_optim.py. It waits while a compiler (cc1plus, nvcc) runs on the machine
+(--no-wait: a smoke test). The issue's CPU targets were set for an AVX-512 build;
+FUSEDCLIP_CPU_CAPABILITY=avx2 gives the AVX2 build's figures on such a machine.
 """
 
 from __future__ import annotations
