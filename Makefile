@@ -1,4 +1,5 @@
-# make bench: set up, build, and benchmark fusedclip against torch.optim.
+# make bench: set up, build, and benchmark fusedclip against torch.optim (bench_optim.py),
+#             then its precision modes against torch and torchao (bench_precision.py).
 # make test:  set up, build, and run the test suite.
 # Both work on a fresh machine: tools/setup_env.sh makes .venv (using an
 # importable torch, else torch==2.13.0) and the build runs against that torch.
@@ -12,6 +13,7 @@ SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.c
 
 bench: build
 	$(PY) bench/bench_optim.py
+	$(PY) bench/bench_precision.py
 
 test: build
 	$(PY) -m pytest -q tests

@@ -91,3 +91,18 @@ def test_an_example_as_a_command(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "| run | train loss before the first spike |" in done.stdout
     assert (tmp_path / "spikes.png").exists()
+
+
+def test_bf16_training(tmp_path, capsys):
+    out = run_fast("bf16_training", tmp_path, capsys)
+    assert "| run | options | train loss, last" in out
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip().strip("|").split("|")]
+            for line in out.splitlines() if line.startswith("| ") and not line.startswith("| run ")}
+    # memory per parameter: parameter + Adam's two moments (+ the fp32 master)
+    memory = {"fp32": 12, "pure bf16": 6, "bf16 + stochastic_rounding": 6,
+              "bf16 + master_weights": 14, "fp32 + state_dtype=bf16": 8}
+    assert set(rows) == set(memory), out
+    for name, bytes_per_param in memory.items():
+        loss, held_out, mem = rows[name][2:5]
+        assert float(loss) < 10 and float(held_out) < 10, rows[name]  # finite, not diverged
+        assert int(mem) == bytes_per_param, rows[name]
