@@ -43,15 +43,16 @@ fi
 "$PY" -c "import torch; print('setup_env: torch', torch.__version__, 'at', torch.__file__)"
 
 # --- Frameworks for tests/test_frameworks.py (optional) -----------------------
-# transformers, accelerate and lightning, installed in one pip command together
+# transformers, accelerate and lightning (and torchao, which bench/bench_precision.py
+# compares with), installed in one pip command together
 # with a pin of the torch already installed, so pip never swaps torch (for a
 # CUDA build, say). The versions are the ones the tests were run with;
 # FRAMEWORKS_SPEC overrides them, FUSEDCLIP_FRAMEWORKS=0 skips this block.
 # Offline, or where these versions do not install, it says so and goes on:
 # tests/test_frameworks.py then skips what it cannot import.
-FRAMEWORKS_SPEC=${FRAMEWORKS_SPEC:-"transformers==5.24.0 accelerate==1.15.0 lightning==2.6.6"}
+FRAMEWORKS_SPEC=${FRAMEWORKS_SPEC:-"transformers==5.24.0 accelerate==1.15.0 lightning==2.6.6 torchao==0.18.0"}
 if [ "${FUSEDCLIP_FRAMEWORKS:-1}" != 0 ] \
-    && ! "$PY" -c "import transformers, accelerate, lightning" >/dev/null 2>&1; then
+    && ! "$PY" -c "import transformers, accelerate, lightning, torchao" >/dev/null 2>&1; then
   torch_pin="torch==$("$PY" -c "import torch; print(torch.__version__)")"
   echo "setup_env: installing $FRAMEWORKS_SPEC with $torch_pin"
   # shellcheck disable=SC2086  # FRAMEWORKS_SPEC is a list of requirements
