@@ -624,17 +624,21 @@ def _lowbias32(x: Tensor) -> Tensor:
 
 
 def sr_bits(key: tuple[int, int], index: Tensor) -> Tensor:
-    """The 32 random bits (int64 values in [0, 2^32)) of the elements `index`
-    (their flat indices in the array the kernel walks) of the array keyed `key`."""
+    """The random bits (int64 values in [0, 2^32)) of the elements `index`
+    (their flat indices in the array the kernel walks) of the array keyed
+    `key`: 16 per element, the high half (the low half zero). The elements 2j
+    and 2j + 1 share one hash h of j (of the low 32 bits of the index halved
+    and the high 32 bits), h's low half element 2j's, its high half 2j + 1's."""
     k0, k1 = key
     index = index.to(torch.int64)
-    x = _lowbias32((index & MASK32) ^ k0)
+    x = _lowbias32(((index & MASK32) >> 1) ^ k0)
     x = x ^ k1 ^ _lowbias32(index >> 32)
-    return _lowbias32(x)
+    h = _lowbias32(x)
+    return torch.where((index & 1) == 1, h & 0xFFFF0000, (h << 16) & MASK32)
 
 
 def stochastic_round(x: Tensor, dtype: torch.dtype, bits: Tensor) -> Tensor:
-    """x (float32) rounded to bfloat16 or float16 stochastically with 32 random
+    """x (float32) rounded to bfloat16 or float16 stochastically with random
     bits per element (int64 in [0, 2^32), as sr_bits gives them), as the
     kernels round: bfloat16 by bits(x) + (r >> 16), truncated; float16 by
     (floor(q) + (u < frac(q))) * ulp with q = |x| / ulp, ulp the float16

@@ -13,11 +13,12 @@
 //     master are rounded to nearest even (an ordinary conversion).
 //   - Stochastic rounding (sr_bf16_grid, sr_fp16_grid): rounded up with
 //     probability equal to the distance from the lower neighbour over the gap,
-//     from 32 random bits.
+//     from the random bits r (sr_bits: 16, the high half of r).
 //   - The random bits: counter based and keyed (sr_key, sr_bits): no state
 //     beyond a [seed, counter] pair per parameter; element `index` of array
 //     `slot` (0 the parameter, 1 + k state k) gets the same bits whatever the
-//     thread count or chunking.
+//     thread count or chunking: 16 per element, half of one hash shared by a
+//     pair of elements (sr_pair_bits).
 #pragma once
 
 #include <math.h>
@@ -165,15 +166,32 @@ FC_HOST_DEVICE SrKey sr_key_high(SrKey key, int64_t index) {
   return {key.k0, key.k1 ^ lowbias32(static_cast<uint32_t>(static_cast<uint64_t>(index) >> 32))};
 }
 
-// The bits of the element whose index has the low 32 bits `low`, under the
-// key sr_key_high gave for its high bits.
-FC_HOST_DEVICE uint32_t sr_bits_low(SrKey high_key, uint32_t low) {
-  return lowbias32(lowbias32(low ^ high_key.k0) ^ high_key.k1);
+// The random bits of a pair of elements: the elements 2j and 2j + 1 (of one
+// 2^32-element span: the high 32 bits of their index in high_key, the low 32
+// bits 2j and 2j + 1) share one 32-bit hash of j, 16 bits each: the low half
+// is element 2j's, the high half element 2j + 1's. Sixteen bits are all that
+// stochastic rounding to bfloat16 reads (r >> 16), and they make the rounding
+// to float16 exact wherever the result is a normal float16 (float32 keeps 13
+// bits below its spacing); below, its probabilities are multiples of 2^-16.
+// Half the hashes of one per element: the cost of the CPU's SR steps was the
+// hash.
+FC_HOST_DEVICE uint32_t sr_pair_bits(SrKey high_key, uint32_t pair_low) {
+  return lowbias32(lowbias32(pair_low ^ high_key.k0) ^ high_key.k1);
 }
 
-// The 32 random bits of element `index` (its flat index in the array the
-// kernel walks) of the array keyed `key`:
-// lowbias32(lowbias32(low32(index) ^ k0) ^ k1 ^ lowbias32(high32(index))).
+// The bits of the element whose index has the low 32 bits `low`, under the
+// key sr_key_high gave for its high bits: its 16 bits of sr_pair_bits, as the
+// high half of a uint32 (the low half zero).
+FC_HOST_DEVICE uint32_t sr_bits_low(SrKey high_key, uint32_t low) {
+  const uint32_t h = sr_pair_bits(high_key, low >> 1);
+  return (low & 1u) != 0 ? (h & 0xffff0000u) : (h << 16);
+}
+
+// The random bits of element `index` (its flat index in the array the kernel
+// walks) of the array keyed `key`: 16 bits, the high half of the result (the
+// low half zero), from h = lowbias32(lowbias32(low32(index) / 2 ^ k0) ^ k1 ^
+// lowbias32(high32(index))): h's low half for an even index, its high half
+// for an odd one.
 FC_HOST_DEVICE uint32_t sr_bits(SrKey key, int64_t index) {
   return sr_bits_low(sr_key_high(key, index),
                      static_cast<uint32_t>(static_cast<uint64_t>(index)));
