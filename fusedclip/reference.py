@@ -605,8 +605,9 @@ def sr_key(seed: int, counter: int, slot: int) -> tuple[int, int]:
     parameter, 1 + k state k)."""
     z = _splitmix64(seed & MASK64)
     z = _splitmix64(z ^ (counter & MASK64))
+    k0 = z & MASK32  # the same for every slot (the kernels share the first round)
     z = _splitmix64(z ^ (slot & MASK64))
-    return z & MASK32, z >> 32
+    return k0, z >> 32
 
 
 def _mul32(x: Tensor, c: int) -> Tensor:

@@ -48,6 +48,7 @@ struct MixedTensor {
   std::array<Dtype, kMaxStates> state_dtypes;
   Master master_kind;
   bool sr;  // stochastic rounding: keys[0] the param's, keys[1 + k] state k's
+  bool sr_first;  // sr and some array rounded stochastically (sr_block_first per block)
   std::array<precision::SrKey, 1 + kMaxStates> keys;
   int num_states;
 };
@@ -95,17 +96,27 @@ inline void widen_any(const void* src, Dtype d, int64_t offset, float* dst, int6
   }
 }
 
-// The random bits of a block: 16 per element (precision.h: sr_bits_low, whose
-// high half they are), for the tensor's elements [offset, offset + n) (offset
-// even and a block never crossing a multiple of 2^32: offsets are multiples
-// of kMixedBlock), one hash per pair of elements (sr_pair_bits). r has room
-// for n rounded up to even.
-inline void sr_block_bits(precision::SrKey key, int64_t offset, uint16_t* r, int64_t n) {
-  const precision::SrKey block_key = precision::sr_key_high(key, offset);
+// The first hash round of a block's element pairs (precision.h:
+// sr_pair_first), shared by the tensor's arrays (their keys share k0), for
+// the tensor's elements [offset, offset + n) (offset even: offsets are
+// multiples of kMixedBlock). `first` has room for (n + 1) / 2.
+inline void sr_block_first(uint32_t k0, int64_t offset, uint32_t* first, int64_t n) {
+  static_assert(kMixedBlock % 2 == 0, "sr_block_first: blocks start at even elements");
   const uint32_t pair0 = static_cast<uint32_t>(offset) >> 1;
   const int64_t pairs = (n + 1) / 2;
+  for (int64_t p = 0; p < pairs; ++p) first[p] = precision::sr_pair_first(k0, pair0 + static_cast<uint32_t>(p));
+}
+
+// The random bits of a block of one array: 16 per element (precision.h:
+// sr_bits_low, whose high half they are), from the block's first round and
+// the array's key (a block never crosses a multiple of 2^32 elements). r has
+// room for n rounded up to even.
+inline void sr_block_bits(precision::SrKey key, int64_t offset, const uint32_t* first,
+                          uint16_t* r, int64_t n) {
+  const precision::SrKey block_key = precision::sr_key_high(key, offset);
+  const int64_t pairs = (n + 1) / 2;
   for (int64_t p = 0; p < pairs; ++p) {
-    const uint32_t h = precision::sr_pair_bits(block_key, pair0 + static_cast<uint32_t>(p));
+    const uint32_t h = precision::sr_pair_second(block_key, first[p]);
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
     std::memcpy(r + 2 * p, &h, sizeof h);  // the low half first: one store (GCC vectorizes it
                                            // as such; the two below it interleaves, 1.4x slower)
@@ -117,12 +128,12 @@ inline void sr_block_bits(precision::SrKey key, int64_t offset, uint16_t* r, int
 }
 
 // n float32 values stored as bfloat16/float16, rounded stochastically with the
-// random bits of the tensor's elements [offset, offset + n) under `key`.
+// random bits of the tensor's elements [offset, offset + n) under `key`
+// (`first`: sr_block_first's).
 inline void narrow_sr(float* src, void* dst, Dtype d, precision::SrKey key, int64_t offset,
-                      int64_t n) {
-  static_assert(kMixedBlock % 2 == 0, "sr_block_bits: blocks start at even elements");
+                      const uint32_t* first, int64_t n) {
   alignas(64) uint16_t r[kMixedBlock];
-  sr_block_bits(key, offset, r, n);
+  sr_block_bits(key, offset, first, r, n);
   if (d == Dtype::BF16) {
     uint16_t* out = reinterpret_cast<uint16_t*>(static_cast<at::BFloat16*>(dst) + offset);
     for (int64_t j = 0; j < n; ++j) {
@@ -136,12 +147,12 @@ inline void narrow_sr(float* src, void* dst, Dtype d, precision::SrKey key, int6
   }
 }
 
-// Stores n float32 values of a non-float32 array: stochastically with sr,
-// else rounded to nearest even.
-inline void narrow_any(float* src, void* dst, Dtype d, bool sr, precision::SrKey key,
-                       int64_t offset, int64_t n) {
-  if (sr) {
-    narrow_sr(src, dst, d, key, offset, n);
+// Stores n float32 values of a non-float32 array: stochastically where
+// `first` (sr_block_first's) is given, else rounded to nearest even.
+inline void narrow_any(float* src, void* dst, Dtype d, const uint32_t* first,
+                       precision::SrKey key, int64_t offset, int64_t n) {
+  if (first != nullptr) {
+    narrow_sr(src, dst, d, key, offset, first, n);
   } else if (d == Dtype::BF16) {
     narrow(src, static_cast<at::BFloat16*>(dst) + offset, n);
   } else {

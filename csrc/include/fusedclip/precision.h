@@ -153,11 +153,15 @@ struct SrKey {
   uint32_t k0, k1;
 };
 
+// k0 is the call's (seed and counter), the same for every slot: the first
+// hash round (sr_pair_first) of an element pair is shared by all the arrays of
+// its tensor, which then differ by their k1 in the second (sr_pair_second).
 FC_HOST_DEVICE SrKey sr_key(int64_t seed, int64_t counter, int slot) {
   uint64_t z = splitmix64(static_cast<uint64_t>(seed));
   z = splitmix64(z ^ static_cast<uint64_t>(counter));
+  const uint32_t k0 = static_cast<uint32_t>(z);
   z = splitmix64(z ^ static_cast<uint64_t>(slot));
-  return {static_cast<uint32_t>(z), static_cast<uint32_t>(z >> 32)};
+  return {k0, static_cast<uint32_t>(z >> 32)};
 }
 
 // The key of the elements whose index has the high 32 bits of `index`: k1
@@ -175,8 +179,14 @@ FC_HOST_DEVICE SrKey sr_key_high(SrKey key, int64_t index) {
 // bits below its spacing); below, its probabilities are multiples of 2^-16.
 // Half the hashes of one per element: the cost of the CPU's SR steps was the
 // hash.
+FC_HOST_DEVICE uint32_t sr_pair_first(uint32_t k0, uint32_t pair_low) {
+  return lowbias32(pair_low ^ k0);
+}
+FC_HOST_DEVICE uint32_t sr_pair_second(SrKey high_key, uint32_t first) {
+  return lowbias32(first ^ high_key.k1);
+}
 FC_HOST_DEVICE uint32_t sr_pair_bits(SrKey high_key, uint32_t pair_low) {
-  return lowbias32(lowbias32(pair_low ^ high_key.k0) ^ high_key.k1);
+  return sr_pair_second(high_key, sr_pair_first(high_key.k0, pair_low));
 }
 
 // The bits of the element whose index has the low 32 bits `low`, under the
