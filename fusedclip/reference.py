@@ -627,15 +627,18 @@ def _lowbias32(x: Tensor) -> Tensor:
 def sr_bits(key: tuple[int, int], index: Tensor) -> Tensor:
     """The random bits (int64 values in [0, 2^32)) of the elements `index`
     (their flat indices in the array the kernel walks) of the array keyed
-    `key`: 16 per element, the high half (the low half zero). The elements 2j
-    and 2j + 1 share one hash h of j (of the low 32 bits of the index halved
-    and the high 32 bits), h's low half element 2j's, its high half 2j + 1's."""
+    `key`: 16 per element, the high half (the low half zero). In every aligned
+    span of 512 elements, elements j and j + 256 share one hash h of the word
+    w = (low32(index) >> 9) * 256 + (index & 255) and the high 32 bits: h's
+    low half is element j's, its high half element j + 256's."""
     k0, k1 = key
     index = index.to(torch.int64)
-    x = _lowbias32(((index & MASK32) >> 1) ^ k0)
+    low = index & MASK32
+    word = ((low >> 9) << 8) | (low & 0xFF)
+    x = _lowbias32(word ^ k0)
     x = x ^ k1 ^ _lowbias32(index >> 32)
     h = _lowbias32(x)
-    return torch.where((index & 1) == 1, h & 0xFFFF0000, (h << 16) & MASK32)
+    return torch.where((index & 0x100) != 0, h & 0xFFFF0000, (h << 16) & MASK32)
 
 
 def stochastic_round(x: Tensor, dtype: torch.dtype, bits: Tensor) -> Tensor:

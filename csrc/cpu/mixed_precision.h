@@ -96,52 +96,50 @@ inline void widen_any(const void* src, Dtype d, int64_t offset, float* dst, int6
   }
 }
 
-// The first hash round of a block's element pairs (precision.h:
-// sr_pair_first), shared by the tensor's arrays (their keys share k0), for
-// the tensor's elements [offset, offset + n) (offset even: offsets are
-// multiples of kMixedBlock). `first` has room for (n + 1) / 2.
-inline void sr_block_first(uint32_t k0, int64_t offset, uint32_t* first, int64_t n) {
-  static_assert(kMixedBlock % 2 == 0, "sr_block_first: blocks start at even elements");
-  const uint32_t pair0 = static_cast<uint32_t>(offset) >> 1;
-  const int64_t pairs = (n + 1) / 2;
-  for (int64_t p = 0; p < pairs; ++p) first[p] = precision::sr_pair_first(k0, pair0 + static_cast<uint32_t>(p));
-}
+// Stochastic rounding's hash words (precision.h: sr_word) pair element j of a
+// block with element j + 256: a block is one span of them.
+static_assert(kMixedBlock == 512, "a mixed block is one span of sr_word");
+constexpr int64_t kSrHalf = kMixedBlock / 2;
 
-// The random bits of a block of one array: 16 per element (precision.h:
-// sr_bits_low, whose high half they are), from the block's first round and
-// the array's key (a block never crosses a multiple of 2^32 elements). r has
-// room for n rounded up to even.
-inline void sr_block_bits(precision::SrKey key, int64_t offset, const uint32_t* first,
-                          uint16_t* r, int64_t n) {
-  const precision::SrKey block_key = precision::sr_key_high(key, offset);
-  const int64_t pairs = (n + 1) / 2;
-  for (int64_t p = 0; p < pairs; ++p) {
-    const uint32_t h = precision::sr_pair_second(block_key, first[p]);
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    std::memcpy(r + 2 * p, &h, sizeof h);  // the low half first: one store (GCC vectorizes it
-                                           // as such; the two below it interleaves, 1.4x slower)
-#else
-    r[2 * p] = static_cast<uint16_t>(h);
-    r[2 * p + 1] = static_cast<uint16_t>(h >> 16);
-#endif
-  }
+// The first hash round of a block's words (precision.h: sr_pair_first),
+// shared by the tensor's arrays (their keys share k0), for the tensor's
+// elements [offset, offset + n) (offset a multiple of kMixedBlock). `first`
+// has room for kSrHalf.
+inline void sr_block_first(uint32_t k0, int64_t offset, uint32_t* first, int64_t n) {
+  const uint32_t word0 = precision::sr_word(static_cast<uint32_t>(offset));
+  const int64_t words = std::min(n, kSrHalf);
+  for (int64_t p = 0; p < words; ++p) first[p] = precision::sr_pair_first(k0, word0 + static_cast<uint32_t>(p));
 }
 
 // n float32 values stored as bfloat16/float16, rounded stochastically with the
 // random bits of the tensor's elements [offset, offset + n) under `key`
-// (`first`: sr_block_first's).
+// (`first`: sr_block_first's; a block never crosses a multiple of 2^32
+// elements): element p and p + kSrHalf from the low and high halves of one
+// hash.
 inline void narrow_sr(float* src, void* dst, Dtype d, precision::SrKey key, int64_t offset,
                       const uint32_t* first, int64_t n) {
-  alignas(64) uint16_t r[kMixedBlock];
-  sr_block_bits(key, offset, first, r, n);
+  const precision::SrKey block_key = precision::sr_key_high(key, offset);
+  const int64_t low_n = std::min(n, kSrHalf), high_n = n - low_n;
   if (d == Dtype::BF16) {
     uint16_t* out = reinterpret_cast<uint16_t*>(static_cast<at::BFloat16*>(dst) + offset);
-    for (int64_t j = 0; j < n; ++j) {
-      out[j] = precision::sr_bf16(precision::float_bits(src[j]), static_cast<uint32_t>(r[j]) << 16);
+    for (int64_t p = 0; p < high_n; ++p) {
+      const uint32_t h = precision::sr_pair_second(block_key, first[p]);
+      out[p] = precision::sr_bf16(precision::float_bits(src[p]), h << 16);
+      out[kSrHalf + p] = precision::sr_bf16(precision::float_bits(src[kSrHalf + p]), h & 0xffff0000u);
+    }
+    for (int64_t p = high_n; p < low_n; ++p) {
+      const uint32_t h = precision::sr_pair_second(block_key, first[p]);
+      out[p] = precision::sr_bf16(precision::float_bits(src[p]), h << 16);
     }
   } else {
-    for (int64_t j = 0; j < n; ++j) {
-      src[j] = precision::sr_fp16_grid(src[j], static_cast<uint32_t>(r[j]) << 16);
+    for (int64_t p = 0; p < high_n; ++p) {
+      const uint32_t h = precision::sr_pair_second(block_key, first[p]);
+      src[p] = precision::sr_fp16_grid(src[p], h << 16);
+      src[kSrHalf + p] = precision::sr_fp16_grid(src[kSrHalf + p], h & 0xffff0000u);
+    }
+    for (int64_t p = high_n; p < low_n; ++p) {
+      const uint32_t h = precision::sr_pair_second(block_key, first[p]);
+      src[p] = precision::sr_fp16_grid(src[p], h << 16);
     }
     narrow(src, static_cast<at::Half*>(dst) + offset, n);  // exact: on the fp16 grid
   }

@@ -121,7 +121,8 @@ using BlockKernel = c10::function_ref<void(const TensorArrays& a, int64_t begin,
 void run_mixed_chunk(const MixedTensor& m, int64_t numel, int64_t begin, int64_t end,
                      BlockKernel kernel) {
   alignas(64) float scratch[2 + kMaxStates][kMixedBlock];
-  alignas(64) uint32_t sr_first[kMixedBlock / 2];
+  alignas(64) uint32_t sr_first[kSrHalf];
+  static_assert(kChunkSize % kMixedBlock == 0, "blocks start at multiples of kMixedBlock");
   for (int64_t b0 = begin; b0 < end; b0 += kMixedBlock) {
     const int64_t n = std::min(kMixedBlock, end - b0);
     TensorArrays a;
