@@ -605,8 +605,9 @@ def sr_key(seed: int, counter: int, slot: int) -> tuple[int, int]:
     parameter, 1 + k state k)."""
     z = _splitmix64(seed & MASK64)
     z = _splitmix64(z ^ (counter & MASK64))
+    k0 = z & MASK32  # the same for every slot (the kernels share the first round)
     z = _splitmix64(z ^ (slot & MASK64))
-    return z & MASK32, z >> 32
+    return k0, z >> 32
 
 
 def _mul32(x: Tensor, c: int) -> Tensor:
@@ -624,17 +625,24 @@ def _lowbias32(x: Tensor) -> Tensor:
 
 
 def sr_bits(key: tuple[int, int], index: Tensor) -> Tensor:
-    """The 32 random bits (int64 values in [0, 2^32)) of the elements `index`
-    (their flat indices in the array the kernel walks) of the array keyed `key`."""
+    """The random bits (int64 values in [0, 2^32)) of the elements `index`
+    (their flat indices in the array the kernel walks) of the array keyed
+    `key`: 16 per element, the high half (the low half zero). In every aligned
+    span of 512 elements, elements j and j + 256 share one hash h of the word
+    w = (low32(index) >> 9) * 256 + (index & 255) and the high 32 bits: h's
+    low half is element j's, its high half element j + 256's."""
     k0, k1 = key
     index = index.to(torch.int64)
-    x = _lowbias32((index & MASK32) ^ k0)
+    low = index & MASK32
+    word = ((low >> 9) << 8) | (low & 0xFF)
+    x = _lowbias32(word ^ k0)
     x = x ^ k1 ^ _lowbias32(index >> 32)
-    return _lowbias32(x)
+    h = _lowbias32(x)
+    return torch.where((index & 0x100) != 0, h & 0xFFFF0000, (h << 16) & MASK32)
 
 
 def stochastic_round(x: Tensor, dtype: torch.dtype, bits: Tensor) -> Tensor:
-    """x (float32) rounded to bfloat16 or float16 stochastically with 32 random
+    """x (float32) rounded to bfloat16 or float16 stochastically with random
     bits per element (int64 in [0, 2^32), as sr_bits gives them), as the
     kernels round: bfloat16 by bits(x) + (r >> 16), truncated; float16 by
     (floor(q) + (u < frac(q))) * ulp with q = |x| / ulp, ulp the float16

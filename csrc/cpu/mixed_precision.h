@@ -48,6 +48,7 @@ struct MixedTensor {
   std::array<Dtype, kMaxStates> state_dtypes;
   Master master_kind;
   bool sr;  // stochastic rounding: keys[0] the param's, keys[1 + k] state k's
+  bool sr_first;  // sr and some array rounded stochastically (sr_block_first per block)
   std::array<precision::SrKey, 1 + kMaxStates> keys;
   int num_states;
 };
@@ -95,36 +96,61 @@ inline void widen_any(const void* src, Dtype d, int64_t offset, float* dst, int6
   }
 }
 
-// The random bits of a block: 32 per element, for the tensor's elements
-// [offset, offset + n) (a block never crosses a multiple of 2^32: offsets
-// are multiples of kMixedBlock).
-inline void sr_block_bits(precision::SrKey key, int64_t offset, uint32_t* r, int64_t n) {
-  const precision::SrKey block_key = precision::sr_key_high(key, offset);
-  const uint32_t low = static_cast<uint32_t>(offset);
-  for (int64_t j = 0; j < n; ++j) r[j] = precision::sr_bits_low(block_key, low + static_cast<uint32_t>(j));
+// Stochastic rounding's hash words (precision.h: sr_word) pair element j of a
+// block with element j + 256: a block is one span of them.
+static_assert(kMixedBlock == 512, "a mixed block is one span of sr_word");
+constexpr int64_t kSrHalf = kMixedBlock / 2;
+
+// The first hash round of a block's words (precision.h: sr_pair_first),
+// shared by the tensor's arrays (their keys share k0), for the tensor's
+// elements [offset, offset + n) (offset a multiple of kMixedBlock). `first`
+// has room for kSrHalf.
+inline void sr_block_first(uint32_t k0, int64_t offset, uint32_t* first, int64_t n) {
+  const uint32_t word0 = precision::sr_word(static_cast<uint32_t>(offset));
+  const int64_t words = std::min(n, kSrHalf);
+  for (int64_t p = 0; p < words; ++p) first[p] = precision::sr_pair_first(k0, word0 + static_cast<uint32_t>(p));
 }
 
 // n float32 values stored as bfloat16/float16, rounded stochastically with the
-// random bits of the tensor's elements [offset, offset + n) under `key`.
+// random bits of the tensor's elements [offset, offset + n) under `key`
+// (`first`: sr_block_first's; a block never crosses a multiple of 2^32
+// elements): element p and p + kSrHalf from the low and high halves of one
+// hash.
 inline void narrow_sr(float* src, void* dst, Dtype d, precision::SrKey key, int64_t offset,
-                      int64_t n) {
-  alignas(64) uint32_t r[kMixedBlock];
-  sr_block_bits(key, offset, r, n);
+                      const uint32_t* first, int64_t n) {
+  const precision::SrKey block_key = precision::sr_key_high(key, offset);
+  const int64_t low_n = std::min(n, kSrHalf), high_n = n - low_n;
   if (d == Dtype::BF16) {
     uint16_t* out = reinterpret_cast<uint16_t*>(static_cast<at::BFloat16*>(dst) + offset);
-    for (int64_t j = 0; j < n; ++j) out[j] = precision::sr_bf16(precision::float_bits(src[j]), r[j]);
+    for (int64_t p = 0; p < high_n; ++p) {
+      const uint32_t h = precision::sr_pair_second(block_key, first[p]);
+      out[p] = precision::sr_bf16(precision::float_bits(src[p]), h << 16);
+      out[kSrHalf + p] = precision::sr_bf16(precision::float_bits(src[kSrHalf + p]), h & 0xffff0000u);
+    }
+    for (int64_t p = high_n; p < low_n; ++p) {
+      const uint32_t h = precision::sr_pair_second(block_key, first[p]);
+      out[p] = precision::sr_bf16(precision::float_bits(src[p]), h << 16);
+    }
   } else {
-    for (int64_t j = 0; j < n; ++j) src[j] = precision::sr_fp16_grid(src[j], r[j]);
+    for (int64_t p = 0; p < high_n; ++p) {
+      const uint32_t h = precision::sr_pair_second(block_key, first[p]);
+      src[p] = precision::sr_fp16_grid(src[p], h << 16);
+      src[kSrHalf + p] = precision::sr_fp16_grid(src[kSrHalf + p], h & 0xffff0000u);
+    }
+    for (int64_t p = high_n; p < low_n; ++p) {
+      const uint32_t h = precision::sr_pair_second(block_key, first[p]);
+      src[p] = precision::sr_fp16_grid(src[p], h << 16);
+    }
     narrow(src, static_cast<at::Half*>(dst) + offset, n);  // exact: on the fp16 grid
   }
 }
 
-// Stores n float32 values of a non-float32 array: stochastically with sr,
-// else rounded to nearest even.
-inline void narrow_any(float* src, void* dst, Dtype d, bool sr, precision::SrKey key,
-                       int64_t offset, int64_t n) {
-  if (sr) {
-    narrow_sr(src, dst, d, key, offset, n);
+// Stores n float32 values of a non-float32 array: stochastically where
+// `first` (sr_block_first's) is given, else rounded to nearest even.
+inline void narrow_any(float* src, void* dst, Dtype d, const uint32_t* first,
+                       precision::SrKey key, int64_t offset, int64_t n) {
+  if (first != nullptr) {
+    narrow_sr(src, dst, d, key, offset, first, n);
   } else if (d == Dtype::BF16) {
     narrow(src, static_cast<at::BFloat16*>(dst) + offset, n);
   } else {

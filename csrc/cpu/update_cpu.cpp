@@ -121,6 +121,8 @@ using BlockKernel = c10::function_ref<void(const TensorArrays& a, int64_t begin,
 void run_mixed_chunk(const MixedTensor& m, int64_t numel, int64_t begin, int64_t end,
                      BlockKernel kernel) {
   alignas(64) float scratch[2 + kMaxStates][kMixedBlock];
+  alignas(64) uint32_t sr_first[kSrHalf];
+  static_assert(kChunkSize % kMixedBlock == 0, "blocks start at multiples of kMixedBlock");
   for (int64_t b0 = begin; b0 < end; b0 += kMixedBlock) {
     const int64_t n = std::min(kMixedBlock, end - b0);
     TensorArrays a;
@@ -153,9 +155,16 @@ void run_mixed_chunk(const MixedTensor& m, int64_t numel, int64_t begin, int64_t
       }
     }
     kernel(a, b0, b0 + n);
+    // Stochastic rounding: the first hash round of the block, shared by its
+    // arrays (precision.h: sr_key), where any is rounded.
+    const uint32_t* first = nullptr;
+    if (m.sr_first) {
+      sr_block_first(m.keys[0].k0, b0, sr_first, n);
+      first = sr_first;
+    }
     for (int k = 0; k < m.num_states; ++k) {
       if (m.state_dtypes[k] == Dtype::F32) continue;
-      narrow_any(scratch[2 + k], m.states[k], m.state_dtypes[k], m.sr, m.keys[1 + k], b0, n);
+      narrow_any(scratch[2 + k], m.states[k], m.state_dtypes[k], first, m.keys[1 + k], b0, n);
     }
     if (m.master_kind == Master::Remainder) {
       split_masters(param, static_cast<at::BFloat16*>(m.param) + b0,
@@ -165,7 +174,7 @@ void run_mixed_chunk(const MixedTensor& m, int64_t numel, int64_t begin, int64_t
     } else if (m.master_kind == Master::Full) {
       narrow(param, static_cast<at::Half*>(m.param) + b0, n);
     } else if (m.param_dtype != Dtype::F32) {
-      narrow_any(param, m.param, m.param_dtype, m.sr, m.keys[0], b0, n);
+      narrow_any(param, m.param, m.param_dtype, first, m.keys[0], b0, n);
     }
   }
 }
@@ -207,6 +216,9 @@ MixedTensor mixed_tensor(FlatTensors& flat_tensors, const UpdateCall& call, size
     for (int slot = 0; slot <= m.num_states; ++slot) {
       m.keys[slot] = precision::sr_key(gen[0], gen[1], slot);
     }
+    // Arrays rounded stochastically: the param without master, states not float32.
+    m.sr_first = m.master_kind == Master::None && m.param_dtype != Dtype::F32;
+    for (int k = 0; k < m.num_states; ++k) m.sr_first |= m.state_dtypes[k] != Dtype::F32;
   }
   return m;
 }

@@ -13,11 +13,12 @@
 //     master are rounded to nearest even (an ordinary conversion).
 //   - Stochastic rounding (sr_bf16_grid, sr_fp16_grid): rounded up with
 //     probability equal to the distance from the lower neighbour over the gap,
-//     from 32 random bits.
+//     from the random bits r (sr_bits: 16, the high half of r).
 //   - The random bits: counter based and keyed (sr_key, sr_bits): no state
 //     beyond a [seed, counter] pair per parameter; element `index` of array
 //     `slot` (0 the parameter, 1 + k state k) gets the same bits whatever the
-//     thread count or chunking.
+//     thread count or chunking: 16 per element, half of one hash shared by a
+//     pair of elements (sr_word, sr_pair_bits).
 #pragma once
 
 #include <math.h>
@@ -152,11 +153,15 @@ struct SrKey {
   uint32_t k0, k1;
 };
 
+// k0 is the call's (seed and counter), the same for every slot: the first
+// hash round (sr_pair_first) of an element pair is shared by all the arrays of
+// its tensor, which then differ by their k1 in the second (sr_pair_second).
 FC_HOST_DEVICE SrKey sr_key(int64_t seed, int64_t counter, int slot) {
   uint64_t z = splitmix64(static_cast<uint64_t>(seed));
   z = splitmix64(z ^ static_cast<uint64_t>(counter));
+  const uint32_t k0 = static_cast<uint32_t>(z);
   z = splitmix64(z ^ static_cast<uint64_t>(slot));
-  return {static_cast<uint32_t>(z), static_cast<uint32_t>(z >> 32)};
+  return {k0, static_cast<uint32_t>(z >> 32)};
 }
 
 // The key of the elements whose index has the high 32 bits of `index`: k1
@@ -165,15 +170,45 @@ FC_HOST_DEVICE SrKey sr_key_high(SrKey key, int64_t index) {
   return {key.k0, key.k1 ^ lowbias32(static_cast<uint32_t>(static_cast<uint64_t>(index) >> 32))};
 }
 
-// The bits of the element whose index has the low 32 bits `low`, under the
-// key sr_key_high gave for its high bits.
-FC_HOST_DEVICE uint32_t sr_bits_low(SrKey high_key, uint32_t low) {
-  return lowbias32(lowbias32(low ^ high_key.k0) ^ high_key.k1);
+// The random bits: 16 per element, half of a 32-bit hash that a pair of
+// elements shares. In every span of 512 elements (aligned: element s * 512 + j
+// of a 2^32-element range, the high 32 bits of the index in high_key), the
+// elements j and j + 256 (j < 256) share word s * 256 + j: its low half is
+// element j's, its high half element j + 256's (a block loop over 512
+// elements reads both halves without shuffles). Sixteen bits are all that
+// stochastic rounding to bfloat16 reads (r >> 16), and they make the rounding
+// to float16 exact wherever the result is a normal float16 (float32 keeps 13
+// bits below its spacing); below, its probabilities are multiples of 2^-16.
+// The hash of a word: two lowbias32 rounds, keyed by k0 (the call's: seed
+// and counter, the same for every array) before the first and k1 (the
+// array's) before the second, so that the arrays of one tensor share the
+// first round. Before: two rounds per element and array, most of the CPU's
+// stochastic-rounding cost.
+FC_HOST_DEVICE uint32_t sr_word(uint32_t low) { return ((low >> 9) << 8) | (low & 0xffu); }
+
+FC_HOST_DEVICE uint32_t sr_pair_first(uint32_t k0, uint32_t word) {
+  return lowbias32(word ^ k0);
+}
+FC_HOST_DEVICE uint32_t sr_pair_second(SrKey high_key, uint32_t first) {
+  return lowbias32(first ^ high_key.k1);
+}
+FC_HOST_DEVICE uint32_t sr_pair_bits(SrKey high_key, uint32_t word) {
+  return sr_pair_second(high_key, sr_pair_first(high_key.k0, word));
 }
 
-// The 32 random bits of element `index` (its flat index in the array the
-// kernel walks) of the array keyed `key`:
-// lowbias32(lowbias32(low32(index) ^ k0) ^ k1 ^ lowbias32(high32(index))).
+// The bits of the element whose index has the low 32 bits `low`, under the
+// key sr_key_high gave for its high bits: its 16 bits of its word, as the
+// high half of a uint32 (the low half zero).
+FC_HOST_DEVICE uint32_t sr_bits_low(SrKey high_key, uint32_t low) {
+  const uint32_t h = sr_pair_bits(high_key, sr_word(low));
+  return (low & 0x100u) != 0 ? (h & 0xffff0000u) : (h << 16);
+}
+
+// The random bits of element `index` (its flat index in the array the kernel
+// walks) of the array keyed `key`: 16 bits, the high half of the result (the
+// low half zero), from h = lowbias32(lowbias32(w ^ k0) ^ k1 ^
+// lowbias32(high32(index))), w = sr_word(low32(index)): h's low half where
+// bit 8 of the index is clear, its high half where set.
 FC_HOST_DEVICE uint32_t sr_bits(SrKey key, int64_t index) {
   return sr_bits_low(sr_key_high(key, index),
                      static_cast<uint32_t>(static_cast<uint64_t>(index)));
