@@ -26,9 +26,8 @@
 
 #include "fusedclip/macros.h"
 
-#if !defined(__CUDACC__) && !defined(__HIPCC__)
+// The host branches below use std::memcpy, also in a .cu file's host code.
 #include <cstring>
-#endif
 
 namespace fusedclip {
 namespace precision {
