@@ -647,7 +647,10 @@ def test_stochastic_rounding_keeps_representable_results():
 # master with stochastically rounded bf16 state; every optimizer compiles
 # without options in test_compile.py, and the options change only the lists
 # the op gets.
-COMPILE_CASES = [("AdamW", "remainders"), ("SGD", "master-sr-bf16-state")]
+# Every optimizer and every option in at least one compiled case (a compile costs
+# seconds: one mode per optimizer).
+COMPILE_CASES = [("AdamW", "remainders"), ("SGD", "master-sr-bf16-state"),
+                 ("Adam", "bf16-state-sr"), ("Adagrad", "master"), ("Lion", "sr")]
 
 
 @pytest.mark.parametrize("name,mode", COMPILE_CASES, ids=[f"{n}-{m}" for n, m in COMPILE_CASES])
