@@ -132,10 +132,8 @@ void check_tensor_list(at::TensorList list, const char* name,
   }
 }
 
-// A list that goes with the parameters (gradients, optimizer state): the
-// parameters' device and dtype, and one tensor of the same shape per parameter.
-void check_like_params(at::TensorList params, at::TensorList list, const char* name) {
-  check_tensor_list(list, name, params[0].device(), params[0].scalar_type());
+// One tensor per parameter, each of its parameter's shape.
+void check_shapes_like_params(at::TensorList params, at::TensorList list, const char* name) {
   TORCH_CHECK(list.size() == params.size(), "fusedclip: ", name, " has ",
               list.size(), " tensors but params has ", params.size());
   for (size_t i = 0; i < params.size(); ++i) {
@@ -143,6 +141,13 @@ void check_like_params(at::TensorList params, at::TensorList list, const char* n
                 "[", i, "] has shape ", list[i].sizes(),
                 " but params[", i, "] has shape ", params[i].sizes());
   }
+}
+
+// A list that goes with the parameters (gradients, optimizer state): the
+// parameters' device and dtype, and one tensor of the same shape per parameter.
+void check_like_params(at::TensorList params, at::TensorList list, const char* name) {
+  check_tensor_list(list, name, params[0].device(), params[0].scalar_type());
+  check_shapes_like_params(params, list, name);
 }
 
 bool is_mixable(at::ScalarType t) {
@@ -166,13 +171,7 @@ void check_state_list(at::TensorList params, at::TensorList list, const char* na
               "bfloat16 or float16 parameters (float64 does not mix: the mixed math is float32)");
   const std::string first = std::string(name) + "[0]";
   check_tensor_list(list, name, params[0].device(), dtype, first.c_str());
-  TORCH_CHECK(list.size() == params.size(), "fusedclip: ", name, " has ",
-              list.size(), " tensors but params has ", params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(list[i].sizes() == params[i].sizes(), "fusedclip: ", name,
-                "[", i, "] has shape ", list[i].sizes(),
-                " but params[", i, "] has shape ", params[i].sizes());
-  }
+  check_shapes_like_params(params, list, name);
 }
 
 // masters: one per parameter, its shape, on its device, dense; float32 (a full
