@@ -39,15 +39,8 @@ DEV = "cpu" if REHEARSE else "cuda"
 if not REHEARSE:
     pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
-RULE_NAMES = ["adam", "sgd", "adagrad", "lion"]
-HYPER = {
-    "adam": dict(beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.05, amsgrad=True,
-                 decoupled_weight_decay=True),
-    "sgd": dict(momentum=0.9, dampening=0.0, weight_decay=0.05, nesterov=True),
-    "adagrad": dict(lr_decay=0.01, weight_decay=0.05, eps=1e-10),
-    "lion": dict(beta1=0.9, beta2=0.99, weight_decay=0.05),
-}
-LR = {"adam": 1e-2, "sgd": 1e-2, "adagrad": 1e-2, "lion": 1e-3}
+# The op-level cases of the CPU tests, run here on CUDA.
+from test_precision_ops import HYPER, LR, RULE_NAMES  # noqa: E402
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 # (params, states, master: None / "full" / "remainder", stochastic rounding)
