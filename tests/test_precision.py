@@ -540,13 +540,15 @@ def test_torch_state_dict_loads_into_master_weights(spec):
     ours = [torch.nn.Parameter(p.detach().clone()) for p in tparams]
     fopt = spec.fused(ours, master_weights=True, **kwargs)
     fopt.load_state_dict(copy.deepcopy(saved))
-    # The oracle: the float32 step without options from that state (torch casts
-    # it to float32). (Not torch's fused step: from a state made in bf16,
-    # fusedclip's float32 Adam with amsgrad and L2 weight decay is an ulp off
-    # torch's fused one here and there, without any option too.)
+    # The oracle: torch's fused float32 step from that state (torch casts it to
+    # float32). load_state_dict gives torch's groups the saved `fused=None,
+    # foreach=False`, which would step with its for-loop, whose roundings
+    # differ: the flags are set back.
     oracle_p = [torch.nn.Parameter(p.detach().float()) for p in tparams]
-    oracle = spec.fused(oracle_p, **kwargs)
+    oracle = spec.twin(oracle_p, fused=True, **kwargs)
     oracle.load_state_dict(copy.deepcopy(saved))
+    for group in oracle.param_groups:
+        group.update(fused=True, foreach=False)
     for a, b in zip(ours, oracle_p):
         for key, value in oracle.state[b].items():
             if key != "step":
