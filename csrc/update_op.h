@@ -64,6 +64,23 @@ struct UpdateCall {
   }
 };
 
+// Whether tensor i's param, grad and states can be walked as flat arrays as
+// they are (what FlatTensors::take checks, without gathering them): the common
+// case, which then costs no copies of the tensors and no allocations.
+inline bool update_arrays_flat(const UpdateCall& call, size_t i) {
+  const at::Tensor& param = call.params[i];
+  const bool row_major = call.unit_coefs.has_value();
+  if (row_major ? !param.is_contiguous() : !param.is_non_overlapping_and_dense()) return false;
+  const auto like_param = [&](const at::Tensor& t) {
+    return row_major ? t.is_contiguous() : t.strides() == param.strides();
+  };
+  if (!like_param(call.grads[i])) return false;
+  for (const at::TensorList& state : call.states) {
+    if (!like_param(state[i])) return false;
+  }
+  return true;
+}
+
 // Tensor i's param, grad and states as flat-walkable arrays, in that order
 // (FlatTensors: stand-ins where they do not share a dense layout, queued to be
 // copied home; row-major where per-unit coefficients need it).

@@ -9,6 +9,7 @@
 // transforms are template parameters, chosen once per call.
 #include <algorithm>
 #include <array>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -223,6 +224,26 @@ MixedTensor mixed_tensor(FlatTensors& flat_tensors, const UpdateCall& call, size
   return m;
 }
 
+// The arrays of tensor i of a call that is not mixed: the tensors themselves
+// where they can be walked flat as they are (no copies of them, no
+// allocation: the common case), else FlatTensors' stand-ins.
+TensorArrays tensor_arrays(FlatTensors& flat_tensors, const UpdateCall& call, size_t i) {
+  TensorArrays a;
+  a.numel = call.params[i].numel();
+  const size_t k = call.states.size();
+  if (update_arrays_flat(call, i)) {
+    a.param = call.params[i].data_ptr();
+    a.grad = call.grads[i].const_data_ptr();
+    for (size_t s = 0; s < k; ++s) a.states[s] = call.states[s][i].data_ptr();
+    return a;
+  }
+  const std::vector<at::Tensor> flat = flat_update_arrays(flat_tensors, call, i);
+  a.param = flat[0].data_ptr();
+  a.grad = flat[1].const_data_ptr();
+  for (size_t s = 0; s < k; ++s) a.states[s] = flat[2 + s].data_ptr();
+  return a;
+}
+
 template <class Rule>
 struct CpuDriver {
   static void run(const UpdateCall& call, const typename Rule::Hyper& hyper) {
@@ -241,18 +262,22 @@ struct CpuDriver {
     std::vector<TensorArrays> arrays(mixed ? 0 : n);
     std::vector<MixedTensor> mixed_tensors(mixed ? n : 0);
     std::vector<TensorWork<Rule>> work(n);
+    // The rule's scalars depend on the step alone, which the tensors of a
+    // call mostly share: folded again only where it changes.
+    double scalars_step = std::numeric_limits<double>::quiet_NaN();
+    typename Rule::template Scalars<double> step_scalars{};
     for (size_t i = 0; i < n; ++i) {
       if (mixed) {
         mixed_tensors[i] = mixed_tensor(flat_tensors, call, i);
       } else {
-        const std::vector<at::Tensor> flat = flat_update_arrays(flat_tensors, call, i);
-        arrays[i].param = flat[0].data_ptr();
-        arrays[i].grad = flat[1].const_data_ptr();
-        for (size_t s = 0; s < k; ++s) arrays[i].states[s] = flat[2 + s].data_ptr();
-        arrays[i].numel = call.params[i].numel();
+        arrays[i] = tensor_arrays(flat_tensors, call, i);
       }
       const double step = call.steps.empty() ? 0.0 : increment_step(call.steps[i]);
-      work[i].scalars = Rule::scalars(hyper, host.lr, step);
+      if (i == 0 || !(step == scalars_step)) {
+        step_scalars = Rule::scalars(hyper, host.lr, step);
+        scalars_step = step;
+      }
+      work[i].scalars = step_scalars;
       work[i].mult =
           tensor_mult(host.grad_mult(i, call.maximize), call.unit_coefs, i, call.params[i]);
     }
