@@ -7,6 +7,7 @@ The fake kernels describe each op's outputs without computing them, so
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -158,7 +159,7 @@ def update_(rule: str, params: list[torch.Tensor], grads: list[torch.Tensor],
     if isinstance(lr, torch.Tensor):
         lr, lr_tensor = 0.0, lr
     getattr(_ops, rule + "_")(
-        params, grads, [t for state in states for t in state], steps,
+        params, grads, list(itertools.chain.from_iterable(states)), steps,
         hyper=[float(hyper[name]) for name in RULES[rule]],
         lr=float(lr), lr_tensor=lr_tensor, clip_coef=args.clip_coef,
         grad_scale=args.grad_scale, found_inf=args.found_inf,
@@ -177,6 +178,12 @@ def _update_fake(params, grads, states, steps, *, hyper, lr, lr_tensor, clip_coe
 
 for _rule in RULES:
     torch.library.register_fake(f"fusedclip::{_rule}_")(_update_fake)
+
+
+def tensors_like(tensors: list[torch.Tensor], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether every tensor is a dense (strided) tensor of ``dtype`` on
+    ``device``: one call for a list (metadata only, no device sync)."""
+    return _ops.tensors_like(tensors, dtype, device)
 
 
 def cpu_tuning(prefetch_distance: int | None = None) -> tuple[str, int]:

@@ -359,6 +359,20 @@ def test_unit_norm_of_no_tensors():
     assert units.shape == (0,) and norms.shape == (0,) and float(total) == 0 and float(flag) == 0
 
 
+def test_tensors_like():
+    """ops.tensors_like: every tensor dense, of the dtype, on the device; an
+    empty list is."""
+    cpu = torch.device("cpu")
+    dense = [torch.zeros(3), torch.zeros(2, 2).t(), torch.zeros(())]
+    assert ops.tensors_like(dense, torch.float32, cpu)
+    assert ops.tensors_like([], torch.float32, cpu)
+    assert not ops.tensors_like(dense, torch.float64, cpu)
+    assert not ops.tensors_like(dense + [torch.zeros(3, dtype=torch.bfloat16)], torch.float32, cpu)
+    assert not ops.tensors_like(dense + [torch.zeros(3, device="meta")], torch.float32, cpu)
+    assert not ops.tensors_like([torch.zeros(3), torch.zeros(3).to_sparse()], torch.float32, cpu)
+    assert not ops.tensors_like([torch.zeros(2, 2).to_sparse_csr()], torch.float32, cpu)
+
+
 # =============================================================================================
 # The update ops, every rule through the registry's adapter
 # =============================================================================================

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from fusedclip import distributed
+from fusedclip import distributed, ops
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 COMPLEX_DTYPES = (torch.complex64, torch.complex128)
@@ -96,6 +96,9 @@ class GroupLayout(NamedTuple):
     grad_dtypes: list
     grad_layouts: list
     grad_devices: list
+    #: (dtype, device) where every gradient is a plain strided tensor of that
+    #: dtype and device (checked in one call, ``ops.tensors_like``), else None
+    grad_key: tuple | None
     #: whether the fused ops see them through ``kernel_view`` (complex or
     #: DTensor parameters); else the ops get the very tensors and state
     views: bool
@@ -140,7 +143,10 @@ class Layout:
                 return None
             if gl.has_grad is not None:
                 grads = list(itertools.compress(grads, gl.has_grad))
-            if (not all(map(operator.is_, map(_dtype, grads), gl.grad_dtypes))
+            if gl.grad_key is not None:
+                if not ops.tensors_like(grads, *gl.grad_key):
+                    return None
+            elif (not all(map(operator.is_, map(_dtype, grads), gl.grad_dtypes))
                     or not all(map(operator.is_, map(_layout, grads), gl.grad_layouts))
                     or list(map(_device, grads)) != gl.grad_devices):
                 return None
@@ -238,12 +244,21 @@ def gather(name: str, param_groups: list[dict], grads_by_group: list[list],
         if needs_views:
             keys = [(d, kernel_view(p).dtype) for (d, _), p in zip(keys, params)]
         has_grad = [grad is not None for grad in all_grads]
+        grad_types = [type(grad) for grad in all_grads]
+        grad_dtypes = [grad.dtype for grad in grads]
+        grad_layouts = [grad.layout for grad in grads]
+        grad_devices = [grad.device for grad in grads]
+        grad_key = None
+        if (grads and all(t is Tensor for t in itertools.compress(grad_types, has_grad))
+                and grad_layouts.count(torch.strided) == len(grads)
+                and grad_dtypes.count(grad_dtypes[0]) == len(grads)
+                and grad_devices.count(grad_devices[0]) == len(grads)):
+            grad_key = (grad_dtypes[0], grad_devices[0])
         groups.append(GroupLayout(
-            group=group, members=members, grad_types=[type(grad) for grad in all_grads],
+            group=group, members=members, grad_types=grad_types,
             has_grad=None if all(has_grad) else has_grad, originals=params,
-            grad_dtypes=[grad.dtype for grad in grads],
-            grad_layouts=[grad.layout for grad in grads],
-            grad_devices=[grad.device for grad in grads],
+            grad_dtypes=grad_dtypes, grad_layouts=grad_layouts,
+            grad_devices=grad_devices, grad_key=grad_key,
             views=needs_views, keys=keys, calls=[]))
 
     by_key = group_by_key([key for gl in groups for key in gl.keys])
