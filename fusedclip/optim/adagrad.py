@@ -145,7 +145,7 @@ class FusedClipAdagrad(FusedClipOptimizer):
     def _update(self, group, params, grads, states, *, originals, views, args) -> None:
         ops.update_(
             "adagrad", params, grads, [state_list(states, "sum", views)],
-            [s["step"] for s in states],
+            state_list(states, "step", views=False),
             dict(lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
                  eps=group["eps"]),
             args,

@@ -178,7 +178,7 @@ class FusedClipAdam(FusedClipOptimizer):
         beta1, beta2 = group["betas"]
         ops.update_(
             "adam", params, grads, [state_list(states, key, views) for key in keys],
-            [s["step"] for s in states],
+            state_list(states, "step", views=False),
             dict(beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                  amsgrad=amsgrad,
                  decoupled_weight_decay=group.get("decoupled_weight_decay", False)),

@@ -474,16 +474,17 @@ class FusedClipOptimizer(Optimizer):
         unit_norms = param_unit_norms = None
         if per_unit:
             unit_norms, param_unit_norms = [], []
+        one_bucket = len(batch.buckets) == 1  # then it holds every gradient, in order
         for indices in batch.buckets:
+            bucket_grads = grads if one_bucket else [grads[i] for i in indices]
             if not per_unit:
-                norms, total, flag = ops.multi_tensor_norm([grads[i] for i in indices], norm_type)
+                norms, total, flag = ops.multi_tensor_norm(bucket_grads, norm_type)
             else:
-                units, norms, total, flag = ops.multi_tensor_unit_norm(
-                    [grads[i] for i in indices], norm_type)
+                units, norms, total, flag = ops.multi_tensor_unit_norm(bucket_grads, norm_type)
                 unit_norms.append(units)
                 if policy.reads_params:
                     param_unit_norms.append(ops.multi_tensor_unit_norm(
-                        [params[i] for i in indices], norm_type)[0])
+                        params if one_bucket else [params[i] for i in indices], norm_type)[0])
             tensor_norms.append(norms)
             totals.append(total)
             flags.append(flag)
