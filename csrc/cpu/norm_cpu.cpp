@@ -51,6 +51,32 @@ int64_t norm_chunk_size(const at::TensorList& tensors) {
 //    with quarters).
 enum class Walk { Quarters, Interleaved };
 
+// The tensors of a norm op as flat arrays: a tensor's own memory where it can
+// be read as it lies (any dense layout; row-major only where `row_major`),
+// else a contiguous copy, kept alive here. No copies of the tensors
+// themselves: a list of a thousand small ones costs no reference counting.
+struct FlatInputs {
+  std::vector<const void*> data;
+  std::vector<int64_t> numels;
+  int64_t total_numel = 0;
+  std::vector<at::Tensor> stand_ins;
+
+  FlatInputs(at::TensorList tensors, bool row_major) {
+    data.reserve(tensors.size());
+    numels.reserve(tensors.size());
+    for (const at::Tensor& t : tensors) {
+      if (row_major ? t.is_contiguous() : t.is_non_overlapping_and_dense()) {
+        data.push_back(t.const_data_ptr());
+      } else {
+        stand_ins.push_back(t.contiguous());
+        data.push_back(stand_ins.back().const_data_ptr());
+      }
+      numels.push_back(t.numel());
+      total_numel += t.numel();
+    }
+  }
+};
+
 template <typename scalar_t, bool MAX_ABS, Walk WALK = Walk::Quarters>
 double reduce_chunk(const scalar_t* x, int64_t n) {
   using L = Lanes<scalar_t>;
@@ -115,25 +141,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> multi_tensor_norm_cpu(
                              ? at::kDouble : at::kFloat;
   const int64_t n = static_cast<int64_t>(tensors.size());
 
-  std::vector<at::Tensor> flat;
-  std::vector<int64_t> numels;
-  int64_t total_numel = 0;
-  for (const at::Tensor& t : tensors) {
-    // Order does not matter for a norm: any dense layout is read as it lies.
-    flat.push_back(t.is_non_overlapping_and_dense() ? t : t.contiguous());
-    numels.push_back(t.numel());
-    total_numel += t.numel();
-  }
-  const std::vector<Chunk> chunks = make_chunks(numels, norm_chunk_size(tensors));
+  // Order does not matter for a norm: any dense layout is read as it lies.
+  const FlatInputs in(tensors, /*row_major=*/false);
+  const std::vector<Chunk> chunks = make_chunks(in.numels, norm_chunk_size(tensors));
   std::vector<double> partial(chunks.size(), 0.0);
 
   if (n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "multi_tensor_norm_cpu",
         [&] {
-          for_each_chunk(chunks, total_numel, [&](int64_t c) {
+          for_each_chunk(chunks, in.total_numel, [&](int64_t c) {
             const Chunk& ch = chunks[c];
-            const scalar_t* x = flat[ch.tensor].const_data_ptr<scalar_t>() + ch.begin;
+            const scalar_t* x = static_cast<const scalar_t*>(in.data[ch.tensor]) + ch.begin;
             partial[c] = max_abs ? reduce_chunk<scalar_t, true>(x, ch.end - ch.begin)
                                  : reduce_chunk<scalar_t, false>(x, ch.end - ch.begin);
           });
@@ -207,18 +226,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_unit_nor
                              ? at::kDouble : at::kFloat;
   const int64_t n = static_cast<int64_t>(tensors.size());
 
-  std::vector<at::Tensor> flat;
-  std::vector<int64_t> numels, unit_len, unit_offset;  // unit_offset: first unit of each tensor
-  int64_t total_numel = 0, total_units = 0;
+  const FlatInputs in(tensors, /*row_major=*/true);  // units are row-major runs
+  std::vector<int64_t> unit_len, unit_offset;  // unit_offset: first unit of each tensor
+  int64_t total_units = 0;
   for (const at::Tensor& t : tensors) {
-    flat.push_back(t.contiguous());  // units are row-major runs
-    numels.push_back(t.numel());
     unit_len.push_back(unit_length(t));
     unit_offset.push_back(total_units);
-    total_numel += t.numel();
     total_units += num_units(t);
   }
-  const std::vector<Chunk> chunks = make_chunks(numels, norm_chunk_size(tensors));
+  const std::vector<Chunk> chunks = make_chunks(in.numels, norm_chunk_size(tensors));
   // Slots of each chunk: one per unit it touches.
   std::vector<int64_t> slot(chunks.size() + 1, 0);
   for (size_t c = 0; c < chunks.size(); ++c) {
@@ -232,9 +248,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> multi_tensor_unit_nor
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, tensors[0].scalar_type(), "multi_tensor_unit_norm_cpu",
         [&] {
-          for_each_chunk(chunks, total_numel, [&](int64_t c) {
+          for_each_chunk(chunks, in.total_numel, [&](int64_t c) {
             const Chunk& ch = chunks[c];
-            const scalar_t* x = flat[ch.tensor].const_data_ptr<scalar_t>();
+            const scalar_t* x = static_cast<const scalar_t*>(in.data[ch.tensor]);
             const int64_t len = unit_len[ch.tensor];
             int64_t k = slot[c];
             for (int64_t run = ch.begin; run < ch.end; ++k) {
