@@ -25,15 +25,12 @@ Writes adagrad_intuition.png (docs/img/ by default; a temporary folder with --fa
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+import _common
 import fusedclip
 from fusedclip import tune
 
@@ -82,26 +79,12 @@ def optimize(optimizer_cls, lr: float, batches: list):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fast", action="store_true",
-                        default=os.environ.get("FUSEDCLIP_EXAMPLES_FAST") == "1",
-                        help="a few seconds (also FUSEDCLIP_EXAMPLES_FAST=1)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the PNG")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: the problem is tiny)")
-    args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)
+    parser = _common.parser(__doc__)
+    return _common.run_with_threads(run, parser.parse_args(argv))
 
 
 def run(args) -> int:
-    out = args.out or (Path(tempfile.gettempdir()) / "fusedclip-examples" if args.fast
-                       else Path(__file__).resolve().parent.parent / "docs" / "img")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _common.output_dir(args)
     steps = 60 if args.fast else 2000
     probe = 5 if args.fast else 20
     t0 = time.perf_counter()

@@ -34,12 +34,10 @@ of the whole training step.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from typing import NamedTuple
 from pathlib import Path
@@ -47,6 +45,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import _common
 import fusedclip
 
 # The standard library modules the text comes from, in this order (each is in
@@ -199,31 +198,18 @@ def train(setup: Setup, init: dict, dtype, options: dict, data, held_out,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fast", "--quick", action="store_true",
-                        default=os.environ.get("FUSEDCLIP_EXAMPLES_FAST") == "1",
-                        help="a few seconds (also FUSEDCLIP_EXAMPLES_FAST=1)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the PNG")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: the model is tiny, and a second thread only waits)")
+    parser = _common.parser(
+        __doc__, "torch threads (default 1: the model is tiny, and a second thread only waits)",
+        fast_flags=("--fast", "--quick"))
     parser.add_argument("--compute", choices=["float32", "params"], default="float32",
                         help="the forward and backward's dtype: float32 (default; the bf16 parameters "
                              "cast in the graph, their gradients bf16) or the parameters' own (bf16 "
                              "matrix products: on a CPU without bf16 units, >10x slower)")
-    args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)
+    return _common.run_with_threads(run, parser.parse_args(argv))
 
 
 def run(args) -> int:
-    out = args.out or (Path(tempfile.gettempdir()) / "fusedclip-examples" if args.fast
-                       else Path(__file__).resolve().parent.parent / "docs" / "img")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _common.output_dir(args)
     setup = FAST if args.fast else FULL
     compute = torch.float32 if args.compute == "float32" else None
     t0 = time.perf_counter()

@@ -19,16 +19,13 @@ Writes l0l1_clipping.png (docs/img/ by default; a temporary folder with --fast).
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 
+import _common
 import fusedclip
 from fusedclip import tune
 
@@ -121,26 +118,12 @@ def fmt_steps(value, max_steps: int) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fast", action="store_true",
-                        default=os.environ.get("FUSEDCLIP_EXAMPLES_FAST") == "1",
-                        help="a few seconds (also FUSEDCLIP_EXAMPLES_FAST=1)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the PNG")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: the problem is tiny)")
-    args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)
+    parser = _common.parser(__doc__)
+    return _common.run_with_threads(run, parser.parse_args(argv))
 
 
 def run(args) -> int:
-    out = args.out or (Path(tempfile.gettempdir()) / "fusedclip-examples" if args.fast
-                       else Path(__file__).resolve().parent.parent / "docs" / "img")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _common.output_dir(args)
     max_steps = 2000 if args.fast else 100_000
     grid = torch.logspace(-8, 0, 9 if args.fast else 49)  # 6 per decade in full mode
     starts = STARTS[-2:] if args.fast else STARTS

@@ -21,17 +21,14 @@ Writes spikes.png (docs/img/ by default; a temporary folder with --fast).
 
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+import _common
 import fusedclip
 
 LR = 3e-3
@@ -96,26 +93,12 @@ def mean(values) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fast", action="store_true",
-                        default=os.environ.get("FUSEDCLIP_EXAMPLES_FAST") == "1",
-                        help="a few seconds (also FUSEDCLIP_EXAMPLES_FAST=1)")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the PNG")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: the model is tiny)")
-    args = parser.parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
-        return run(args)
-    finally:
-        torch.set_num_threads(threads)
+    parser = _common.parser(__doc__, "torch threads (default 1: the model is tiny)")
+    return _common.run_with_threads(run, parser.parse_args(argv))
 
 
 def run(args) -> int:
-    out = args.out or (Path(tempfile.gettempdir()) / "fusedclip-examples" if args.fast
-                       else Path(__file__).resolve().parent.parent / "docs" / "img")
-    out.mkdir(parents=True, exist_ok=True)
+    out = _common.output_dir(args)
     steps = 60 if args.fast else 1500
     # spikes and the NaN at fixed fractions of the run
     spikes = {int(steps * f) for f in (0.2, 0.4, 0.401, 0.6)}

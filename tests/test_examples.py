@@ -22,6 +22,10 @@ NEEDS_MATPLOTLIB = "the examples plot with matplotlib (pip install matplotlib)"
 
 
 def load(name: str):
+    # The examples import their shared helpers (_common.py) from their own
+    # folder, which is on sys.path when one runs as a script.
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(f"fusedclip_example_{name}",
                                                   EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
