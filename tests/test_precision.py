@@ -112,6 +112,17 @@ def _bitwise_cases():
                                    id=f"{spec.name}-{k}-{str(dtype)[6:]}-{mode}")
 
 
+def _step_together(opt, params, oracle, oracle_params):
+    """STEPS steps of an optimizer and its oracle, both fed the same
+    gradients (made for ``params``, in their dtype) each step."""
+    for step in range(STEPS):
+        grads = _grads(params, step)
+        _feed(params, grads)
+        _feed(oracle_params, grads)
+        oracle.step()
+        opt.step()
+
+
 # -- master weights against torch's fused float32 step --------------------------------------------
 @pytest.mark.parametrize("spec,kwargs,dtype,mode", list(_bitwise_cases()))
 def test_master_is_torch_fused_float32(spec, kwargs, dtype, mode):
@@ -120,12 +131,7 @@ def test_master_is_torch_fused_float32(spec, kwargs, dtype, mode):
     theirs = [torch.nn.Parameter(v.float()) for v in values]
     topt = spec.twin(theirs, fused=True, **kwargs)
     fopt = spec.fused(ours, **kwargs, **MODES[mode])
-    for step in range(STEPS):
-        grads = _grads(ours, step)
-        _feed(ours, grads)
-        _feed(theirs, grads)
-        topt.step()
-        fopt.step()
+    _step_together(fopt, ours, topt, theirs)
     for i, (a, b) in enumerate(zip(ours, theirs)):
         where = f"parameter {i} of shape {tuple(a.shape)}"
         master = master_of(fopt, a)
@@ -150,12 +156,7 @@ def test_lion_master_is_the_float32_step():
         theirs = [torch.nn.Parameter(v.float()) for v in values]
         eopt = spec.fused(theirs, **spec.example)
         fopt = spec.fused(ours, **spec.example, **MODES[mode])
-        for step in range(STEPS):
-            grads = _grads(ours, step)
-            _feed(ours, grads)
-            _feed(theirs, grads)
-            eopt.step()
-            fopt.step()
+        _step_together(fopt, ours, eopt, theirs)
         for a, b in zip(ours, theirs):
             master = master_of(fopt, a)
             assert bitwise_equal(master, b.detach()), mode
