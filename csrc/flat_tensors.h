@@ -9,16 +9,16 @@
 
 namespace fusedclip {
 
-// True when every tensor can be walked as one flat array and element k of one
-// is element k of the others: all share the strides of a dense,
-// non-overlapping layout (contiguous, channels-last, a transpose, ...).
-inline bool share_dense_layout(const std::vector<at::Tensor>& tensors) {
-  const at::Tensor& first = tensors.front();
-  if (!first.is_non_overlapping_and_dense()) return false;
-  for (const at::Tensor& t : tensors) {
-    if (t.strides() != first.strides()) return false;
-  }
-  return true;
+// Whether tensors can be walked as one flat array each, as they are, with
+// element k of one element k of the others: `first` dense and non-overlapping
+// (contiguous, channels-last, a transpose, ...) and `t` of its strides; where
+// `row_major`, both contiguous (row-major) instead. FlatTensors::take and the
+// drivers' fast paths ask this of every tensor of a parameter.
+inline bool walkable_first(const at::Tensor& first, bool row_major) {
+  return row_major ? first.is_contiguous() : first.is_non_overlapping_and_dense();
+}
+inline bool walkable_like(const at::Tensor& t, const at::Tensor& first, bool row_major) {
+  return row_major ? t.is_contiguous() : t.strides() == first.strides();
 }
 
 // Where the tensors of a parameter do not share a dense layout, contiguous
@@ -32,13 +32,11 @@ class FlatTensors {
   std::vector<at::Tensor> take(std::vector<at::Tensor> tensors,
                                const std::vector<bool>& written,
                                bool row_major = false) {
-    if (row_major) {
-      bool all_contiguous = true;
-      for (const at::Tensor& t : tensors) all_contiguous = all_contiguous && t.is_contiguous();
-      if (all_contiguous) return tensors;
-    } else if (share_dense_layout(tensors)) {
-      return tensors;
+    bool as_they_are = walkable_first(tensors.front(), row_major);
+    for (const at::Tensor& t : tensors) {
+      as_they_are = as_they_are && walkable_like(t, tensors.front(), row_major);
     }
+    if (as_they_are) return tensors;
     std::vector<at::Tensor> flat;
     flat.reserve(tensors.size());
     for (size_t i = 0; i < tensors.size(); ++i) {

@@ -64,32 +64,35 @@ struct UpdateCall {
   }
 };
 
-// Whether tensor i's param, grad and states can be walked as flat arrays as
-// they are (what FlatTensors::take checks, without gathering them): the common
+// Whether tensor i's param, grad, states and master can be walked as flat
+// arrays as they are (FlatTensors' test, without gathering them): the common
 // case, which then costs no copies of the tensors and no allocations.
 inline bool update_arrays_flat(const UpdateCall& call, size_t i) {
   const at::Tensor& param = call.params[i];
   const bool row_major = call.unit_coefs.has_value();
-  if (row_major ? !param.is_contiguous() : !param.is_non_overlapping_and_dense()) return false;
-  const auto like_param = [&](const at::Tensor& t) {
-    return row_major ? t.is_contiguous() : t.strides() == param.strides();
-  };
-  if (!like_param(call.grads[i])) return false;
-  for (const at::TensorList& state : call.states) {
-    if (!like_param(state[i])) return false;
+  if (!walkable_first(param, row_major) || !walkable_like(call.grads[i], param, row_major)) {
+    return false;
   }
-  return true;
+  for (const at::TensorList& state : call.states) {
+    if (!walkable_like(state[i], param, row_major)) return false;
+  }
+  return !call.masters.has_value() || walkable_like((*call.masters)[i], param, row_major);
 }
 
-// Tensor i's param, grad and states as flat-walkable arrays, in that order
-// (FlatTensors: stand-ins where they do not share a dense layout, queued to be
-// copied home; row-major where per-unit coefficients need it).
+// Tensor i's param, grad, states and (where the call has masters) master as
+// flat-walkable arrays, in that order (FlatTensors: stand-ins where they do
+// not share a dense layout, queued to be copied home; row-major where
+// per-unit coefficients need it).
 inline std::vector<at::Tensor> flat_update_arrays(FlatTensors& flat, const UpdateCall& call,
                                                   size_t i) {
   std::vector<at::Tensor> arrays = {call.params[i], call.grads[i]};
   std::vector<bool> written = {true, false};
   for (const at::TensorList& state : call.states) {
     arrays.push_back(state[i]);
+    written.push_back(true);
+  }
+  if (call.masters.has_value()) {
+    arrays.push_back((*call.masters)[i]);
     written.push_back(true);
   }
   return flat.take(std::move(arrays), written, call.unit_coefs.has_value());

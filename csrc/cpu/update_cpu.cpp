@@ -9,7 +9,6 @@
 // transforms are template parameters, chosen once per call.
 #include <algorithm>
 #include <array>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -184,18 +183,7 @@ void run_mixed_chunk(const MixedTensor& m, int64_t numel, int64_t begin, int64_t
 // they do not share a dense layout), its dtypes and its stochastic-rounding
 // keys (from the counter before this call's increment).
 MixedTensor mixed_tensor(FlatTensors& flat_tensors, const UpdateCall& call, size_t i) {
-  std::vector<at::Tensor> arrays = {call.params[i], call.grads[i]};
-  std::vector<bool> written = {true, false};
-  for (const at::TensorList& state : call.states) {
-    arrays.push_back(state[i]);
-    written.push_back(true);
-  }
-  if (call.masters.has_value()) {
-    arrays.push_back((*call.masters)[i]);
-    written.push_back(true);
-  }
-  const std::vector<at::Tensor> flat =
-      flat_tensors.take(std::move(arrays), written, call.unit_coefs.has_value());
+  const std::vector<at::Tensor> flat = flat_update_arrays(flat_tensors, call, i);
   MixedTensor m{};
   m.param = flat[0].data_ptr();
   m.grad = flat[1].const_data_ptr();
@@ -264,7 +252,7 @@ struct CpuDriver {
     std::vector<TensorWork<Rule>> work(n);
     // The rule's scalars depend on the step alone, which the tensors of a
     // call mostly share: folded again only where it changes.
-    double scalars_step = std::numeric_limits<double>::quiet_NaN();
+    double scalars_step = 0.0;
     typename Rule::template Scalars<double> step_scalars{};
     for (size_t i = 0; i < n; ++i) {
       if (mixed) {
@@ -273,7 +261,7 @@ struct CpuDriver {
         arrays[i] = tensor_arrays(flat_tensors, call, i);
       }
       const double step = call.steps.empty() ? 0.0 : increment_step(call.steps[i]);
-      if (i == 0 || !(step == scalars_step)) {
+      if (i == 0 || step != scalars_step) {
         step_scalars = Rule::scalars(hyper, host.lr, step);
         scalars_step = step;
       }

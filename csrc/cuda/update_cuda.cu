@@ -290,21 +290,6 @@ struct MixedUpdateFunctor {
   }
 };
 
-// Tensor i's param, grad, states and, with masters, master as flat-walkable
-// arrays (flat_update_arrays, the master written like the param).
-std::vector<at::Tensor> flat_mixed_arrays(FlatTensors& flat, const UpdateCall& call, size_t i) {
-  if (!call.masters.has_value()) return flat_update_arrays(flat, call, i);
-  std::vector<at::Tensor> arrays = {call.params[i], call.grads[i]};
-  std::vector<bool> written = {true, false};
-  for (const at::TensorList& state : call.states) {
-    arrays.push_back(state[i]);
-    written.push_back(true);
-  }
-  arrays.push_back((*call.masters)[i]);
-  written.push_back(true);
-  return flat.take(std::move(arrays), written, call.unit_coefs.has_value());
-}
-
 Store store_of_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat:
@@ -358,8 +343,7 @@ struct CudaDriver {
     // for the mixed one in compile time.
     const bool mixed = call.mixed() || call.params[0].scalar_type() == at::kHalf;
     for (size_t i = 0; i < n; ++i) {
-      flat[i] = mixed ? flat_mixed_arrays(flat_tensors, call, i)
-                      : flat_update_arrays(flat_tensors, call, i);
+      flat[i] = flat_update_arrays(flat_tensors, call, i);
       if (!call.steps.empty()) slots[i].step = counters.ptr(i);
       if (units) {
         coefs.push_back((*call.unit_coefs)[i].contiguous());
@@ -412,7 +396,7 @@ struct CudaDriver {
 
   // A mixed call (UpdateCall::mixed()): one MixedUpdateFunctor kernel per
   // (variant, transforms), whatever the dtypes; `flat` holds each tensor's
-  // param, grad, states and, with masters, its master (flat_mixed_arrays).
+  // param, grad, states and, with masters, its master (flat_update_arrays).
   static void run_mixed(const UpdateCall& call, const typename Rule::Hyper& hyper,
                         const std::vector<std::vector<at::Tensor>>& flat,
                         const std::vector<UpdateSlot>& slots, bool step_is_double,
