@@ -111,36 +111,39 @@ inline void sr_block_first(uint32_t k0, int64_t offset, uint32_t* first, int64_t
   for (int64_t p = 0; p < words; ++p) first[p] = precision::sr_pair_first(k0, word0 + static_cast<uint32_t>(p));
 }
 
+// Calls f(j, r) for each element j < n of a block with its random bits r
+// (precision.h: sr_bits' form, 16 bits in the high half), under `block_key`
+// (sr_key_high's for the block) and `first` (sr_block_first's): element p and
+// p + kSrHalf from the low and high halves of one hash.
+template <typename F>
+void for_each_sr_bits(precision::SrKey block_key, const uint32_t* first, int64_t n, F&& f) {
+  const int64_t low_n = std::min(n, kSrHalf), high_n = n - low_n;
+  for (int64_t p = 0; p < high_n; ++p) {
+    const uint32_t h = precision::sr_pair_second(block_key, first[p]);
+    f(p, h << 16);
+    f(kSrHalf + p, h & 0xffff0000u);
+  }
+  for (int64_t p = high_n; p < low_n; ++p) {
+    f(p, precision::sr_pair_second(block_key, first[p]) << 16);
+  }
+}
+
 // n float32 values stored as bfloat16/float16, rounded stochastically with the
 // random bits of the tensor's elements [offset, offset + n) under `key`
 // (`first`: sr_block_first's; a block never crosses a multiple of 2^32
-// elements): element p and p + kSrHalf from the low and high halves of one
-// hash.
+// elements).
 inline void narrow_sr(float* src, void* dst, Dtype d, precision::SrKey key, int64_t offset,
                       const uint32_t* first, int64_t n) {
   const precision::SrKey block_key = precision::sr_key_high(key, offset);
-  const int64_t low_n = std::min(n, kSrHalf), high_n = n - low_n;
   if (d == Dtype::BF16) {
     uint16_t* out = reinterpret_cast<uint16_t*>(static_cast<at::BFloat16*>(dst) + offset);
-    for (int64_t p = 0; p < high_n; ++p) {
-      const uint32_t h = precision::sr_pair_second(block_key, first[p]);
-      out[p] = precision::sr_bf16(precision::float_bits(src[p]), h << 16);
-      out[kSrHalf + p] = precision::sr_bf16(precision::float_bits(src[kSrHalf + p]), h & 0xffff0000u);
-    }
-    for (int64_t p = high_n; p < low_n; ++p) {
-      const uint32_t h = precision::sr_pair_second(block_key, first[p]);
-      out[p] = precision::sr_bf16(precision::float_bits(src[p]), h << 16);
-    }
+    for_each_sr_bits(block_key, first, n, [&](int64_t j, uint32_t r) {
+      out[j] = precision::sr_bf16(precision::float_bits(src[j]), r);
+    });
   } else {
-    for (int64_t p = 0; p < high_n; ++p) {
-      const uint32_t h = precision::sr_pair_second(block_key, first[p]);
-      src[p] = precision::sr_fp16_grid(src[p], h << 16);
-      src[kSrHalf + p] = precision::sr_fp16_grid(src[kSrHalf + p], h & 0xffff0000u);
-    }
-    for (int64_t p = high_n; p < low_n; ++p) {
-      const uint32_t h = precision::sr_pair_second(block_key, first[p]);
-      src[p] = precision::sr_fp16_grid(src[p], h << 16);
-    }
+    for_each_sr_bits(block_key, first, n, [&](int64_t j, uint32_t r) {
+      src[j] = precision::sr_fp16_grid(src[j], r);
+    });
     narrow(src, static_cast<at::Half*>(dst) + offset, n);  // exact: on the fp16 grid
   }
 }
