@@ -84,58 +84,58 @@ __device__ __forceinline__ bool group_aligned(const void* p, int bytes) {
   return reinterpret_cast<uintptr_t>(p) % (kMixedGroup * bytes) == 0;
 }
 
-// Elements i .. i + kMixedGroup - 1 of an array of `bytes`-byte elements (p at
-// the chunk's first element, n elements in the chunk): one load where `whole`
+// Elements i .. i + kMixedGroup - 1 of an array of E (uint32_t: 4-byte
+// elements, uint16_t: 2-byte ones; E4 the vector type of four), p at the
+// chunk's first element, n elements in the chunk: one load where `whole`
 // (aligned, and all of them in the chunk), else one by one, 0 past n.
-__device__ __forceinline__ void load_group(const void* p, int bytes, int i, int n, bool whole,
-                                           uint32_t (&raw)[kMixedGroup]) {
+template <typename E, typename E4>
+__device__ __forceinline__ void load_elements(const void* p, int i, int n, bool whole,
+                                              uint32_t (&raw)[kMixedGroup]) {
   static_assert(kMixedGroup == 4, "one uint4 / ushort4 per group");
-  if (bytes == 4) {
-    const uint32_t* a = static_cast<const uint32_t*>(p) + i;
-    if (whole) {
-      const uint4 v = *reinterpret_cast<const uint4*>(a);
-      raw[0] = v.x, raw[1] = v.y, raw[2] = v.z, raw[3] = v.w;
-    } else {
-#pragma unroll
-      for (int k = 0; k < kMixedGroup; ++k) raw[k] = i + k < n ? a[k] : 0u;
-    }
+  const E* a = static_cast<const E*>(p) + i;
+  if (whole) {
+    const E4 v = *reinterpret_cast<const E4*>(a);
+    raw[0] = v.x, raw[1] = v.y, raw[2] = v.z, raw[3] = v.w;
   } else {
-    const uint16_t* a = static_cast<const uint16_t*>(p) + i;
-    if (whole) {
-      const ushort4 v = *reinterpret_cast<const ushort4*>(a);
-      raw[0] = v.x, raw[1] = v.y, raw[2] = v.z, raw[3] = v.w;
-    } else {
 #pragma unroll
-      for (int k = 0; k < kMixedGroup; ++k) raw[k] = i + k < n ? a[k] : 0u;
+    for (int k = 0; k < kMixedGroup; ++k) raw[k] = i + k < n ? a[k] : 0u;
+  }
+}
+
+// The store of load_elements: elements past n are left alone.
+template <typename E, typename E4>
+__device__ __forceinline__ void store_elements(void* p, int i, int n, bool whole,
+                                               const uint32_t (&raw)[kMixedGroup]) {
+  E* a = static_cast<E*>(p) + i;
+  if (whole) {
+    *reinterpret_cast<E4*>(a) = E4{static_cast<E>(raw[0]), static_cast<E>(raw[1]),
+                                   static_cast<E>(raw[2]), static_cast<E>(raw[3])};
+  } else {
+#pragma unroll
+    for (int k = 0; k < kMixedGroup; ++k) {
+      if (i + k < n) a[k] = static_cast<E>(raw[k]);
     }
   }
 }
 
-// The store of load_group: elements past n are left alone.
+// Elements i .. i + kMixedGroup - 1 of an array of `bytes`-byte elements
+// (load_elements).
+__device__ __forceinline__ void load_group(const void* p, int bytes, int i, int n, bool whole,
+                                           uint32_t (&raw)[kMixedGroup]) {
+  if (bytes == 4) {
+    load_elements<uint32_t, uint4>(p, i, n, whole, raw);
+  } else {
+    load_elements<uint16_t, ushort4>(p, i, n, whole, raw);
+  }
+}
+
+// The store of load_group (store_elements).
 __device__ __forceinline__ void store_group(void* p, int bytes, int i, int n, bool whole,
                                             const uint32_t (&raw)[kMixedGroup]) {
   if (bytes == 4) {
-    uint32_t* a = static_cast<uint32_t*>(p) + i;
-    if (whole) {
-      *reinterpret_cast<uint4*>(a) = make_uint4(raw[0], raw[1], raw[2], raw[3]);
-    } else {
-#pragma unroll
-      for (int k = 0; k < kMixedGroup; ++k) {
-        if (i + k < n) a[k] = raw[k];
-      }
-    }
+    store_elements<uint32_t, uint4>(p, i, n, whole, raw);
   } else {
-    uint16_t* a = static_cast<uint16_t*>(p) + i;
-    if (whole) {
-      *reinterpret_cast<ushort4*>(a) =
-          make_ushort4(static_cast<uint16_t>(raw[0]), static_cast<uint16_t>(raw[1]),
-                       static_cast<uint16_t>(raw[2]), static_cast<uint16_t>(raw[3]));
-    } else {
-#pragma unroll
-      for (int k = 0; k < kMixedGroup; ++k) {
-        if (i + k < n) a[k] = static_cast<uint16_t>(raw[k]);
-      }
-    }
+    store_elements<uint16_t, ushort4>(p, i, n, whole, raw);
   }
 }
 
