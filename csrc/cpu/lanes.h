@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
@@ -52,6 +53,20 @@ template <>
 struct Lanes<at::BFloat16> : ReducedLanes<at::BFloat16> {};
 template <>
 struct Lanes<at::Half> : ReducedLanes<at::Half> {};
+
+// Calls f(i, count) for the SIMD steps i = begin, begin + W, ... < end of W
+// elements each. A full step's count is W as a compile-time constant
+// (std::integral_constant), so that its loads and stores (at::vec's loadu and
+// store, which take a count) compile to plain vector moves; a runtime count
+// branches to a memcpy fallback on every step, which also keeps GCC from
+// unrolling the loops over a step's arrays. Only the last step, where partial,
+// gets its count at run time.
+template <int64_t W, typename F>
+C10_ALWAYS_INLINE void for_each_step(int64_t begin, int64_t end, F&& f) {
+  int64_t i = begin;
+  for (; i + W <= end; i += W) f(i, std::integral_constant<int64_t, W>{});
+  if (i < end) f(i, end - i);
+}
 
 // Whether torch's fused CPU kernels of this vector set round a * b + c once in
 // their scalar code. torch compiles them in GCC's GNU mode, whose default

@@ -61,15 +61,13 @@ constexpr int64_t kMixedBlock = 512;
 template <typename T>
 void widen(const T* src, float* dst, int64_t n) {
   using L = Lanes<T>;
-  using OpVec = typename L::OpVec;
-  constexpr int64_t kFloats = OpVec::size();  // per float vector
-  typename L::OpVec v[L::kParts];
-  for (int64_t j = 0; j < n; j += L::kWidth) {
-    const int64_t count = std::min<int64_t>(L::kWidth, n - j);
+  constexpr int64_t kFloats = L::OpVec::size();  // per float vector
+  for_each_step<L::kWidth>(0, n, [&](int64_t j, auto count) {
+    typename L::OpVec v[L::kParts];
     L::load(src + j, count, v);
     v[0].store(dst + j, std::min<int64_t>(kFloats, count));
     if (count > kFloats) v[1].store(dst + j + kFloats, count - kFloats);
-  }
+  });
 }
 
 // n float32 values stored as T, rounded to nearest even: the conversion the
@@ -79,13 +77,12 @@ void narrow(const float* src, T* dst, int64_t n) {
   using L = Lanes<T>;
   using OpVec = typename L::OpVec;
   constexpr int64_t kFloats = OpVec::size();  // per float vector
-  OpVec v[L::kParts];
-  for (int64_t j = 0; j < n; j += L::kWidth) {
-    const int64_t count = std::min<int64_t>(L::kWidth, n - j);
+  for_each_step<L::kWidth>(0, n, [&](int64_t j, auto count) {
+    OpVec v[L::kParts];
     v[0] = OpVec::loadu(src + j, std::min<int64_t>(kFloats, count));
     v[1] = count > kFloats ? OpVec::loadu(src + j + kFloats, count - kFloats) : OpVec(0.0f);
     L::store(dst + j, count, v);
-  }
+  });
 }
 
 inline void widen_any(const void* src, Dtype d, int64_t offset, float* dst, int64_t n) {

@@ -77,11 +77,8 @@ void run(const TensorArrays& a, int64_t begin, int64_t end,
   const int64_t vec_end =
       std::min(end, std::max(begin, scalar_tail_begin<scalar_t>(a.numel) - a.offset));
 
-  // One SIMD step at element i: `count` elements, kWidth (a constant, so that
-  // the loads and stores need no branch for a partial vector) but at the end.
   const Prefetch prefetch;
-  const auto step = [&](auto full, int64_t i, int64_t partial) {
-    const int64_t count = decltype(full)::value ? L::kWidth : partial;
+  for_each_step<L::kWidth>(begin, vec_end, [&](int64_t i, auto count) {
     OpVec p[L::kParts], g[L::kParts], st[KA][L::kParts];
     prefetch.to_write(param + i);
     prefetch.to_read(grad + i);
@@ -98,10 +95,7 @@ void run(const TensorArrays& a, int64_t begin, int64_t end,
     }
     L::store(param + i, count, p);
     for (int k = 0; k < K; ++k) L::store(states[k] + i, count, st[k]);
-  };
-  const int64_t full_end = begin + std::max<int64_t>(vec_end - begin, 0) / L::kWidth * L::kWidth;
-  for (int64_t i = begin; i < full_end; i += L::kWidth) step(std::true_type{}, i, L::kWidth);
-  if (full_end < vec_end) step(std::false_type{}, full_end, vec_end - full_end);
+  });
   for (int64_t i = vec_end; i < end; ++i) {
     opmath_t p1 = static_cast<opmath_t>(param[i]);
     opmath_t x[KA];
