@@ -2,12 +2,12 @@
 over torch's unclipped fused step, per tree, measured in paired slices.
 
     python bench/bench_trees.py TREE [TREE ...] [--case small] [--optim adamw]
-                                [--rounds 16] [--steps 5] [--threads 2]
+                                [--dtype float32] [--rounds 16] [--steps 5] [--threads 2]
 
 Each TREE is a source tree with its extension built in place (a worktree of
 another commit, say). One worker process per tree imports fusedclip from its
 tree, makes the case's parameters (bench/common.py, the same for every tree)
-and two optimizers over them: fusedclip's with clip=1.0 and torch's
+(of `--dtype`: float32, bfloat16 or float16) and two optimizers over them: fusedclip's with clip=1.0 and torch's
 ``fused=True`` one without clipping (bench_optim.py's hyperparameters). A
 slice times `--steps` pairs of steps, one of each, back to back, and reports
 the median of their ratios (fusedclip / torch); the trees take turns slice by
@@ -40,7 +40,7 @@ import fusedclip
 
 torch.set_num_threads({threads})
 family = bench_optim.FAMILIES[{optim!r}]
-params = common.make_params(bench_optim.CASES[{case!r}][1](), torch.float32)
+params = common.make_params(bench_optim.CASES[{case!r}][1](), torch.{dtype})
 ours = family.fused_cls(params, clip=bench_optim.MAX_NORM, **family.hyper)
 theirs = family.torch_cls(params, fused=True, **family.hyper)
 for _ in range(3):
@@ -65,13 +65,15 @@ def main() -> None:
     parser.add_argument("trees", nargs="+", help="source trees with the extension built in place")
     parser.add_argument("--case", default="small", help="a case of bench_optim.py (small, gpt2)")
     parser.add_argument("--optim", default="adamw", help="a family of bench_optim.py")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="the parameters' (and so the state's) dtype")
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5, help="pairs of steps per slice")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
     code = WORKER.format(bench_dir=BENCH_DIR, threads=args.threads, optim=args.optim,
-                         case=args.case)
+                         case=args.case, dtype=args.dtype)
     workers = []
     for tree in args.trees:
         worker = subprocess.Popen([sys.executable, "-c", code], cwd=tree, text=True,
@@ -90,7 +92,7 @@ def main() -> None:
         worker.stdin.close()
         worker.wait()
 
-    print(f"{args.optim}, case {args.case}: fusedclip clip=1.0 step / torch fused unclipped step, "
+    print(f"{args.optim}, case {args.case}, {args.dtype}: fusedclip clip=1.0 step / torch fused unclipped step, "
           f"{args.rounds} slices of {args.steps} pairs per tree, {args.threads} threads")
     print(f"{'tree':<40} {'median':>7} {'q1':>7} {'q3':>7}")
     for tree, s in zip(args.trees, slices):
