@@ -16,6 +16,7 @@
 
 #include "flat_tensors.h"
 #include "fusedclip/grad_transform.h"
+#include "fusedclip/precision.h"
 #include "fusedclip/rule.h"
 #include "fusedclip/rules.h"
 
@@ -63,6 +64,15 @@ struct UpdateCall {
     return false;
   }
 };
+
+// The storage of an array of a mixed call (the checks refuse other dtypes).
+inline Storage storage_of(at::ScalarType t) {
+  if (t == at::kBFloat16) return Storage::BF16;
+  if (t == at::kHalf) return Storage::F16;
+  TORCH_INTERNAL_ASSERT(t == at::kFloat, "fusedclip: a mixed call's arrays are float32, "
+                        "bfloat16 or float16, got ", t);
+  return Storage::F32;
+}
 
 // Whether tensor i's param, grad, states and master can be walked as flat
 // arrays as they are (FlatTensors' test, without gathering them): the common

@@ -22,21 +22,6 @@
 namespace fusedclip::cpu {
 inline namespace CPU_CAPABILITY {  // capability.h
 
-// The dtype of one array of a mixed call.
-enum class Dtype : uint8_t { F32, BF16, F16 };
-
-inline Dtype dtype_of(at::ScalarType t) {
-  if (t == at::kBFloat16) return Dtype::BF16;
-  if (t == at::kHalf) return Dtype::F16;
-  TORCH_INTERNAL_ASSERT(t == at::kFloat, "fusedclip: a mixed call's arrays are float32, "
-                        "bfloat16 or float16, got ", t);
-  return Dtype::F32;
-}
-
-// A tensor's fp32 master: none, a full float32 copy, or the low 16 bits of it
-// beside a bfloat16 parameter (precision.h: bf16_rebuild).
-enum class Master : uint8_t { None, Full, Remainder };
-
 // One tensor of a mixed call: its arrays (element 0 of each is element 0 of
 // the tensor, in the order the kernel walks) and their dtypes.
 struct MixedTensor {
@@ -44,16 +29,14 @@ struct MixedTensor {
   const void* grad;  // the param's dtype
   std::array<void*, kMaxStates> states;
   void* master;
-  Dtype param_dtype;
-  std::array<Dtype, kMaxStates> state_dtypes;
-  Master master_kind;
+  Storage param_dtype;
+  std::array<Storage, kMaxStates> state_dtypes;
+  MasterKind master_kind;
   bool sr;  // stochastic rounding: keys[0] the param's, keys[1 + k] state k's
   bool sr_first;  // sr and some array rounded stochastically (sr_block_first per block)
   std::array<precision::SrKey, 1 + kMaxStates> keys;
   int num_states;
 };
-
-inline int64_t dtype_bytes(Dtype d) { return d == Dtype::F32 ? 4 : 2; }
 
 // Asks for elements [begin, begin + n) of an array of `bytes`-byte elements
 // ahead of their use: a software prefetch per cache line (which never
@@ -99,8 +82,8 @@ void narrow(const float* src, T* dst, int64_t n) {
   });
 }
 
-inline void widen_any(const void* src, Dtype d, int64_t offset, float* dst, int64_t n) {
-  if (d == Dtype::BF16) {
+inline void widen_any(const void* src, Storage d, int64_t offset, float* dst, int64_t n) {
+  if (d == Storage::BF16) {
     widen(static_cast<const at::BFloat16*>(src) + offset, dst, n);
   } else {
     widen(static_cast<const at::Half*>(src) + offset, dst, n);
@@ -143,10 +126,10 @@ void for_each_sr_bits(precision::SrKey block_key, const uint32_t* first, int64_t
 // random bits of the tensor's elements [offset, offset + n) under `key`
 // (`first`: sr_block_first's; a block never crosses a multiple of 2^32
 // elements).
-inline void narrow_sr(float* src, void* dst, Dtype d, precision::SrKey key, int64_t offset,
+inline void narrow_sr(float* src, void* dst, Storage d, precision::SrKey key, int64_t offset,
                       const uint32_t* first, int64_t n) {
   const precision::SrKey block_key = precision::sr_key_high(key, offset);
-  if (d == Dtype::BF16) {
+  if (d == Storage::BF16) {
     uint16_t* out = reinterpret_cast<uint16_t*>(static_cast<at::BFloat16*>(dst) + offset);
     for_each_sr_bits(block_key, first, n, [&](int64_t j, uint32_t r) {
       out[j] = precision::sr_bf16(precision::float_bits(src[j]), r);
@@ -161,11 +144,11 @@ inline void narrow_sr(float* src, void* dst, Dtype d, precision::SrKey key, int6
 
 // Stores n float32 values of a non-float32 array: stochastically where
 // `first` (sr_block_first's) is given, else rounded to nearest even.
-inline void narrow_any(float* src, void* dst, Dtype d, const uint32_t* first,
+inline void narrow_any(float* src, void* dst, Storage d, const uint32_t* first,
                        precision::SrKey key, int64_t offset, int64_t n) {
   if (first != nullptr) {
     narrow_sr(src, dst, d, key, offset, first, n);
-  } else if (d == Dtype::BF16) {
+  } else if (d == Storage::BF16) {
     narrow(src, static_cast<at::BFloat16*>(dst) + offset, n);
   } else {
     narrow(src, static_cast<at::Half*>(dst) + offset, n);

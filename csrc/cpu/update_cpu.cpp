@@ -112,14 +112,14 @@ void run(const TensorArrays& a, int64_t begin, int64_t end,
 // ahead (prefetch_array); nothing where n <= 0.
 void prefetch_mixed_block(const MixedTensor& m, int64_t begin, int64_t n) {
   if (n <= 0) return;
-  const int64_t param_bytes = dtype_bytes(m.param_dtype);
+  const int64_t param_bytes = storage_bytes(m.param_dtype);
   prefetch_array(m.param, param_bytes, begin, n);
   prefetch_array(m.grad, param_bytes, begin, n);
   for (int k = 0; k < m.num_states; ++k) {
-    prefetch_array(m.states[k], dtype_bytes(m.state_dtypes[k]), begin, n);
+    prefetch_array(m.states[k], storage_bytes(m.state_dtypes[k]), begin, n);
   }
-  if (m.master_kind != Master::None) {
-    prefetch_array(m.master, m.master_kind == Master::Full ? 4 : 2, begin, n);
+  if (m.master_kind != MasterKind::None) {
+    prefetch_array(m.master, master_bytes(m.master_kind), begin, n);
   }
 }
 
@@ -145,25 +145,25 @@ void run_mixed_chunk(const MixedTensor& m, int64_t numel, int64_t begin, int64_t
     a.numel = numel;
     a.offset = b0;
     float* param = scratch[0];
-    if (m.master_kind == Master::Full) {
+    if (m.master_kind == MasterKind::Full) {
       param = static_cast<float*>(m.master) + b0;
-    } else if (m.master_kind == Master::Remainder) {
+    } else if (m.master_kind == MasterKind::Remainder) {
       rebuild_masters(static_cast<const at::BFloat16*>(m.param) + b0,
                       static_cast<const int16_t*>(m.master) + b0, param, n);
-    } else if (m.param_dtype == Dtype::F32) {
+    } else if (m.param_dtype == Storage::F32) {
       param = static_cast<float*>(m.param) + b0;
     } else {
       widen_any(m.param, m.param_dtype, b0, param, n);
     }
     a.param = param;
-    if (m.param_dtype == Dtype::F32) {
+    if (m.param_dtype == Storage::F32) {
       a.grad = static_cast<const float*>(m.grad) + b0;
     } else {
       widen_any(m.grad, m.param_dtype, b0, scratch[1], n);
       a.grad = scratch[1];
     }
     for (int k = 0; k < m.num_states; ++k) {
-      if (m.state_dtypes[k] == Dtype::F32) {
+      if (m.state_dtypes[k] == Storage::F32) {
         a.states[k] = static_cast<float*>(m.states[k]) + b0;
       } else {
         widen_any(m.states[k], m.state_dtypes[k], b0, scratch[2 + k], n);
@@ -179,17 +179,17 @@ void run_mixed_chunk(const MixedTensor& m, int64_t numel, int64_t begin, int64_t
       first = sr_first;
     }
     for (int k = 0; k < m.num_states; ++k) {
-      if (m.state_dtypes[k] == Dtype::F32) continue;
+      if (m.state_dtypes[k] == Storage::F32) continue;
       narrow_any(scratch[2 + k], m.states[k], m.state_dtypes[k], first, m.keys[1 + k], b0, n);
     }
-    if (m.master_kind == Master::Remainder) {
+    if (m.master_kind == MasterKind::Remainder) {
       split_masters(param, static_cast<at::BFloat16*>(m.param) + b0,
                     static_cast<int16_t*>(m.master) + b0, n);
-    } else if (m.master_kind == Master::Full && m.param_dtype == Dtype::BF16) {
+    } else if (m.master_kind == MasterKind::Full && m.param_dtype == Storage::BF16) {
       split_masters(param, static_cast<at::BFloat16*>(m.param) + b0, nullptr, n);
-    } else if (m.master_kind == Master::Full) {
+    } else if (m.master_kind == MasterKind::Full) {
       narrow(param, static_cast<at::Half*>(m.param) + b0, n);
-    } else if (m.param_dtype != Dtype::F32) {
+    } else if (m.param_dtype != Storage::F32) {
       narrow_any(param, m.param, m.param_dtype, first, m.keys[0], b0, n);
     }
   }
@@ -203,17 +203,17 @@ MixedTensor mixed_tensor(FlatTensors& flat_tensors, const UpdateCall& call, size
   MixedTensor m{};
   m.param = flat[0].data_ptr();
   m.grad = flat[1].const_data_ptr();
-  m.param_dtype = dtype_of(flat[0].scalar_type());
+  m.param_dtype = storage_of(flat[0].scalar_type());
   m.num_states = static_cast<int>(call.states.size());
   for (int k = 0; k < m.num_states; ++k) {
     m.states[k] = flat[2 + k].data_ptr();
-    m.state_dtypes[k] = dtype_of(flat[2 + k].scalar_type());
+    m.state_dtypes[k] = storage_of(flat[2 + k].scalar_type());
   }
-  m.master_kind = Master::None;
+  m.master_kind = MasterKind::None;
   if (call.masters.has_value()) {
     const at::Tensor& master = flat[2 + m.num_states];
     m.master = master.data_ptr();
-    m.master_kind = master.scalar_type() == at::kFloat ? Master::Full : Master::Remainder;
+    m.master_kind = master.scalar_type() == at::kFloat ? MasterKind::Full : MasterKind::Remainder;
   }
   m.sr = call.sr_generators.has_value();
   if (m.sr) {
@@ -222,8 +222,8 @@ MixedTensor mixed_tensor(FlatTensors& flat_tensors, const UpdateCall& call, size
       m.keys[slot] = precision::sr_key(gen[0], gen[1], slot);
     }
     // Arrays rounded stochastically: the param without master, states not float32.
-    m.sr_first = m.master_kind == Master::None && m.param_dtype != Dtype::F32;
-    for (int k = 0; k < m.num_states; ++k) m.sr_first |= m.state_dtypes[k] != Dtype::F32;
+    m.sr_first = m.master_kind == MasterKind::None && m.param_dtype != Storage::F32;
+    for (int k = 0; k < m.num_states; ++k) m.sr_first |= m.state_dtypes[k] != Storage::F32;
   }
   return m;
 }

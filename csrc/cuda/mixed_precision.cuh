@@ -23,28 +23,18 @@
 
 namespace fusedclip::cuda {
 
-// The storage of one element array of a mixed call.
-enum class Store : uint8_t { kFloat, kBFloat16, kHalf };
-
-// Where a parameter's float32 value comes from and goes to: the parameter
-// itself, a full float32 master (the parameter is written from it, rounded to
-// nearest), or the parameter and the low 16 bits of its master (bf16 only).
-enum class Master : uint8_t { kNone, kFloat, kRemainder };
-
 // Elements one thread moves per array and step of the mixed loop: one 16-byte
 // load of a float32 array, 8 bytes of a 16-bit one.
 constexpr int kMixedGroup = 4;
 
-__host__ __device__ constexpr int store_bytes(Store s) { return s == Store::kFloat ? 4 : 2; }
-
 // Element `e` of a chunk as float32, from its raw bits. Exact, and the same
 // conversions as the one-dtype kernels' (c10's).
-__device__ __forceinline__ float raw_to_float(Store s, uint32_t raw) {
+__device__ __forceinline__ float raw_to_float(Storage s, uint32_t raw) {
   switch (s) {
-    case Store::kBFloat16:
+    case Storage::BF16:
       return static_cast<float>(
           c10::BFloat16(static_cast<uint16_t>(raw), c10::BFloat16::from_bits()));
-    case Store::kHalf:
+    case Storage::F16:
       return static_cast<float>(c10::Half(static_cast<uint16_t>(raw), c10::Half::from_bits()));
     default:
       return precision::bits_float(raw);
@@ -53,11 +43,11 @@ __device__ __forceinline__ float raw_to_float(Store s, uint32_t raw) {
 
 // x in the storage, rounded to nearest even (c10's conversions, as the
 // one-dtype kernels store): exact for a value already on the target's grid.
-__device__ __forceinline__ uint32_t float_to_raw(Store s, float x) {
+__device__ __forceinline__ uint32_t float_to_raw(Storage s, float x) {
   switch (s) {
-    case Store::kBFloat16:
+    case Storage::BF16:
       return c10::BFloat16(x).x;
-    case Store::kHalf:
+    case Storage::F16:
       return c10::Half(x).x;
     default:
       return precision::float_bits(x);
@@ -67,11 +57,11 @@ __device__ __forceinline__ uint32_t float_to_raw(Store s, float x) {
 // x stored stochastically rounded with the random bits r (precision.h; a
 // float32 array stores x itself). bfloat16 by bits, as the CPU driver does
 // (a NaN keeps its payload, quieted).
-__device__ __forceinline__ uint32_t stochastic_raw(Store s, float x, uint32_t r) {
+__device__ __forceinline__ uint32_t stochastic_raw(Storage s, float x, uint32_t r) {
   switch (s) {
-    case Store::kBFloat16:
+    case Storage::BF16:
       return precision::sr_bf16(precision::float_bits(x), r);
-    case Store::kHalf:
+    case Storage::F16:
       return c10::Half(precision::sr_fp16_grid(x, r)).x;  // exact: on the fp16 grid
     default:
       return precision::float_bits(x);

@@ -115,10 +115,10 @@ struct UpdateFunctor {
 
 // The storage of every array of a mixed call: one per list, for every tensor.
 struct MixedStores {
-  Store param;                // the parameters' and the gradients'
-  Store states[kMaxStates];   // each state list's
-  Master master;
-  bool stochastic;            // sr_generators: bf16/fp16 writes rounded stochastically
+  Storage param;               // the parameters' and the gradients'
+  Storage states[kMaxStates];  // each state list's
+  MasterKind master;
+  bool stochastic;  // sr_generators: bf16/fp16 writes rounded stochastically
 };
 
 // A tensor's own values in a mixed call: UpdateSlot's, and its sr generator
@@ -145,7 +145,7 @@ struct MixedUpdateFunctor {
   UpdateArgs<Rule, Active> args;
   MixedStores stores;
 
-  __device__ __forceinline__ Store store_of(int a) const {
+  __device__ __forceinline__ Storage store_of(int a) const {
     return a < 2 ? stores.param : stores.states[a - 2];
   }
 
@@ -184,18 +184,18 @@ struct MixedUpdateFunctor {
     const Scalars s = shared_scalars;
     const ChunkMult<float> mult(shared_mult, slot.update.units, c.begin, args.unit_is_double);
     const auto transforms = args.transforms.template as<float>();
-    const Master master = stores.master;
+    const MasterKind master = stores.master;
     const bool stochastic = stores.stochastic;  // for the bf16/fp16 arrays
-    const bool sr_param = stochastic && master == Master::kNone && stores.param != Store::kFloat;
+    const bool sr_param = stochastic && master == MasterKind::None && stores.param != Storage::F32;
 
     char* ptr[kDepth];
     int bytes[kDepth];
     bool aligned = true;
 #pragma unroll
     for (int a = 0; a < kDepth; ++a) {
-      bytes[a] = a == kMaster ? (master == Master::kFloat ? 4 : 2) : store_bytes(store_of(a));
+      bytes[a] = a == kMaster ? master_bytes(master) : storage_bytes(store_of(a));
       ptr[a] = static_cast<char*>(meta.addresses[a][c.slot]);
-      if (a == kMaster && master == Master::kNone) continue;
+      if (a == kMaster && master == MasterKind::None) continue;
       ptr[a] += c.begin * bytes[a];
       aligned = aligned && group_aligned(ptr[a], bytes[a]);
     }
@@ -207,13 +207,13 @@ struct MixedUpdateFunctor {
 
       // The parameter's float32 value: its master's where it has one.
       uint32_t raw[G];
-      if (master == Master::kFloat) {
+      if (master == MasterKind::Full) {
         load_group(ptr[kMaster], 4, i, n, whole, raw);
 #pragma unroll
         for (int k = 0; k < G; ++k) x[0][k] = precision::bits_float(raw[k]);
       } else {
         load_group(ptr[0], bytes[0], i, n, whole, raw);
-        if (master == Master::kRemainder) {
+        if (master == MasterKind::Remainder) {
           uint32_t rem[G];
           load_group(ptr[kMaster], 2, i, n, whole, rem);
 #pragma unroll
@@ -230,7 +230,7 @@ struct MixedUpdateFunctor {
 #pragma unroll
       for (int a = 1; a < kArrays; ++a) {
         load_group(ptr[a], bytes[a], i, n, whole, raw);
-        const Store st = store_of(a);
+        const Storage st = store_of(a);
 #pragma unroll
         for (int k = 0; k < G; ++k) x[a][k] = raw_to_float(st, raw[k]);
       }
@@ -252,7 +252,7 @@ struct MixedUpdateFunctor {
       // The parameter (and its master): rounded to nearest from a master
       // (bf16: ties away from zero, so that the remainder rebuilds it),
       // stochastically without one where asked.
-      if (master == Master::kNone) {
+      if (master == MasterKind::None) {
 #pragma unroll
         for (int k = 0; k < G; ++k) {
           raw[k] = sr_param ? stochastic_raw(stores.param, x[0][k],
@@ -264,11 +264,11 @@ struct MixedUpdateFunctor {
 #pragma unroll
         for (int k = 0; k < G; ++k) {
           const uint32_t m = precision::float_bits(x[0][k]);
-          kept[k] = master == Master::kRemainder
+          kept[k] = master == MasterKind::Remainder
                         ? static_cast<uint16_t>(precision::bf16_remainder(m))
                         : m;
-          raw[k] = stores.param == Store::kBFloat16 ? precision::bf16_round_half_away(m)
-                                                    : float_to_raw(stores.param, x[0][k]);
+          raw[k] = stores.param == Storage::BF16 ? precision::bf16_round_half_away(m)
+                                                 : float_to_raw(stores.param, x[0][k]);
         }
         store_group(ptr[kMaster], bytes[kMaster], i, n, whole, kept);
       }
@@ -276,8 +276,8 @@ struct MixedUpdateFunctor {
 
 #pragma unroll
       for (int a = 2; a < kArrays; ++a) {
-        const Store st = store_of(a);
-        const bool sr = stochastic && st != Store::kFloat;
+        const Storage st = store_of(a);
+        const bool sr = stochastic && st != Storage::F32;
 #pragma unroll
         for (int k = 0; k < G; ++k) {
           raw[k] = sr ? stochastic_raw(st, x[a][k],
@@ -289,20 +289,6 @@ struct MixedUpdateFunctor {
     }
   }
 };
-
-Store store_of_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return Store::kFloat;
-    case at::kBFloat16:
-      return Store::kBFloat16;
-    case at::kHalf:
-      return Store::kHalf;
-    default:
-      TORCH_INTERNAL_ASSERT(false, "fusedclip: a mixed-precision call with ", t,
-                            " tensors (the check refuses them)");
-  }
-}
 
 // Adds 1 to the counter of each sr generator ([seed, counter]), unless the
 // step is skipped: after the update, never during it (see the top of this file).
@@ -403,14 +389,14 @@ struct CudaDriver {
                         bool unit_is_double, const CallScalars& call_scalars) {
     const size_t n = call.params.size();
     MixedStores stores{};
-    stores.param = store_of_dtype(call.params[0].scalar_type());
+    stores.param = storage_of(call.params[0].scalar_type());
     TORCH_INTERNAL_ASSERT(call.states.size() <= static_cast<size_t>(kMaxStates));
     for (size_t k = 0; k < call.states.size(); ++k) {
-      stores.states[k] = store_of_dtype(call.states[k][0].scalar_type());
+      stores.states[k] = storage_of(call.states[k][0].scalar_type());
     }
-    stores.master = !call.masters.has_value()                       ? Master::kNone
-                    : (*call.masters)[0].scalar_type() == at::kShort ? Master::kRemainder
-                                                                     : Master::kFloat;
+    stores.master = !call.masters.has_value()                       ? MasterKind::None
+                    : (*call.masters)[0].scalar_type() == at::kShort ? MasterKind::Remainder
+                                                                     : MasterKind::Full;
     stores.stochastic = call.sr_generators.has_value();
 
     Rule::dispatch(hyper, [&](auto variant) {
@@ -422,7 +408,7 @@ struct CudaDriver {
       for (size_t i = 0; i < n; ++i) {
         for (int a = 0; a < kDepth - 1; ++a) refs[i].ptrs[a] = flat[i][a].data_ptr();
         refs[i].ptrs[kDepth - 1] =
-            stores.master == Master::kNone ? nullptr : flat[i][kDepth - 1].data_ptr();
+            stores.master == MasterKind::None ? nullptr : flat[i][kDepth - 1].data_ptr();
         refs[i].numel = call.params[i].numel();
         refs[i].extra.update = slots[i];
         if (stores.stochastic) {

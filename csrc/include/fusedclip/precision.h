@@ -30,6 +30,22 @@
 #include <cstring>
 
 namespace fusedclip {
+
+// The storage of one element array of a mixed call (param, grad, a state),
+// as both drivers describe it: float32, bfloat16 or float16.
+enum class Storage : uint8_t { F32, BF16, F16 };
+
+FC_HOST_DEVICE constexpr int storage_bytes(Storage s) { return s == Storage::F32 ? 4 : 2; }
+
+// Where a parameter's float32 value comes from and goes to in a mixed call:
+// the parameter itself (None), a full float32 master (the parameter written
+// from it, rounded to nearest), or the master's low 16 bits beside a
+// bfloat16 parameter (bf16_rebuild).
+enum class MasterKind : uint8_t { None, Full, Remainder };
+
+// The bytes of one element of a master array (MasterKind::None has none).
+FC_HOST_DEVICE constexpr int master_bytes(MasterKind m) { return m == MasterKind::Full ? 4 : 2; }
+
 namespace precision {
 
 FC_HOST_DEVICE uint32_t float_bits(float x) {
