@@ -13,6 +13,7 @@
 
 #include "capability.h"
 #include "../checks.h"
+#include "../flat_tensors.h"
 #include "fusedclip/norm_math.h"
 #include "kernels.h"
 #include "lanes.h"
@@ -65,7 +66,7 @@ struct FlatInputs {
     data.reserve(tensors.size());
     numels.reserve(tensors.size());
     for (const at::Tensor& t : tensors) {
-      if (row_major ? t.is_contiguous() : t.is_non_overlapping_and_dense()) {
+      if (walkable_first(t, row_major)) {
         data.push_back(t.const_data_ptr());
       } else {
         stand_ins.push_back(t.contiguous());
